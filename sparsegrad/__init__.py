@@ -1,0 +1,50 @@
+"""SparseGrad (Chekalina et al., EMNLP 2024): fine-tuning MLP linears with sparse gradients in a
+transition basis found by HOSVD of the weight gradients.
+
+Typical use::
+
+    import sparsegrad
+    basis = sparsegrad.estimate_basis(model, batches, steps=11)            # no weight changes
+    model = sparsegrad.apply_method(model, {"name": "sparsegrad", "k": 0.01}, basis=basis)
+    opt = sparsegrad.build_optimizer(model, lr=2e-5, total_steps=1000)    # lazy Adam + AdamW
+    ...  # any training loop: loss.backward(); opt.step(); opt.zero_grad()
+    model = sparsegrad.merge(model)                                         # plain transformers model
+
+Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices),
+:mod:`~sparsegrad.layers` (SparseGradLinear, MePropLinear), :mod:`~sparsegrad.kernels` (top-k,
+sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mod:`~sparsegrad.surgery`
+(apply / merge), :mod:`~sparsegrad.accounting` (trainable and updated parameters).
+"""
+
+from .accounting import LayerAccount, MethodAccount, account
+from .basis import Basis, GroupBasis, estimate_basis, random_basis, spectrum_concentration
+from .layers import MePropLinear, SparseGradLinear
+from .optim import LazySparseAdam, SparseGradOptimizer, build_optimizer, clip_grad_norm
+from .surgery import METHODS, MethodConfig, apply_method, merge
+from .targets import DEFAULT_PATTERNS, Target, find_targets
+
+__all__ = [
+    "DEFAULT_PATTERNS",
+    "METHODS",
+    "Basis",
+    "GroupBasis",
+    "LayerAccount",
+    "LazySparseAdam",
+    "MePropLinear",
+    "MethodAccount",
+    "MethodConfig",
+    "SparseGradLinear",
+    "SparseGradOptimizer",
+    "Target",
+    "account",
+    "apply_method",
+    "build_optimizer",
+    "clip_grad_norm",
+    "estimate_basis",
+    "find_targets",
+    "merge",
+    "random_basis",
+    "spectrum_concentration",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,429 @@
+"""SparseGradLinear and MePropLinear: drop-in replacements for ``nn.Linear`` with sparse weight gradients.
+
+Conventions (row vectors, as ``nn.Linear``): a layer holds ``W`` (out x in) and computes ``y = x W^T + b``.
+The transition matrices of a layer's group are ``u_in`` (in x in) and ``u_out`` (out x out), orthogonal,
+the HOSVD mode factors of the stacked weight gradients (:mod:`sparsegrad.basis`; columns ordered by
+decreasing gradient energy).
+
+SparseGradLinear stores the rotated weight and trains it::
+
+    W~ = u_out^T W R,          W = u_out W~ R^T,          dL/dW~ = u_out^T (dL/dW) R,
+
+with ``R = u_in`` in the HOSVD orientation (the default; ``u_out^T G u_in`` is the Tucker core of a
+gradient slice G, where the gradient energy concentrates) and ``R = u_in^T`` in the orientation of the
+authors' code (``orientation="official"``). The layer computes exactly what the original computes; its
+dL/dx and bias gradient are the original's, unrotated; its weight gradient is a torch sparse COO tensor
+with exactly ``k`` entries: the largest-magnitude entries of dL/dW~.
+
+Paper notation (§3.1-3.2) writes ``W~^T = U W^T V^T`` with ``U`` (in x in) and ``V^T`` (out x out) the
+HOSVD matrices; transposed, ``W~ = V W U^T``. Taking the paper's ``U`` to be the factor ``u_in`` and its
+``V^T`` to be ``u_out`` gives ``W~ = u_out^T W u_in^T``, the orientation of the authors' code; the Tucker
+core orientation used here by default corresponds to ``U = u_in^T``, ``V^T = u_out``. The paper's Table 2
+(x~ = x U^T ..., three products per token) is the ``formulation="regular"`` path below.
+
+Formulations (both exact; chosen per layer, see :mod:`sparsegrad.kernels` for multiply-add counts):
+
+* ``"regular"`` — the paper's 3-product layer: ``x~ = x R``, ``y = (x~ W~^T) u_out^T + b``; backward
+  rotates dL/dY by ``u_out`` per token: ``tokens (in^2 + out^2)`` extra multiply-adds each way.
+* ``"auto"`` (default) — forward with a cached effective weight ``W_eff = u_out W~ R^T`` refreshed only
+  when W~ changes (tracked through ``W~._version``; an optimizer that reports its k-sparse update, as
+  :func:`sparsegrad.build_optimizer` does, refreshes it incrementally), ``dL/dx = G W_eff`` and
+  ``dL/dW~ = u_out^T (G^T X) R`` with each rotation applied per token or once per call, whichever is
+  cheaper.
+
+With ``sparse_by_dense=True`` (paper §3.3) the rows of dL/dY that are entirely zero — padding, tokens
+outside the loss — are dropped before every backward product and the dL/dx rows are scattered back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import cheapest_rotation_sides, nonzero_rows, resolve_k, scatter_rows, topk_coo, topk_rows
+
+__all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "MEPROP_MODES"]
+
+ORIENTATIONS = ("hosvd", "official")
+FORMULATIONS = ("auto", "regular")
+MEPROP_MODES = ("weight", "output")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+class _SparseGradFunction(torch.autograd.Function):
+    """Autograd of SparseGradLinear; ``layer`` supplies the basis, budget and formulation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_eff, layer):
+        u_out, r_mat = layer.u_out, layer.right_rotation()
+        if layer.formulation == "regular":
+            x_saved = x @ r_mat  # x~ = x R, saved as the authors do
+            y = F.linear(F.linear(x_saved, weight), u_out, bias)
+        else:
+            x_saved = x
+            y = F.linear(x, w_eff, bias)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x_saved, weight, w_eff)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        layer = ctx.layer
+        x_saved, weight, w_eff = ctx.saved_tensors
+        u_out, r_mat = layer.u_out, layer.right_rotation()
+        n_tokens = grad_y.shape[0]
+        grad_y = grad_y.contiguous()
+        rows = nonzero_rows(grad_y) if layer.sparse_by_dense else None
+        g = grad_y if rows is None else grad_y.index_select(0, rows)
+        xs = x_saved if rows is None else x_saved.index_select(0, rows)
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_x = grad_w = grad_b = None
+
+        if layer.formulation == "regular":
+            g_rot = g @ u_out  # dL/dY~ = dL/dY u_out, per token
+            if need_x:
+                grad_x = scatter_rows((g_rot @ weight) @ r_mat.t(), rows, n_tokens)
+            if need_w:
+                grad_dense = g_rot.t() @ xs
+        else:
+            if need_x:
+                grad_x = scatter_rows(g @ w_eff, rows, n_tokens)
+            if need_w:
+                grad_dense = _rotated_weight_grad(g, xs, u_out, r_mat)
+        if need_w:
+            grad_w = topk_coo(grad_dense, layer.k)
+            layer.updated_mask.view(-1)[grad_w.indices()[0] * layer.in_features + grad_w.indices()[1]] = True
+        if need_b and ctx.has_bias:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _rotated_weight_grad(g: torch.Tensor, x: torch.Tensor, u_out: torch.Tensor, r_mat: torch.Tensor):
+    """dL/dW~ = u_out^T (g^T x) R with each rotation on its cheaper side (per token or once)."""
+    n_rows, d_out = g.shape
+    d_in = x.shape[1]
+    per_token_in, per_token_out = cheapest_rotation_sides(n_rows, d_in, d_out)
+    if per_token_in:
+        x = x @ r_mat
+    if per_token_out:
+        g = g @ u_out
+    grad = g.t() @ x
+    if not per_token_out:
+        grad = u_out.t() @ grad
+    if not per_token_in:
+        grad = grad @ r_mat
+    return grad
+
+
+class SparseGradLinear(nn.Module):
+    """A Linear layer trained in the transition basis with a k-sparse weight gradient (see module doc).
+
+    Parameters: ``weight`` = W~ (out x in), ``bias`` (unrotated). Buffers: ``u_in``, ``u_out`` (saved in
+    the state_dict, moved by ``.to()``) and ``updated_mask`` (bool, out x in: coordinates of W~ that
+    have received a gradient entry so far, i.e. those a lazy optimizer has updated).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        k: int | float,
+        bias: bool = True,
+        *,
+        orientation: str = "hosvd",
+        formulation: str = "auto",
+        sparse_by_dense: bool = True,
+        full_refresh_every: int = 100,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_choice("orientation", orientation, ORIENTATIONS)
+        _check_choice("formulation", formulation, FORMULATIONS)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.k = resolve_k(k, in_features * out_features)
+        self.orientation = orientation
+        self.formulation = formulation
+        self.sparse_by_dense = sparse_by_dense
+        self.full_refresh_every = full_refresh_every
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.register_buffer("u_in", torch.eye(in_features, **factory))
+        self.register_buffer("u_out", torch.eye(out_features, **factory))
+        self.register_buffer(
+            "updated_mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
+        )
+        self.register_buffer("effective_weight", None, persistent=False)
+        self._eff_key: tuple | None = None
+        self._n_incremental = 0
+        nn.init.normal_(self.weight, std=0.02)
+
+    # ----------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        u_in: torch.Tensor,
+        u_out: torch.Tensor,
+        k: int | float,
+        **options,
+    ) -> SparseGradLinear:
+        """Wrap ``linear``: W~ = u_out^T W R (computed in float64), same bias, same function.
+
+        ``k`` is the gradient budget, a count or a fraction of in*out. ``options``: orientation,
+        formulation, sparse_by_dense, full_refresh_every.
+        """
+        w = linear.weight
+        out_f, in_f = w.shape
+        if tuple(u_in.shape) != (in_f, in_f) or tuple(u_out.shape) != (out_f, out_f):
+            raise ValueError(
+                f"basis shapes u_in {tuple(u_in.shape)}, u_out {tuple(u_out.shape)} do not fit a Linear "
+                f"with weight {tuple(w.shape)}: expected u_in ({in_f}, {in_f}), u_out ({out_f}, {out_f})"
+            )
+        layer = cls(
+            in_f, out_f, k, bias=linear.bias is not None, device=w.device, dtype=w.dtype, **options
+        )
+        with torch.no_grad():
+            u_in64 = u_in.detach().to(device=w.device, dtype=torch.float64)
+            u_out64 = u_out.detach().to(device=w.device, dtype=torch.float64)
+            layer.u_in.copy_(u_in64)
+            layer.u_out.copy_(u_out64)
+            r64 = u_in64 if layer.orientation == "hosvd" else u_in64.t()
+            layer.weight.copy_(u_out64.t() @ w.detach().double() @ r64)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+            # The original W is the most exact effective weight there is.
+            layer.effective_weight = w.detach().clone()
+            layer._eff_key = layer._cache_key()
+        layer.weight.requires_grad_(w.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the same function: W = u_out W~ R^T (computed in float64)."""
+        w = self.weight
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self._compose(w, torch.float64))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # ------------------------------------------------------------------------------------- the basis
+    def right_rotation(self) -> torch.Tensor:
+        """R with W~ = u_out^T W R: ``u_in`` (hosvd orientation) or ``u_in^T`` (official)."""
+        return self.u_in if self.orientation == "hosvd" else self.u_in.t()
+
+    def _compose(self, w_tilde: torch.Tensor, dtype=None) -> torch.Tensor:
+        dtype = dtype or w_tilde.dtype
+        u_out = self.u_out.to(dtype)
+        r_mat = self.right_rotation().to(dtype)
+        return ((u_out @ w_tilde.detach().to(dtype)) @ r_mat.t()).to(w_tilde.dtype)
+
+    def _cache_key(self) -> tuple:
+        w = self.weight
+        return (
+            w._version, w.data_ptr(), w.device, w.dtype,
+            self.u_in._version, self.u_in.data_ptr(), self.u_out._version, self.u_out.data_ptr(),
+            self.orientation,
+        )  # fmt: skip
+
+    def current_effective_weight(self) -> torch.Tensor:
+        """W_eff = u_out W~ R^T, recomputed only when W~ (or the basis) changed since the last call."""
+        if (
+            self.effective_weight is None
+            or self._eff_key != self._cache_key()
+            or self._n_incremental >= self.full_refresh_every
+        ):
+            with torch.no_grad():
+                self.effective_weight = self._compose(self.weight)
+            self._eff_key = self._cache_key()
+            self._n_incremental = 0
+        return self.effective_weight
+
+    @torch.no_grad()
+    def note_sparse_update(self, flat_indices: torch.Tensor, delta: torch.Tensor, version_before: int) -> None:
+        """Fold a k-sparse change of W~ into the cached W_eff (called by the optimizer after its step).
+
+        ``flat_indices`` (row-major into W~) and ``delta`` describe the whole change the optimizer made;
+        ``version_before`` is ``W~._version`` before it. If the cache was not valid for that version, or
+        an incremental refresh would cost as much as a full one, the cache is left stale and the next
+        forward recomputes it. Cost: ``k max(in, out) + out in min(rows, cols touched)``.
+        """
+        key_before = (version_before,) + self._cache_key()[1:]
+        if self.effective_weight is None or self._eff_key != key_before:
+            return
+        d_out, d_in = self.out_features, self.in_features
+        rows_all, cols_all = flat_indices // d_in, flat_indices % d_in
+        u_rows, inv_rows = torch.unique(rows_all, return_inverse=True)
+        u_cols, inv_cols = torch.unique(cols_all, return_inverse=True)
+        n_idx = flat_indices.numel()
+        cost_rows = n_idx * d_in + d_out * u_rows.numel() * d_in
+        cost_cols = n_idx * d_out + d_in * u_cols.numel() * d_out
+        if min(cost_rows, cost_cols) >= d_out * d_in * (d_in + d_out):
+            return
+        u_out, r_mat = self.u_out, self.right_rotation()
+        delta = delta.to(self.effective_weight.dtype)
+        if cost_rows <= cost_cols:
+            compact = torch.sparse_coo_tensor(
+                torch.stack([inv_rows, cols_all]), delta, (u_rows.numel(), d_in), check_invariants=False
+            )
+            change = u_out.index_select(1, u_rows) @ torch.sparse.mm(compact, r_mat.t())
+        else:
+            compact_t = torch.sparse_coo_tensor(
+                torch.stack([inv_cols, rows_all]), delta, (u_cols.numel(), d_out), check_invariants=False
+            )
+            change = (r_mat.index_select(1, u_cols) @ torch.sparse.mm(compact_t, u_out.t())).t()
+        self.effective_weight.add_(change)
+        self._eff_key = self._cache_key()
+        self._n_incremental += 1
+
+    # --------------------------------------------------------------------------------------- compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_eff = self.current_effective_weight() if self.formulation == "auto" else None
+        lead = x.shape[:-1]
+        y = _SparseGradFunction.apply(x.reshape(-1, self.in_features), self.weight, self.bias, w_eff, self)
+        return y.reshape(*lead, self.out_features)
+
+    def num_updated(self) -> int:
+        """Number of distinct W~ coordinates that have received a gradient entry so far."""
+        return int(self.updated_mask.sum())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+            f"bias={self.bias is not None}, orientation={self.orientation}, formulation={self.formulation}, "
+            f"sparse_by_dense={self.sparse_by_dense}"
+        )
+
+
+class _MePropFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        layer = ctx.layer
+        x, weight = ctx.saved_tensors
+        n_tokens = grad_y.shape[0]
+        grad_y = grad_y.contiguous()
+        if layer.mode == "output":
+            grad_y = topk_rows(grad_y, layer.k)
+        rows = nonzero_rows(grad_y) if layer.sparse_by_dense else None
+        g = grad_y if rows is None else grad_y.index_select(0, rows)
+        xs = x if rows is None else x.index_select(0, rows)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = scatter_rows(g @ weight, rows, n_tokens)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t() @ xs
+            if layer.mode == "weight":
+                grad_w = topk_coo(grad_w, layer.k)
+                idx = grad_w.indices()
+                layer.updated_mask.view(-1)[idx[0] * layer.in_features + idx[1]] = True
+            else:
+                layer.updated_mask |= grad_w.ne(0)
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+class MePropLinear(nn.Module):
+    """A Linear layer with a top-k sparsified backward pass in the original space (no basis change).
+
+    ``mode="weight"`` (the SparseGrad paper's MeProp baseline): the weight gradient is the top-``k``
+    entries of dL/dW by magnitude, as sparse COO (``k``: count or fraction of in*out); dL/dx and the
+    bias gradient are exact.
+
+    ``mode="output"`` (meProp of Sun et al., 2017): each row of dL/dY keeps its top-``k`` entries
+    (``k``: count or fraction of out per row); dL/dx, the dense dL/dW and the bias gradient are all
+    computed from that sparsified dL/dY.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        k: int | float,
+        mode: str = "weight",
+        bias: bool = True,
+        *,
+        sparse_by_dense: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_choice("meprop mode", mode, MEPROP_MODES)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.mode = mode
+        self.k = resolve_k(k, in_features * out_features if mode == "weight" else out_features)
+        self.sparse_by_dense = sparse_by_dense
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.register_buffer(
+            "updated_mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
+        )
+        nn.init.normal_(self.weight, std=0.02)
+
+    @property
+    def sparse_weight_grad(self) -> bool:
+        """Whether the weight gradient is a sparse COO tensor (needs a sparse-capable optimizer)."""
+        return self.mode == "weight"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, k: int | float, mode: str = "weight", **options) -> MePropLinear:
+        w = linear.weight
+        layer = cls(
+            w.shape[1], w.shape[0], k, mode, bias=linear.bias is not None, device=w.device, dtype=w.dtype,
+            **options,
+        )  # fmt: skip
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.weight.requires_grad_(w.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        w = self.weight
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = _MePropFunction.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self)
+        return y.reshape(*lead, self.out_features)
+
+    def num_updated(self) -> int:
+        return int(self.updated_mask.sum())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+            f"mode={self.mode}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,337 @@
+"""One optimizer object for a SparseGrad model: lazy Adam on the sparse weights, AdamW on the rest.
+
+:class:`LazySparseAdam` follows ``torch.optim.SparseAdam`` exactly (same update arithmetic, one step
+counter shared by all coordinates of a parameter, ``eps`` added to ``sqrt(v)`` before bias correction of
+the step size) — only the coordinates present in a step's COO gradient change, and their moments too.
+It adds decoupled weight decay on the touched coordinates and two layouts of the moment state:
+
+* ``state_layout="dense"``: ``exp_avg``/``exp_avg_sq`` of the parameter's full shape, as SparseAdam
+  (as much memory as Adam over the whole MLP);
+* ``state_layout="compact"``: moments only for the coordinates touched so far, in a sorted array of
+  flat indices (int32 where the parameter has < 2^31 entries) grown as new coordinates appear —
+  12 bytes per touched coordinate instead of 8 bytes per coordinate of the matrix. Both layouts give
+  the same trajectory.
+
+After each sparse step it tells the owning layer what changed (``note_sparse_update``), so a
+:class:`~sparsegrad.layers.SparseGradLinear` refreshes its cached effective weight incrementally.
+
+:func:`build_optimizer` wraps the two optimizers with a learning-rate schedule, global gradient-norm
+clipping over dense gradients and COO values, ``state_dict``/``load_state_dict`` for resume, and
+``state_bytes()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .layers import MePropLinear, SparseGradLinear
+
+__all__ = ["LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm", "lr_factor"]
+
+STATE_LAYOUTS = ("dense", "compact")
+SCHEDULES = ("linear", "constant")
+
+
+class LazySparseAdam(torch.optim.Optimizer):
+    """Adam for sparse (COO) gradients with lazy updates; see the module docstring.
+
+    Dense gradients given to it are treated as sparse over their non-zero entries.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_layout: str = "dense",
+    ) -> None:
+        if state_layout not in STATE_LAYOUTS:
+            raise ValueError(f"unknown state_layout {state_layout!r}; valid: {', '.join(STATE_LAYOUTS)}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.state_layout = state_layout
+        self._listeners: dict[int, Callable] = {}
+
+    def register_update_listener(self, param: torch.Tensor, callback: Callable) -> None:
+        """``callback(flat_indices, delta, version_before)`` is called after each update of ``param``."""
+        self._listeners[id(param)] = callback
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        state["step"] = 0
+        if self.state_layout == "dense":
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            key_dtype = torch.int32 if p.numel() < 2**31 else torch.int64
+            state["keys"] = torch.empty(0, dtype=key_dtype, device=p.device)
+            state["exp_avg"] = torch.empty(0, dtype=p.dtype, device=p.device)
+            state["exp_avg_sq"] = torch.empty(0, dtype=p.dtype, device=p.device)
+        return state
+
+    @staticmethod
+    def _slots(state: dict, flat: torch.Tensor) -> torch.Tensor:
+        """Positions of ``flat`` (unique, sorted) in the compact state, inserting new coordinates."""
+        keys = state["keys"]
+        query = flat.to(keys.dtype)
+        n = keys.numel()
+        pos = torch.searchsorted(keys, query)
+        if n:
+            found = (pos < n) & keys[pos.clamp(max=n - 1)].eq(query)
+        else:
+            found = torch.zeros_like(query, dtype=torch.bool)
+        if not bool(found.all()):
+            new = query[~found]
+            all_keys = torch.cat([keys, new])
+            order = torch.argsort(all_keys)
+            pad = torch.zeros(new.numel(), dtype=state["exp_avg"].dtype, device=keys.device)
+            state["keys"] = all_keys[order]
+            state["exp_avg"] = torch.cat([state["exp_avg"], pad])[order]
+            state["exp_avg_sq"] = torch.cat([state["exp_avg_sq"], pad])[order]
+            pos = torch.searchsorted(state["keys"], query)
+        return pos
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad if p.grad.is_sparse else p.grad.to_sparse()
+                grad = grad.coalesce()
+                flat = _flat_indices(grad.indices(), p.shape)
+                values = grad.values()
+                state = self.state[p] if self.state[p] else self._init_state(p)
+                state["step"] += 1
+                if self.state_layout == "dense":
+                    m_store, v_store, where = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), flat
+                else:
+                    where = self._slots(state, flat)
+                    m_store, v_store = state["exp_avg"], state["exp_avg_sq"]
+                # Same arithmetic as torch.optim.SparseAdam.
+                old_m = m_store[where]
+                upd_m = values.sub(old_m).mul_(1 - beta1)
+                m_store.index_add_(0, where, upd_m)
+                numer = upd_m.add_(old_m)
+                old_v = v_store[where]
+                upd_v = values.pow(2).sub_(old_v).mul_(1 - beta2)
+                v_store.index_add_(0, where, upd_v)
+                denom = upd_v.add_(old_v).sqrt_().add_(eps)
+                bias_correction1 = 1 - beta1 ** state["step"]
+                bias_correction2 = 1 - beta2 ** state["step"]
+                step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+                update = numer.div_(denom).mul_(-step_size)
+                p_flat = p.view(-1)
+                old_p = p_flat[flat]
+                if wd:
+                    update.sub_(old_p, alpha=lr * wd)
+                version_before = p._version
+                p_flat.index_add_(0, flat, update)
+                listener = self._listeners.get(id(p))
+                if listener is not None:
+                    listener(flat, p_flat[flat] - old_p, version_before)
+        return loss
+
+
+def _flat_indices(indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    flat = torch.zeros(indices.shape[1], dtype=torch.long, device=indices.device)
+    for dim, size in enumerate(shape):
+        flat = flat * size + indices[dim]
+    return flat
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global 2-norm of dense gradients and sparse COO gradients together, in place.
+
+    Sparse gradients are coalesced first (duplicate indices summed), so the norm is that of the
+    dense-equivalent gradient; the scaling matches ``torch.nn.utils.clip_grad_norm_``.
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    sq = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            sq.append(p.grad.values().double().pow(2).sum())
+        else:
+            sq.append(p.grad.double().pow(2).sum())
+    total = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        c = coef.to(device=p.grad.device, dtype=p.grad.dtype)
+        if p.grad.is_sparse:
+            g = p.grad
+            p.grad = torch.sparse_coo_tensor(
+                g.indices(), g.values() * c, g.shape, is_coalesced=True, check_invariants=False
+            )
+        else:
+            p.grad.mul_(c)
+    return total.float()
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
+    """Multiplier of the base learning rate before optimizer step number ``step`` (0-based).
+
+    Same shapes as transformers' ``get_linear_schedule_with_warmup`` / ``..._constant_...``.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    if total_steps is None:
+        raise ValueError("schedule='linear' needs total_steps")
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+class SparseGradOptimizer:
+    """Dense AdamW + :class:`LazySparseAdam` stepped together, with schedule and clipping."""
+
+    def __init__(
+        self,
+        dense: torch.optim.Optimizer | None,
+        sparse: LazySparseAdam | None,
+        *,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if schedule == "linear" and total_steps is None:
+            raise ValueError("schedule='linear' needs total_steps")
+        self.dense, self.sparse = dense, sparse
+        self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
+        self.max_grad_norm = max_grad_norm
+        self.step_count = 0
+        self.last_grad_norm: float | None = None
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.dense, self.sparse) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.param_groups]
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = float(clip_grad_norm(self.params(), self.max_grad_norm))
+        factor = lr_factor(self.step_count, self.schedule, self.warmup_steps, self.total_steps)
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        for o in self.optimizers:
+            o.step()
+        self.step_count += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "step_count": self.step_count,
+            "dense": self.dense.state_dict() if self.dense is not None else None,
+            "sparse": self.sparse.state_dict() if self.sparse is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        if self.dense is not None:
+            self.dense.load_state_dict(state["dense"])
+        if self.sparse is not None:
+            self.sparse.load_state_dict(state["sparse"])
+
+    def state_bytes_by_part(self) -> dict[str, int]:
+        """Bytes of optimizer state (moments, index arrays, step tensors) per part."""
+        out = {}
+        for name, o in (("dense", self.dense), ("sparse", self.sparse)):
+            total = 0
+            if o is not None:
+                for st in o.state.values():
+                    total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+            out[name] = total
+        return out
+
+    def state_bytes(self) -> int:
+        return sum(self.state_bytes_by_part().values())
+
+
+def sparse_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules whose weight gets a sparse COO gradient (SparseGradLinear, MePropLinear mode weight)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SparseGradLinear) or (isinstance(m, MePropLinear) and m.sparse_weight_grad):
+            out[name] = m
+    return out
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    schedule: str = "linear",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    max_grad_norm: float | None = None,
+    sparse_state: str = "dense",
+    sparse_lr: float | None = None,
+) -> SparseGradOptimizer:
+    """The optimizer of any method: sparse-gradient weights -> LazySparseAdam, the rest -> AdamW.
+
+    Only parameters with ``requires_grad`` are included. Weight decay (decoupled) applies to dense
+    parameters with two or more dimensions (not to biases and norm weights) and, lazily, to the touched
+    coordinates of the sparse weights. ``sparse_state``: "dense" (SparseAdam-like moments) or
+    "compact" (moments only for touched coordinates). ``schedule``: "linear" (warmup then linear decay
+    to 0 at ``total_steps``) or "constant" (warmup then constant).
+    """
+    sparse_mods = sparse_weight_modules(model)
+    sparse_ids = {id(m.weight) for m in sparse_mods.values()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in sparse_ids:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    dense_groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
+    dense = torch.optim.AdamW(dense_groups, lr=lr, betas=betas, eps=eps) if dense_groups else None
+    sparse_params = [m.weight for m in sparse_mods.values() if m.weight.requires_grad]
+    sparse = None
+    if sparse_params:
+        sparse = LazySparseAdam(
+            sparse_params, lr=sparse_lr if sparse_lr is not None else lr, betas=betas, eps=eps,
+            weight_decay=weight_decay, state_layout=sparse_state,
+        )  # fmt: skip
+        for m in sparse_mods.values():
+            if isinstance(m, SparseGradLinear) and m.weight.requires_grad:
+                sparse.register_update_listener(m.weight, m.note_sparse_update)
+    if dense is None and sparse is None:
+        raise ValueError("the model has no parameter with requires_grad=True; was a method applied?")
+    return SparseGradOptimizer(
+        dense, sparse, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
+        max_grad_norm=max_grad_norm,
+    )  # fmt: skip
