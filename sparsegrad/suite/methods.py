@@ -1,0 +1,118 @@
+"""The suite's only contact with the method layer (:mod:`sparsegrad`): apply, optimise, account.
+
+Everything the fine-tuning suite needs from the method layer goes through the four functions
+below, so an API change there is fixed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsegrad.suite.errors import ConfigError
+
+METHOD_KINDS = ("full", "lora", "meprop", "sparsegrad")
+
+
+@dataclass
+class MethodSettings:
+    """What the Hydra ``method`` group says (see conf/method/*.yaml)."""
+
+    name: str  # the config name recorded in run records: full, lora, meprop, meprop_output, ...
+    kind: str  # the method layer's name: full | lora | meprop | sparsegrad
+    k: int | float | None = None  # sparse gradient budget per MLP linear (count or fraction)
+    mode: str | None = None  # meprop: weight (top-k of dL/dW, the paper's baseline) | output (top-k of dL/dY)
+    rank: int | None = None  # lora
+    alpha: float | None = None  # lora
+    dropout: float = 0.0  # lora
+    orientation: str | None = None  # sparsegrad: hosvd | official
+    target_patterns: dict[str, str] | None = None  # group -> regex over module names (None: per architecture)
+    every_nth_block: int | None = None
+    train_non_mlp: bool = True  # train everything outside the MLPs densely (the paper's GLUE setting)
+    basis_steps: int = 8  # sparsegrad: backward passes for the transition basis
+    options: dict[str, Any] = field(default_factory=dict)  # passed through to the method layer
+
+    def __post_init__(self):
+        if self.kind not in METHOD_KINDS:
+            raise ConfigError(f"method.kind={self.kind!r}; the method layer knows {', '.join(METHOD_KINDS)}")
+
+
+def method_config(settings: MethodSettings) -> dict:
+    """The plain-dict ``MethodConfig`` that :func:`sparsegrad.apply_method` takes."""
+    cfg: dict[str, Any] = {"name": settings.kind, "train_non_mlp": settings.train_non_mlp}
+    if settings.target_patterns:
+        cfg["target_patterns"] = dict(settings.target_patterns)
+    if settings.every_nth_block and settings.every_nth_block > 1:
+        cfg["every_nth_block"] = settings.every_nth_block
+    if settings.kind in ("meprop", "sparsegrad"):
+        cfg["k"] = settings.k
+    if settings.kind == "meprop":
+        cfg["meprop_mode"] = settings.mode or "weight"
+    if settings.kind == "lora":
+        cfg["lora_rank"] = settings.rank
+        if settings.alpha is not None:
+            cfg["lora_alpha"] = settings.alpha
+        cfg["lora_dropout"] = settings.dropout
+    if settings.kind == "sparsegrad":
+        cfg["orientation"] = settings.orientation or "hosvd"
+        cfg["basis_steps"] = settings.basis_steps
+    cfg.update(settings.options or {})
+    return cfg
+
+
+def estimate_basis(model, settings: MethodSettings, batches: Iterable[dict]):
+    """SparseGrad's preliminary phase; returns (basis, seconds). No weight changes."""
+    import sparsegrad
+
+    start = time.perf_counter()
+    basis = sparsegrad.estimate_basis(
+        model, batches, steps=settings.basis_steps,
+        patterns=dict(settings.target_patterns) if settings.target_patterns else None,
+        every_nth_block=settings.every_nth_block if (settings.every_nth_block or 1) > 1 else None,
+    )
+    return basis, time.perf_counter() - start
+
+
+def apply(model, settings: MethodSettings, basis=None):
+    import sparsegrad
+
+    return sparsegrad.apply_method(model, method_config(settings), basis=basis)
+
+
+def build_optimizer(model, *, lr: float, weight_decay: float, schedule: str, warmup_steps: int,
+                    total_steps: int, max_grad_norm: float | None):
+    import sparsegrad
+
+    return sparsegrad.build_optimizer(
+        model, lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
+        total_steps=total_steps, max_grad_norm=max_grad_norm,
+    )
+
+
+def accounting(model, optimizer=None) -> dict:
+    """Trainable dense parameters, the sparse budget and the coordinates actually updated."""
+    import sparsegrad
+
+    acc = sparsegrad.account(model)
+    budgets = [int(layer.k) for layer in acc.sparse_layers]
+    state_bytes = None
+    if optimizer is not None and callable(getattr(optimizer, "state_bytes", None)):
+        state_bytes = int(optimizer.state_bytes())
+    return {
+        "total": int(acc.total_params),
+        "trainable_dense": int(acc.trainable_dense),
+        "sparse_matrices": len(budgets),
+        "sparse_budget_per_matrix": max(budgets) if budgets else None,
+        "sparse_budget_total": int(acc.budget_total) if budgets else None,
+        "updated_coordinates_union": int(acc.updated_total) if budgets else None,
+        "optimizer_state_bytes": state_bytes,
+    }
+
+
+def merge(model):
+    """A plain Hugging Face model with the method folded back in (sparsegrad.merge)."""
+    import sparsegrad
+
+    return sparsegrad.merge(model)
