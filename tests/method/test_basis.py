@@ -1,0 +1,109 @@
+"""The preliminary phase: Gram-route HOSVD factors vs tensorly, and no side effects on the model."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batches, make_model
+
+from sparsegrad import estimate_basis, find_targets
+from sparsegrad.basis import Basis, eigenbasis
+
+
+def _align_signs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Flip columns of b to match the signs of a."""
+    signs = np.sign(np.sum(a * b, axis=0))
+    signs[signs == 0] = 1
+    return b * signs
+
+
+def test_gram_route_equals_tensorly_hosvd():
+    tl = pytest.importorskip("tensorly")
+    from tensorly.decomposition import tucker
+
+    tl.set_backend("numpy")
+    rng = np.random.default_rng(0)
+    n, d_out, d_in = 9, 7, 5
+    # anisotropic stack: well separated mode spectra, so columns (not just subspaces) are unique
+    stack = rng.standard_normal((n, d_out, d_in)) * np.linspace(3, 0.3, d_out)[None, :, None]
+    stack *= np.linspace(2, 0.5, d_in)[None, None, :]
+    ref = tucker(stack, rank=[n, d_out, d_in], n_iter_max=0, init="svd")
+    grads = torch.from_numpy(stack)
+    gram_out = sum(g @ g.T for g in grads)
+    gram_in = sum(g.T @ g for g in grads)
+    u_out, e_out = eigenbasis(gram_out)
+    u_in, e_in = eigenbasis(gram_in)
+    for ours, theirs in ((u_out.numpy(), ref.factors[1]), (u_in.numpy(), ref.factors[2])):
+        np.testing.assert_allclose(_align_signs(theirs, ours), theirs, atol=1e-10)
+        np.testing.assert_allclose(ours.T @ ours, np.eye(ours.shape[0]), atol=1e-12)
+    assert torch.all(e_out[:-1] >= e_out[1:]) and torch.all(e_in[:-1] >= e_in[1:])
+    # the core u_out^T G u_in is tensorly's core (modes 1, 2) up to the same signs
+    core = np.einsum("oa,noi,ib->nab", u_out.numpy(), stack, u_in.numpy())
+    ref_core = np.einsum("oa,noi,ib->nab", ref.factors[1], stack, ref.factors[2])
+    np.testing.assert_allclose(np.abs(core), np.abs(ref_core), atol=1e-10)
+
+
+def test_estimate_basis_matches_explicit_stack_and_leaves_model_untouched():
+    model = make_model("bert", seed=0)
+    batches = make_batches("bert", n=3)
+    # a mixed starting state: some params frozen, one with a stale .grad
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.eval()
+
+    basis = estimate_basis(model, batches, steps=2, dtype=torch.float64)
+
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model.classifier.weight.grad, torch.ones_like(model.classifier.weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "classifier.weight")
+    assert not model.training
+
+    targets = find_targets(model)
+    assert set(basis.groups) == {"up", "down"}
+    assert basis.stats["steps"] == 2 and basis.stats["n_gradients"] == {"up": 4, "down": 4}
+    # explicit reference: stack the gradients of the same passes, HOSVD via SVD of the unfoldings
+    model.train()
+    stacks = {"up": [], "down": []}
+    for batch in batches[:2]:
+        model.zero_grad()
+        model(**batch).loss.backward()
+        for t in targets:
+            stacks[t.group].append(model.get_submodule(t.name).weight.grad.double().clone())
+    model.zero_grad()
+    for group, grads in stacks.items():
+        stack = torch.stack(grads)  # (N, out, in)
+        n, d_out, d_in = stack.shape
+        ref_out = torch.linalg.svd(stack.permute(1, 0, 2).reshape(d_out, -1), full_matrices=False)[0]
+        ref_in = torch.linalg.svd(stack.permute(2, 0, 1).reshape(d_in, -1), full_matrices=False)[0]
+        u_in, u_out = basis[group]
+        for ours, ref in ((u_out.double(), ref_out), (u_in.double(), ref_in)):
+            r = min(ref.shape[1], 8)  # leading, well separated directions
+            cos = (ours[:, :r] * ref[:, :r]).sum(0).abs()
+            assert torch.all(cos > 1 - 1e-4), cos
+            eye = torch.eye(ours.shape[0], dtype=torch.float64)
+            torch.testing.assert_close(ours.T @ ours, eye, atol=1e-5, rtol=0)
+
+
+def test_per_layer_basis_llama_and_save_load(tmp_path):
+    model = make_model("llama", seed=0, n_layers=4)
+    basis = estimate_basis(model, make_batches("llama", n=2), steps=2, per_layer=True, every_nth_block=3)
+    names = [t.name for t in find_targets(model, every_nth_block=3)]
+    assert sorted(basis.groups) == sorted(names)
+    assert {name.split(".")[2] for name in names} == {"0", "3"}
+    assert basis.for_layer(names[0]).u_in.shape == (32, 32)
+    path = tmp_path / "basis.pt"
+    basis.save(path)
+    loaded = Basis.load(path)
+    assert torch.equal(loaded.for_layer(names[1]).u_out, basis.for_layer(names[1]).u_out)
+
+
+def test_estimate_basis_explains_missing_loss():
+    model = make_model("bert")
+    batch = make_batches("bert", n=1)[0]
+    batch.pop("labels")
+    with pytest.raises(ValueError, match="no .loss"):
+        estimate_basis(model, [batch], steps=1)
+    assert all(p.requires_grad for p in model.parameters())

@@ -1,0 +1,132 @@
+"""LazySparseAdam, clipping with sparse gradients, schedules, state bytes, and exact resume."""
+
+import io
+
+import pytest
+import torch
+from conftest import make_batches, make_model
+from torch import nn
+
+import sparsegrad
+from sparsegrad.optim import LazySparseAdam, clip_grad_norm, lr_factor
+
+
+def _sparse_grads(shape, steps, nnz, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        flat = torch.randperm(shape[0] * shape[1], generator=gen)[:nnz].sort().values
+        idx = torch.stack([flat // shape[1], flat % shape[1]])
+        out.append(torch.sparse_coo_tensor(idx, torch.randn(nnz, generator=gen), shape, check_invariants=True).coalesce())
+    return out
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_lazy_sparse_adam_equals_torch_sparse_adam(layout):
+    grads = _sparse_grads((12, 10), steps=6, nnz=15)
+    p_ref = nn.Parameter(torch.randn(12, 10, generator=torch.Generator().manual_seed(1)))
+    p_ours = nn.Parameter(p_ref.detach().clone())
+    ref = torch.optim.SparseAdam([p_ref], lr=0.01)
+    ours = LazySparseAdam([p_ours], lr=0.01, state_layout=layout)
+    for g in grads:
+        p_ref.grad, p_ours.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    torch.testing.assert_close(p_ours, p_ref, rtol=0, atol=1e-7)
+    touched = torch.zeros(120, dtype=torch.bool)
+    for g in grads:
+        touched[g.indices()[0] * 10 + g.indices()[1]] = True
+    if layout == "compact":
+        assert ours.state[p_ours]["keys"].numel() == int(touched.sum())
+
+
+def test_compact_state_is_smaller_and_reported():
+    model = make_model("bert")
+    basis = sparsegrad.estimate_basis(model, make_batches("bert", n=1), steps=1)
+    model = sparsegrad.apply_method(model, {"name": "sparsegrad", "k": 0.02}, basis=basis)
+    sizes = {}
+    for layout in ("dense", "compact"):
+        opt = sparsegrad.build_optimizer(model, lr=1e-3, schedule="constant", sparse_state=layout)
+        for batch in make_batches("bert", n=2):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        sizes[layout] = opt.state_bytes_by_part()["sparse"]
+        assert opt.state_bytes() == sum(opt.state_bytes_by_part().values())
+    assert 0 < sizes["compact"] < sizes["dense"]
+
+
+def test_clipping_with_sparse_grads_matches_dense_reference():
+    torch.manual_seed(0)
+    dense_p = nn.Parameter(torch.randn(5, 4))
+    sparse_p = nn.Parameter(torch.randn(6, 3))
+    dense_p.grad = torch.randn(5, 4) * 3
+    # uncoalesced: index (1, 2) appears twice, so the dense-equivalent entry is their sum
+    idx = torch.tensor([[1, 4, 1], [2, 0, 2]])
+    sparse_p.grad = torch.sparse_coo_tensor(idx, torch.tensor([2.0, -5.0, 1.5]), (6, 3), check_invariants=True)
+    ref_a, ref_b = dense_p.grad.clone(), sparse_p.grad.to_dense()
+    ref_a_p, ref_b_p = nn.Parameter(torch.zeros(5, 4)), nn.Parameter(torch.zeros(6, 3))
+    ref_a_p.grad, ref_b_p.grad = ref_a, ref_b
+    ref_norm = torch.nn.utils.clip_grad_norm_([ref_a_p, ref_b_p], max_norm=1.0)
+    norm = clip_grad_norm([dense_p, sparse_p], max_norm=1.0)
+    torch.testing.assert_close(norm, ref_norm)
+    torch.testing.assert_close(dense_p.grad, ref_a_p.grad)
+    assert sparse_p.grad.is_sparse
+    torch.testing.assert_close(sparse_p.grad.to_dense(), ref_b_p.grad)
+
+
+def test_schedules():
+    assert lr_factor(0, "linear", 0, 10) == 1.0
+    assert lr_factor(5, "linear", 0, 10) == 0.5
+    assert lr_factor(1, "linear", 4, 12) == 0.25
+    assert lr_factor(8, "linear", 4, 12) == 0.5
+    assert lr_factor(3, "constant", 2, None) == 1.0
+    with pytest.raises(ValueError, match="total_steps"):
+        sparsegrad.build_optimizer(make_model("bert"), schedule="linear")
+
+
+def _train(model, opt, batches):
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_resume_continues_like_an_uninterrupted_run(layout):
+    batches = make_batches("bert", n=6, seed=3)
+    basis = sparsegrad.estimate_basis(make_model("bert"), batches[:1], steps=1)
+    cfg = {"name": "sparsegrad", "k": 0.05}
+    kwargs = {"lr": 3e-3, "schedule": "linear", "warmup_steps": 1, "total_steps": 6, "max_grad_norm": 1.0,
+              "sparse_state": layout, "weight_decay": 0.01}  # fmt: skip
+
+    def fresh():
+        model = sparsegrad.apply_method(make_model("bert"), cfg, basis=basis)
+        return model, sparsegrad.build_optimizer(model, **kwargs)
+
+    model_a, opt_a = fresh()
+    losses_a = _train(model_a, opt_a, batches)
+
+    model_b, opt_b = fresh()
+    losses_b = _train(model_b, opt_b, batches[:3])
+    buf_model, buf_opt = io.BytesIO(), io.BytesIO()
+    torch.save(model_b.state_dict(), buf_model)
+    torch.save(opt_b.state_dict(), buf_opt)
+    model_c, opt_c = fresh()
+    model_c.load_state_dict(torch.load(io.BytesIO(buf_model.getvalue()), weights_only=True))
+    opt_c.load_state_dict(torch.load(io.BytesIO(buf_opt.getvalue()), weights_only=True))
+    losses_c = _train(model_c, opt_c, batches[3:])
+
+    assert losses_b == losses_a[:3]
+    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_a[3:]), rtol=1e-6, atol=1e-7)
+    state_a, state_c = model_a.state_dict(), model_c.state_dict()
+    for key in state_a:
+        if state_a[key].is_floating_point():
+            torch.testing.assert_close(state_c[key], state_a[key], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(state_c[key], state_a[key]), key
+    assert opt_c.step_count == 6
