@@ -1,0 +1,395 @@
+"""Layer benchmark: one BERT-base MLP pair (768 -> 3072 -> GELU -> 768), forward + backward + step.
+
+Each method runs in a fresh Python process (so peak memory is its own) on the same inputs: 16 x 128
+tokens, about half of them padding (the loss is masked there, so those rows of dL/dY are zero), the
+input requiring grad (so dL/dx is computed, as inside a network). Times are the median of N steps
+after a warm-up; memory is the peak resident set size (CPU: VmHWM after resetting it via
+/proc/self/clear_refs) or peak CUDA allocation (GPU), above what the process held after building the
+layers, inputs and optimizer — i.e. what the training steps add (activations, gradients, optimizer
+state, temporaries). Everything is also given as a ratio to the dense Linear measured in the same run.
+
+    python -m experiments.bench_layer            # writes results/bench/layer.md and layer.json
+    python -m experiments.bench_layer --quick    # a smoke run (fewer steps, smaller batch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = {
+    "dense": "nn.Linear pair + AdamW (full fine-tuning of the pair)",
+    "lora": "peft LoRA r=7 on both linears (biases train), AdamW",
+    "meprop_weight": "MeProp, top-k of dL/dW (paper's baseline), lazy sparse Adam",
+    "meprop_output": "meProp (Sun et al.), top-k per row of dL/dY, AdamW",
+    "sparsegrad_regular": "SparseGrad, paper's 3-product formulation, no row dropping",
+    "sparsegrad_regular_sd": "SparseGrad, 3-product + sparse-by-dense (paper's SD)",
+    "sparsegrad_auto_nosd": "SparseGrad, cached-weight formulation, no row dropping",
+    "sparsegrad_auto": "SparseGrad, cached-weight formulation + sparse-by-dense (ours, default)",
+}
+
+
+def _build(method: str, args, device):
+    import torch
+    from torch import nn
+
+    import sparsegrad
+
+    torch.manual_seed(0)
+
+    class MLPPair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(args.hidden, args.intermediate)
+            self.act = nn.GELU()
+            self.down = nn.Linear(args.intermediate, args.hidden)
+
+        def forward(self, x):
+            return self.down(self.act(self.up(x)))
+
+    model = MLPPair().to(device)
+    patterns = {"up": r"^up$", "down": r"^down$"}
+    common = {"target_patterns": patterns, "train_non_mlp": False, "k": args.k}
+    basis = None
+    if method == "dense":
+        cfg = {"name": "full", **common}
+    elif method == "lora":
+        cfg = {"name": "lora", **common, "lora_rank": args.lora_rank}
+    elif method.startswith("meprop"):
+        cfg = {"name": "meprop", **common, "meprop_mode": method.split("_")[1],
+               "meprop_k_per_row": args.meprop_k_per_row}  # fmt: skip
+    else:
+        formulation = "regular" if "regular" in method else "auto"
+        cfg = {"name": "sparsegrad", **common, "formulation": formulation,
+               "sparse_by_dense": not method.endswith(("regular", "nosd"))}  # fmt: skip
+        targets = sparsegrad.find_targets(model, patterns)
+        basis = sparsegrad.random_basis(targets, model, seed=0)
+    model = sparsegrad.apply_method(model, cfg, basis=basis)
+    opt = sparsegrad.build_optimizer(model, lr=1e-4, schedule="constant", sparse_state=args.sparse_state)
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.seq, args.hidden, generator=gen).to(device).requires_grad_(True)
+    target = torch.randn(args.batch, args.seq, args.hidden, generator=gen).to(device)
+    # lengths uniform in [1, 2 (1 - pad) seq]: about a fraction `pad` of the positions is padding
+    lengths = torch.full((args.batch,), args.seq)
+    if args.pad_fraction > 0:
+        span = 2 * (1 - args.pad_fraction) * args.seq
+        lengths = (torch.rand(args.batch, generator=gen) * span).clamp(1, args.seq).long()
+    mask = (torch.arange(args.seq)[None, :] < lengths[:, None]).to(device)
+    return model, opt, x, target, mask
+
+
+def _worker(method: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, opt, x, target, mask = _build(method, args, device)
+    weight = mask[..., None].to(x.dtype)
+    n_tokens = float(mask.sum())
+
+    def step():
+        x.grad = None
+        y = model(x)
+        loss = ((y - target) ** 2 * weight).sum() / n_tokens
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    baseline = _current_memory(device)
+    _reset_peak(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = _peak_memory(device)
+    return {
+        "method": method,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": times,
+        "peak_mem_delta_bytes": peak - baseline if peak is not None else None,
+        "optimizer_state_bytes": opt.state_bytes(),
+        "non_padding_tokens": int(n_tokens),
+    }
+
+
+def _current_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:  # "5" resets VmHWM to the current RSS
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory(device) -> int | None:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _macs(args, n_rows: int) -> dict[str, int]:
+    """Multiply-adds per training step of the pair (both linears), by formulation."""
+    from sparsegrad.kernels import macs_auto, macs_dense, macs_lora, macs_regular
+
+    t = args.batch * args.seq
+    shapes = [(args.hidden, args.intermediate), (args.intermediate, args.hidden)]
+    k = args.k
+
+    def incremental(d_in, d_out):  # worst case: the k entries touch every row and column of W~
+        return min(k * d_in + d_out * d_out * d_in, k * d_out + d_in * d_in * d_out)
+
+    out = {
+        "dense": sum(macs_dense(t, i, o) for i, o in shapes),
+        "lora": sum(macs_lora(t, i, o, args.lora_rank) for i, o in shapes),
+        "sparsegrad_regular": sum(macs_regular(t, i, o) for i, o in shapes),
+        "sparsegrad_regular_sd": sum(macs_regular(t, i, o, n_rows) for i, o in shapes),
+        "sparsegrad_auto_nosd": sum(macs_auto(t, i, o, t, incremental(i, o)) for i, o in shapes),
+        "sparsegrad_auto": sum(macs_auto(t, i, o, n_rows, incremental(i, o)) for i, o in shapes),
+        "sparsegrad_auto_full_refresh": sum(macs_auto(t, i, o, n_rows) for i, o in shapes),
+    }
+    # MeProp: forward on all tokens, backward on the non-zero rows of dL/dY only
+    out["meprop_weight"] = sum((t + 2 * n_rows) * i * o for i, o in shapes)
+    out["meprop_output"] = out["meprop_weight"]
+    return out
+
+
+def _machine(args) -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "device": args.device,
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if args.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_avg_before"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def _fmt_bytes(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def _write(results: list[dict], args, out_dir: Path, n_rows: int) -> None:
+    by = {r["method"]: r for r in results}
+    dense = by.get("dense")
+    macs = _macs(args, n_rows)
+    for r in results:
+        r["macs"] = macs.get(r["method"])
+        if dense:
+            r["time_ratio_to_dense"] = r["median_s"] / dense["median_s"]
+            if r["peak_mem_delta_bytes"] is not None and dense["peak_mem_delta_bytes"]:
+                r["mem_ratio_to_dense"] = r["peak_mem_delta_bytes"] / dense["peak_mem_delta_bytes"]
+    record = {
+        "benchmark": "layer",
+        "shape": {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "intermediate": args.intermediate,
+                  "non_padding_tokens": n_rows, "k": args.k, "lora_rank": args.lora_rank,
+                  "meprop_k_per_row": args.meprop_k_per_row, "sparse_state": args.sparse_state},  # fmt: skip
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "quick": args.quick,
+        "machine": _machine(args),
+        "results": results,
+        "macs_extra": {"sparsegrad_auto_full_refresh": macs["sparsegrad_auto_full_refresh"]},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "layer.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    m = record["machine"]
+    mem_what = "peak CUDA allocation" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
+    lines = [
+        "# Layer benchmark: one BERT-base MLP pair, forward + backward + optimizer step",
+        "",
+        f"Generated by `python -m experiments.bench_layer{' --quick' if args.quick else ''}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
+        "",
+        f"- Shape: {args.hidden} -> {args.intermediate} -> GELU -> {args.hidden}; batch {args.batch} x {args.seq} "
+        f"tokens, {n_rows} of {args.batch * args.seq} non-padding (the loss is masked on padding, so those rows "
+        "of dL/dY are zero); the input requires grad.",
+        f"- Budget: k = {args.k} gradient entries per linear (SparseGrad, MeProp weight); LoRA rank "
+        f"{args.lora_rank}; meProp output keeps {args.meprop_k_per_row} of each dL/dY row; sparse optimizer "
+        f"state layout: {args.sparse_state}. SparseGrad uses a random orthogonal basis (cost does not depend "
+        "on it, except the incremental weight refresh, for which a random basis is the worst case).",
+        f"- Machine: {m.get('cpu_model', m['processor'])}{', ' + m['gpu'] if 'gpu' in m else ''}; "
+        f"device {args.device}; torch {m['torch']}; {args.threads} threads; load average before "
+        f"{tuple(round(v, 2) for v in m.get('load_avg_before', ()))}.",
+        f"- Time: median of {args.steps} steps after {args.warmup} warm-up steps, each method in a fresh process.",
+        f"- Memory: {mem_what} during the steps minus what the process held after building layers, "
+        "inputs and optimizer (so: activations, gradients, optimizer state, temporaries).",
+        "",
+        "| method | description | time / step (ms) | x dense | peak mem delta (MiB) | x dense | "
+        "optimizer state (MiB) | multiply-adds / step (G) | x dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mac = r.get("macs")
+        mac_ratio = mac / macs["dense"] if mac else None
+        lines.append(
+            f"| {r['method']} | {METHODS[r['method']]} | {1000 * r['median_s']:.0f} | "
+            f"{r.get('time_ratio_to_dense', float('nan')):.2f} | {_fmt_bytes(r['peak_mem_delta_bytes'])} | "
+            f"{r.get('mem_ratio_to_dense', float('nan')):.2f} | {_fmt_bytes(r['optimizer_state_bytes'])} | "
+            f"{mac / 1e9:.1f} | {mac_ratio:.2f} |"
+            if mac
+            else f"| {r['method']} | {METHODS[r['method']]} | {1000 * r['median_s']:.0f} | "
+            f"{r.get('time_ratio_to_dense', float('nan')):.2f} | {_fmt_bytes(r['peak_mem_delta_bytes'])} | "
+            f"{r.get('mem_ratio_to_dense', float('nan')):.2f} | {_fmt_bytes(r['optimizer_state_bytes'])} | n/a | n/a |"
+        )
+    goals = []
+    if "sparsegrad_auto" in by and dense:
+        best = by["sparsegrad_auto"]
+        goals.append(f"- SparseGrad (cached-weight + sparse-by-dense) vs dense Linear: "
+                     f"{best['median_s'] / dense['median_s']:.2f}x the time (goal: within 2x).")  # fmt: skip
+        if "sparsegrad_regular" in by:
+            reg = by["sparsegrad_regular"]
+            goals.append(f"- vs the regular 3-product formulation: {reg['median_s'] / best['median_s']:.2f}x faster "
+                         "(goal: at least 3x).")  # fmt: skip
+        if "sparsegrad_regular_sd" in by:
+            sd = by["sparsegrad_regular_sd"]
+            goals.append(f"- vs the paper's sparse-by-dense 3-product: {sd['median_s'] / best['median_s']:.2f}x faster.")
+    t = args.batch * args.seq
+    lines += [
+        "",
+        *goals,
+        "",
+        "## Multiply-add counts per linear (T tokens, T' non-zero rows of dL/dY, in x out weight)",
+        "",
+        "| formulation | forward | backward |",
+        "|---|---|---|",
+        "| dense nn.Linear | T in out | 2 T in out |",
+        "| LoRA rank r (frozen W) | T in out + T r (in + out) | T in out + 2 T r (in + out) |",
+        "| SparseGrad regular (paper 3-product) | T (in^2 + in out + out^2) | T' out^2 + T' (out in + in^2) + T' out in |",
+        "| SparseGrad cached weight (ours) | T in out, + refresh of W_eff = u_out W~ R^T once per step: "
+        "full out in (in + out), or incremental after a k-sparse update <= k max(in,out) + out in min(in,out) | "
+        "2 T' in out + min(T', out) in^2 + min(T', in) out^2 |",
+        "",
+        f"Here T = {t}, T' = {n_rows}; per step for the pair (both linears): "
+        + ", ".join(f"{name} {v / 1e9:.1f} G" for name, v in macs.items())
+        + ". MeProp counts assume its backward skips zero rows like ours. Top-k selection, the optimizer and "
+        "the GELU are not counted.",
+        "",
+        "Notes: the dense Linear does not skip padded rows (torch's backward has no such path); the "
+        "sparse-by-dense path does. Wall time on a shared 2-core CPU is noisy: compare ratios within one run.",
+    ]
+    (out_dir / "layer.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, batch 4")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--intermediate", type=int, default=3072)
+    parser.add_argument("--pad-fraction", type=float, default=0.5)
+    parser.add_argument("--k", type=int, default=28000, help="gradient entries kept per linear (paper: 28000)")
+    parser.add_argument("--lora-rank", type=int, default=7)
+    parser.add_argument("--meprop-k-per-row", type=float, default=0.05)
+    parser.add_argument("--sparse-state", default="compact", choices=["dense", "compact"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.quick:
+        args.steps, args.warmup, args.batch = min(args.steps, 2), min(args.warmup, 1), min(args.batch, 4)
+
+    if args.worker:
+        print("RESULT " + json.dumps(_worker(args.worker, args)), flush=True)
+        return
+
+    passthrough = _strip_methods(list(argv if argv is not None else sys.argv[1:])) + ["--device", args.device]
+    results = []
+    n_rows = None
+    for method in args.methods:
+        cmd = [sys.executable, "-m", "experiments.bench_layer", *passthrough, "--worker", method]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise SystemExit(f"benchmark worker for {method!r} failed (exit {proc.returncode})")
+        result = json.loads(line[-1][len("RESULT "):])
+        n_rows = result["non_padding_tokens"]
+        print(f"{method:24s} {1000 * result['median_s']:8.0f} ms/step  peak +{_fmt_bytes(result['peak_mem_delta_bytes'])} MiB",
+              flush=True)  # fmt: skip
+        results.append(result)
+    _write(results, args, Path(args.out), n_rows)
+    print(f"wrote {Path(args.out) / 'layer.md'} and layer.json")
+
+
+def _strip_methods(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if a == "--methods":
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,774 @@
+"""Training speed and memory of every method, side by side on one machine (``make bench``).
+
+    python -m experiments.benchmark                      # --preset cpu on a CPU machine, gpu with CUDA
+    python -m experiments.benchmark --preset quick       # MiniLM, a few minutes
+    python -m experiments.benchmark --preset gpu --device cuda --out-dir "$OUT"
+    python -m experiments.benchmark --models bert-base --batch-sizes 16 --paddings movie \
+        --methods full,lora,sparsegrad --steps 3 --repeats 2
+
+Every run is a fresh process (``experiments._bench_worker``) for one method on one shape (model,
+batch, sequence length, padding); the runs of a shape alternate methods (A B C A B C ...) so a noisy
+machine treats them alike. Per run: training steps/s after warm-up, peak training memory (CUDA
+allocator peak; on CPU peak RSS above the loaded model), optimizer-state bytes, the method's own
+buffers, and for SparseGrad the cost of estimating the transition basis. Results go to
+``results/bench/<device>.md`` and ``.json``, every figure also as a ratio to full fine-tuning and to
+LoRA of the same shape, with the targets of issue 6 checked, a multiply-add / bytes analysis of each
+formulation and, where the MiniLM asset is present, the measurement of where the top-k of dL/dW~ sits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from experiments._bench_worker import BASIS_METHODS, FAMILY, METHODS, MODEL_SHAPES
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 1024 * 1024
+
+# Issue 6 targets: (figure, reference method, bound).
+TARGETS = {
+    "step_time_vs_lora": 1.1,
+    "step_time_vs_full": 1.0,
+    "peak_vs_lora": 1.05,
+    "peak_vs_full": 0.8,
+    "basis_seconds": 15.0,
+    "basis_extra_mb": 300.0,
+    "sd_speedup_vs_regular": 4.0,
+}
+
+METHOD_NOTES = {
+    "full": "full fine-tuning, dense AdamW on every parameter",
+    "lora": "peft LoRA on the MLP linears (rank 7 encoders, 32 LLaMA), non-MLP dense as in the paper",
+    "meprop": "top-k of dL/dW in the original space (paper's MeProp), lazy Adam",
+    "sparsegrad": "exact SparseGrad, cached effective weight (formulation 'auto'), sparse-by-dense, lazy Adam",
+    "sparsegrad_regular": "exact SparseGrad, the paper's 3-product layer ('regular'), dense backward (paper's 'Reg')",
+    "leading_block": "variant: SparseGrad restricted to the leading block of W~ (sparsegrad.fixed_support)",
+}
+
+
+@dataclass
+class Shape:
+    model: str
+    batch: int
+    seq: int
+    padding: str  # movie | none
+    layers: int | None = None
+    pretrained: bool = False
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+
+    @property
+    def key(self) -> str:
+        layers = f" ({self.layers} layers)" if self.layers else ""
+        pad = "movie-padded" if self.padding == "movie" else "unpadded"
+        return f"{self.model}{layers} bs{self.batch}x{self.seq} {pad}"
+
+
+@dataclass
+class Preset:
+    shapes: list[Shape]
+    steps: int
+    warmup: int
+    repeats: int
+    budget_min: float
+    basis_steps: int = 8
+    energy: str = "auto"  # auto | run | cached | skip
+    profile_method: str | None = None
+    steps_override: dict = field(default_factory=dict)  # method -> timed steps
+    notes: list[str] = field(default_factory=list)
+
+
+ALL = list(METHODS)
+NO_SLOW = ["full", "lora", "sparsegrad", "leading_block"]
+LLAMA_METHODS = ["full", "lora", "meprop", "sparsegrad", "sparsegrad_regular", "leading_block"]
+
+PRESETS = {
+    "quick": Preset(
+        shapes=[Shape("minilm", 16, 128, "movie", pretrained=True)], steps=2, warmup=1, repeats=2,
+        budget_min=10, energy="skip",
+    ),
+    "cpu": Preset(
+        shapes=[Shape("bert-base", 16, 128, "movie", methods=ALL),
+                Shape("bert-base", 16, 128, "none", methods=NO_SLOW)],
+        steps=2, warmup=1, repeats=2, budget_min=25, energy="auto", profile_method="sparsegrad",
+        steps_override={"sparsegrad_regular": 1},
+        notes=[
+            "CPU preset (2 cores: a bert-base step takes seconds): bert-base bs16x128 only, 2 timed steps after "
+            "1 warm-up (1 timed step for the 3-product layer), 2 alternating repeats; the unpadded shape skips "
+            "meprop and the 3-product layer (both dominated by dense per-token work measured on the padded shape).",
+            "Skipped on CPU (run by --preset gpu): roberta-base, batch 32, the LLaMA shapes; runs that would "
+            "overrun the 25-minute budget are skipped and listed below.",
+        ],
+    ),
+    "gpu": Preset(
+        shapes=[Shape("roberta-base", 32, 128, "movie"), Shape("roberta-base", 16, 128, "movie"),
+                Shape("roberta-base", 32, 128, "none", methods=[m for m in ALL if m != "sparsegrad_regular"]),
+                Shape("bert-base", 32, 128, "movie"),
+                Shape("smollm2", 8, 512, "none", methods=LLAMA_METHODS),
+                Shape("llama2-7b", 4, 512, "none", layers=4, methods=LLAMA_METHODS)],
+        steps=10, warmup=3, repeats=2, budget_min=7.5, energy="skip",
+        notes=[
+            "GPU preset: roberta-base bs32/bs16 padded (the paper's Table 3 setting) and bs32 unpadded, bert-base "
+            "bs32 padded, SmolLM2-135M shape (30 layers, every 3rd block's up/down, MLP only) bs8x512 packed, and a "
+            "LLaMA-2-7B-shaped model truncated to 4 layers (blocks 0 and 3 trained, as the paper's every-3rd rule) "
+            "bs4x512 packed; float32 weights; 10 timed steps after 3 warm-up, 2 alternating repeats.",
+        ],
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------- running
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_name(device: str) -> tuple[str, str]:
+    """(slug for file names, human description)."""
+    if device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        return f"cuda-{_slug(name)}", name
+    return "cpu", cpu_model()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str, threads: int | None) -> dict:
+    import torch
+
+    info = {
+        "device": device,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads_per_run": threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "mkl": bool(torch.backends.mkl.is_available()),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()  # fmt: skip
+        info["git_commit"] = commit or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def worker_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("WANDB_MODE", "disabled")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Large allocations always by mmap, returned to the OS when freed: RSS then follows live memory.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "262144")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_worker(spec: dict, timeout_s: float) -> dict:
+    """One fresh worker process; returns its result or {'error': ...}."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
+        out_path = fh.name
+    cmd = [sys.executable, "-m", "experiments._bench_worker", "--spec", json.dumps(spec), "--out", out_path]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s", "wall_s": time.perf_counter() - start}
+    wall = time.perf_counter() - start
+    try:
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            return {"error": f"exit code {proc.returncode}: {tail}", "wall_s": wall}
+        with open(out_path) as fh:
+            result = json.load(fh)
+        result["wall_s"] = wall
+        return result
+    finally:
+        os.unlink(out_path)
+
+
+def plan(preset: Preset) -> list[tuple[int, Shape, str]]:
+    """Runs in order: repeat-major, then shape, then method (A B C ... A B C ...)."""
+    return [(r, s, m) for r in range(preset.repeats) for s in preset.shapes for m in s.methods]
+
+
+def execute(preset: Preset, args) -> dict:
+    runs = plan(preset)
+    budget_s = preset.budget_min * 60
+    start = time.perf_counter()
+    cache_dir = tempfile.mkdtemp(prefix="sparsegrad-bench-")
+    records: list[dict] = []
+    skipped: list[dict] = []
+    wall_by: dict = {}
+    profiled: set = set()
+    try:
+        for i, (rep, shape, method) in enumerate(runs, 1):
+            elapsed = time.perf_counter() - start
+            expected = wall_by.get((shape.key, method), 0.0)
+            if elapsed + expected > budget_s:
+                why = f"time budget: {elapsed / 60:.1f} of {preset.budget_min:g} min used, a run takes ~{expected:.0f} s"
+                skipped.append({"shape": shape.key, "method": method, "repeat": rep, "why": why})
+                print(f"[{i}/{len(runs)}] skip {shape.key} / {method} (repeat {rep + 1}): {why}", flush=True)
+                continue
+            cache_key = _slug(f"{shape.model}-{shape.layers}-{shape.batch}-{shape.pretrained}")
+            spec = {
+                "model": shape.model, "layers": shape.layers, "batch": shape.batch, "seq": shape.seq,
+                "padding": shape.padding, "method": method, "device": args.device,
+                "steps": preset.steps_override.get(method, preset.steps), "warmup": preset.warmup,
+                "threads": args.threads, "seed": args.seed, "basis_steps": preset.basis_steps,
+                "basis_cache": os.path.join(cache_dir, f"basis-{cache_key}.pt"),
+                "pretrained": shape.pretrained, "block_factor": args.block_factor,
+                "profile": method == preset.profile_method and shape.key not in profiled,
+            }  # fmt: skip
+            if spec["profile"]:
+                profiled.add(shape.key)
+            load_before = os.getloadavg()
+            print(f"[{i}/{len(runs)}] {shape.key} / {method} (repeat {rep + 1}) ...", end=" ", flush=True)
+            result = run_worker(spec, args.run_timeout)
+            result.update(shape=shape.key, method=method, repeat=rep, load_before=load_before,
+                          load_after=os.getloadavg())  # fmt: skip
+            wall_by[(shape.key, method)] = max(wall_by.get((shape.key, method), 0.0), result.get("wall_s", 0.0))
+            records.append(result)
+            if "error" in result:
+                print(f"FAILED ({result['error'].splitlines()[0]})", flush=True)
+                print(result["error"], file=sys.stderr, flush=True)
+            else:
+                peak = result["peak_train_bytes"] if args.device == "cuda" else result["peak_above_loaded_bytes"]
+                basis = result.get("basis") or {}
+                extra = f", basis {basis['seconds']:.1f} s" if basis.get("seconds") is not None else ""
+                print(f"{result['steps_per_s']:.3f} steps/s, peak {peak / MB:.0f} MB, optimizer state "
+                      f"{result['optimizer_state_bytes'] / MB:.1f} MB{extra} ({result['wall_s']:.0f} s, "
+                      f"load {load_before[0]:.1f})", flush=True)  # fmt: skip
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return {"records": records, "skipped": skipped, "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------- summary
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(records: list[dict], device: str) -> dict:
+    """Per shape and method: medians over repeats, ratios to full and LoRA, target checks."""
+    shapes: dict = {}
+    for r in records:
+        shapes.setdefault(r["shape"], {}).setdefault(r["method"], []).append(r)
+    out = {}
+    for shape, by_method in shapes.items():
+        rows = {}
+        for method, runs in by_method.items():
+            ok = [r for r in runs if "error" not in r]
+            if not ok:
+                rows[method] = {"error": runs[-1]["error"], "runs": len(runs)}
+                continue
+            basis = next((r["basis"] for r in ok if r.get("basis") and not r["basis"].get("loaded_from_cache")), None)
+            peak_key = "peak_train_bytes" if device == "cuda" else "peak_above_loaded_bytes"
+            steps = _median([r["steps_per_s"] for r in ok])
+            rows[method] = {
+                "steps_per_s": steps,
+                "step_s": 1.0 / steps if steps else None,
+                "steps_per_s_runs": [r["steps_per_s"] for r in ok],
+                "peak_mb": _median([r[peak_key] for r in ok]) / MB,
+                "peak_mb_runs": [r[peak_key] / MB for r in ok],
+                "peak_above_loaded_mb": _median([r["peak_above_loaded_bytes"] for r in ok]) / MB,
+                "optimizer_state_mb": _median([r["optimizer_state_bytes"] for r in ok]) / MB,
+                "method_buffer_mb": _median([r["method_buffer_bytes"] for r in ok]) / MB,
+                "trainable_params": ok[0]["trainable_params"],
+                "model_params": ok[0]["model_params"],
+                "tokens_per_batch": ok[0]["tokens_per_batch"],
+                "padded_tokens_per_batch": ok[0]["padded_tokens_per_batch"],
+                "model_source": ok[0]["model_source"],
+                "model_layers": ok[0]["model_layers"],
+                "k": ok[0].get("k"),
+                "runs": len(ok),
+                "basis": basis,
+                "profile": next((r["profile"] for r in ok if r.get("profile")), None),
+            }
+        for method, row in rows.items():
+            if "error" in row:
+                continue
+            for ref in ("full", "lora"):
+                base = rows.get(ref)
+                ok = base is not None and "error" not in base
+                row[f"step_time_vs_{ref}"] = row["step_s"] / base["step_s"] if ok else None
+                row[f"peak_vs_{ref}"] = row["peak_mb"] / base["peak_mb"] if ok and base["peak_mb"] > 0 else None
+                row[f"optimizer_state_vs_{ref}"] = (row["optimizer_state_mb"] / base["optimizer_state_mb"]
+                                                    if ok and base["optimizer_state_mb"] > 0 else None)  # fmt: skip
+        out[shape] = {"methods": rows, "targets": check_targets(rows, device)}
+    return out
+
+
+def check_targets(rows: dict, device: str) -> dict:
+    """Issue 6 targets for sparsegrad and the variant; None where a figure is missing."""
+    checks = {}
+    regular = rows.get("sparsegrad_regular")
+    for method in ("sparsegrad", "leading_block"):
+        row = rows.get(method)
+        if row is None or "error" in row:
+            continue
+        c = {}
+        for name in ("step_time_vs_lora", "step_time_vs_full", "peak_vs_lora", "peak_vs_full"):
+            value = row.get(name)
+            c[name] = {"value": value, "bound": TARGETS[name], "met": None if value is None else value <= TARGETS[name]}
+        basis = row.get("basis")
+        if basis:
+            c["basis_seconds"] = {"value": basis["seconds"], "bound": TARGETS["basis_seconds"],
+                                  "met": basis["seconds"] <= TARGETS["basis_seconds"]}  # fmt: skip
+            extra = basis["extra_peak_bytes"] / MB
+            c["basis_extra_mb"] = {"value": extra, "bound": TARGETS["basis_extra_mb"],
+                                   "met": extra <= TARGETS["basis_extra_mb"]}  # fmt: skip
+        if method == "sparsegrad" and regular is not None and "error" not in regular:
+            value = row["steps_per_s"] / regular["steps_per_s"]
+            c["sd_speedup_vs_regular"] = {"value": value, "bound": TARGETS["sd_speedup_vs_regular"],
+                                          "met": value >= TARGETS["sd_speedup_vs_regular"]}  # fmt: skip
+        checks[method] = c
+    return checks
+
+
+# ---------------------------------------------------------------------------- multiply-adds and bytes
+def mlp_shapes(model: str, layers: int | None) -> dict:
+    """(in, out) of the up and down MLP matrices and how many of each are trained."""
+    shape = dict(MODEL_SHAPES[model])
+    model_type = shape.pop("model_type")
+    defaults = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
+    h = shape.get("hidden_size", defaults["hidden_size"])
+    i = shape.get("intermediate_size", defaults["intermediate_size"])
+    n = layers or shape.get("num_hidden_layers", defaults["num_hidden_layers"])
+    fam = FAMILY["llama" if model_type == "llama" else model_type]
+    nth = fam["every_nth_block"] or 1
+    trained = len([b for b in range(n) if b % nth == 0])
+    return {"up": (h, i), "down": (i, h), "matrices_per_group": trained, "family": fam}
+
+
+def leading_block_dims(d_in: int, d_out: int, k: int, factor: float) -> tuple[int, int]:
+    from sparsegrad.fixed_support import leading_block_shape
+
+    import math
+
+    return leading_block_shape(d_out, d_in, math.ceil(factor * k))
+
+
+def macs_table(model: str, layers: int | None, tokens: int, rows_nonzero: float, block_factor: float) -> list[dict]:
+    """Multiply-adds per training step of one MLP matrix under each formulation (kernels' cost model)."""
+    from sparsegrad.kernels import cheapest_rotation_sides, macs_auto, macs_dense, macs_lora, macs_regular
+
+    info = mlp_shapes(model, layers)
+    fam = info["family"]
+    out = []
+    for group in ("up", "down"):
+        d_in, d_out = info[group]
+        k = max(1, round(fam["k"] * d_in * d_out))
+        tb = max(1, round(rows_nonzero))
+        r, c = leading_block_dims(d_in, d_out, k, block_factor)
+        per_tok_in, per_tok_out = cheapest_rotation_sides(tb, d_in, d_out)
+        full_refresh = d_out * d_in * (d_in + d_out)
+        # incremental refresh after a k-sparse update, touched columns ~ all: k out + in min(in,out) out
+        inc_refresh = min(k * d_in + d_out * min(d_out, k) * d_in, k * d_out + d_in * min(d_in, k) * d_out)
+        lb_refresh = d_out * r * c + d_out * c * d_in if r <= c else r * c * d_in + d_out * r * d_in
+        leading = tokens * d_in * d_out + tb * d_in * d_out + tb * (d_out * r + d_in * c + r * c) + lb_refresh
+        out.append({
+            "group": group, "in": d_in, "out": d_out, "k": k, "tokens": tokens, "rows_nonzero": tb,
+            "full": macs_dense(tokens, d_in, d_out),
+            "lora": macs_lora(tokens, d_in, d_out, fam["lora_rank"]),
+            "regular_dense_backward": macs_regular(tokens, d_in, d_out),
+            "regular_sd": macs_regular(tokens, d_in, d_out, tb),
+            "auto_full_refresh": macs_auto(tokens, d_in, d_out, tb, full_refresh),
+            "auto_incremental_refresh": macs_auto(tokens, d_in, d_out, tb, min(inc_refresh, full_refresh)),
+            "leading_block": leading, "block": f"{r}x{c}",
+            "rotation_per_token": tb * (d_in * d_in + d_out * d_out),
+            "rotation_once": d_out * d_in * (d_in + d_out),
+            "auto_rotates": ("input per token" if per_tok_in else "input once/step") + ", "
+                            + ("output per token" if per_tok_out else "output once/step"),
+            "matrices": info["matrices_per_group"],
+        })  # fmt: skip
+    return out
+
+
+def bytes_table(model: str, layers: int | None, block_factor: float, rank: int | None = None) -> list[dict]:
+    """Bytes per MLP matrix (float32) that each method keeps beyond the frozen/original weight."""
+    info = mlp_shapes(model, layers)
+    fam = info["family"]
+    rank = rank or fam["lora_rank"]
+    out = []
+    for group in ("up", "down"):
+        d_in, d_out = info[group]
+        n = d_in * d_out
+        k = max(1, round(fam["k"] * n))
+        r, c = leading_block_dims(d_in, d_out, k, block_factor)
+        out.append({
+            "group": group, "in": d_in, "out": d_out,
+            "full": 4 * n * 3,  # gradient + two Adam moments
+            "lora": 4 * rank * (d_in + d_out) * 4,  # adapters + gradient + two moments
+            "sparsegrad_now": 4 * n + 4 * (d_in * d_in + d_out * d_out) + n + 4 * n + 12 * k,
+            "sparsegrad_lean": 4 * k * 2 + 12 * k,
+            "leading_block": 4 * (d_in * c + d_out * r) + 4 * r * c * 2 + 12 * k,
+            "block": f"{r}x{c}",
+        })  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------------ markdown
+def _f(v, fmt="{:.2f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def _mark(check):
+    if check is None or check.get("met") is None:
+        return "n/a"
+    return "**met**" if check["met"] else "not met"
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"# Training speed and memory: {report['device_name']} ({report['device']})",
+        "",
+        f"Generated by `{report['command']}` on {report['date']} (git {m.get('git_commit')}). Preset "
+        f"`{report['preset']}`; {report['steps']} timed steps after {report['warmup']} warm-up per run, "
+        f"{report['repeats']} repeats alternating methods; every run a fresh process; {report['seconds'] / 60:.1f} min.",
+        "",
+        f"Machine: {m['cpu_model']}, {m['cpu_count']} logical CPUs, {m['torch_threads_per_run']} torch threads per run; "
+        f"torch {m['torch']}, transformers {m.get('transformers')}, Python {m['python']}"
+        + (f"; GPU {m.get('gpu')} ({m.get('gpu_memory_gb')} GiB), CUDA {m.get('cuda')}" if m.get("gpu") else "") + ".",
+        f"Load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in report['load_before'])}; after: "
+        f"{', '.join(f'{x:.2f}' for x in report['load_after'])}. "
+        + ("**The machine was busy with other work** (load above its core count): absolute times are inflated; "
+           "the alternating order spreads the noise over all methods, ratios are the figures to read."
+           if max(report["load_before"][0], report["load_after"][0]) > (m["cpu_count"] or 1) else
+           "The machine was otherwise quiet."),
+        "",
+    ]
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    mem_def = ("CUDA allocator peak over the training steps (`max_memory_allocated`, reset before training; "
+               "includes the model)" if report["device"] != "cpu" else
+               "peak resident memory over the training steps (sampled every 2 ms) minus the resident memory once "
+               "the model was loaded, i.e. what training adds: gradients, optimizer state, activations, the "
+               "method's buffers")  # fmt: skip
+    lines += [
+        f"- Peak memory = {mem_def}. Optimizer state = bytes of the optimizer's state tensors after the last step. "
+        "Method buffers = transition matrices, cached effective weights and masks held by the swapped layers.",
+        "- Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_NOTES.items()) + ".",
+        "",
+    ]
+    for shape, block in report["summary"].items():
+        rows = block["methods"]
+        any_row = next((r for r in rows.values() if "error" not in r), None)
+        lines += [f"## {shape}", ""]
+        if any_row:
+            toks = any_row["tokens_per_batch"]
+            lines.append(
+                f"{any_row['model_params'] / 1e6:.1f} M parameters ({any_row['model_source']}); real tokens per batch "
+                f"{min(toks)}–{max(toks)} of {any_row['padded_tokens_per_batch']} "
+                f"({statistics.mean(toks) / any_row['padded_tokens_per_batch'] * 100:.0f}% non-padding); sparse budget "
+                f"k = {any_row['k'] * 100:.2f}% of each MLP matrix."
+            )
+            lines.append("")
+        lines += [
+            "| method | steps/s | s/step | time ×full | time ×LoRA | peak MB | peak ×full | peak ×LoRA | optimizer state MB | "
+            "opt ×full | opt ×LoRA | method buffers MB | trainable params | runs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method in METHODS:
+            row = rows.get(method)
+            if row is None:
+                continue
+            if "error" in row:
+                lines.append(f"| {method} | failed: {row['error'].splitlines()[0][:80]} |" + " |" * 12)
+                continue
+            lines.append(
+                f"| {method} | {_f(row['steps_per_s'], '{:.3f}')} | {_f(row['step_s'])} | {_f(row['step_time_vs_full'])} | "
+                f"{_f(row['step_time_vs_lora'])} | {_f(row['peak_mb'], '{:.0f}')} | {_f(row['peak_vs_full'])} | "
+                f"{_f(row['peak_vs_lora'])} | {_f(row['optimizer_state_mb'], '{:.1f}')} | {_f(row['optimizer_state_vs_full'])} | "
+                f"{_f(row['optimizer_state_vs_lora'])} | {_f(row['method_buffer_mb'], '{:.1f}')} | "
+                f"{row['trainable_params'] / 1e6:.2f} M | {row['runs']} |"
+            )
+        lines.append("")
+        spread = [f"{m_}: " + ", ".join(f"{v:.3f}" for v in r["steps_per_s_runs"]) for m_, r in rows.items()
+                  if "error" not in r and len(r["steps_per_s_runs"]) > 1]  # fmt: skip
+        if spread:
+            lines += ["Steps/s of each repeat (noise check): " + "; ".join(spread) + ".", ""]
+        basis_rows = [(m_, r["basis"]) for m_, r in rows.items() if "error" not in r and r.get("basis")]
+        for m_, b in basis_rows:
+            lines += [
+                f"Transition basis (estimated in the `{m_}` run, {b['steps']} backward passes on movie-length batches "
+                f"trimmed to their longest row, widths {min(b['padded_width'])}–{max(b['padded_width'])}): "
+                f"{b['seconds']:.1f} s ({b['seconds_backward']:.1f} s backward + Gram, {b['seconds_eigh']:.1f} s "
+                f"eigendecompositions), {b['extra_peak_bytes'] / MB:.0f} MB extra peak memory.",
+                "",
+            ]
+        if block["targets"]:
+            lines += ["| target | sparsegrad | leading_block |", "|---|---|---|"]
+            names = {
+                "step_time_vs_lora": "step time ≤ 1.1× LoRA", "step_time_vs_full": "step time ≤ 1.0× full FT",
+                "peak_vs_lora": "peak memory ≤ 1.05× LoRA", "peak_vs_full": "peak memory ≤ 0.8× full FT",
+                "basis_seconds": "basis estimation ≤ 15 s", "basis_extra_mb": "basis extra memory ≤ 300 MB",
+                "sd_speedup_vs_regular": "sparse-by-dense ≥ 4× the 3-product layer",
+            }  # fmt: skip
+            for key, label in names.items():
+                cells = []
+                for method in ("sparsegrad", "leading_block"):
+                    c = block["targets"].get(method, {}).get(key)
+                    cells.append("–" if c is None else f"{_f(c['value'])} ({_mark(c)})")
+                if any(cell != "–" for cell in cells):
+                    lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+            lines.append("")
+        prof = next((r["profile"] for r in rows.values() if "error" not in r and r.get("profile")), None)
+        if prof:
+            lines += ["Profile of one `sparsegrad` training step (torch.profiler, self time, top operators):", "",
+                      "| operator | calls | self ms |", "|---|---|---|"]  # fmt: skip
+            lines += [f"| `{p['op']}` | {p['calls']} | {p['self_ms']:.0f} |" for p in prof[:15]]
+            lines.append("")
+    lines += analysis_markdown(report)
+    if report.get("energy_md"):
+        lines += [report["energy_md"], ""]
+    if report["skipped"]:
+        lines += ["## Skipped runs", ""]
+        lines += [f"- {s['shape']} / {s['method']} (repeat {s['repeat'] + 1}): {s['why']}" for s in report["skipped"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def analysis_markdown(report: dict) -> list[str]:
+    lines = [
+        "## What bounds each formulation: multiply-adds and bytes",
+        "",
+        "Per MLP matrix and training step (forward + backward + weight refresh), from `sparsegrad.kernels`' cost "
+        "model; T = tokens in the batch, T' = rows of dL/dY that are not entirely zero (padding and, in the last "
+        "encoder layer, all but [CLS] are zero; the figure below uses the real-token count). Rotating per token "
+        "costs T'(in² + out²); rotating the gradient once per step costs out·in·(in + out); the exact method's "
+        "`auto` formulation picks, per side, whichever is cheaper (`cheapest_rotation_sides`). After a k-sparse "
+        "update the cached W_eff = u_out W~ Rᵀ is refreshed incrementally (about k·max(in,out) + min(in,out)²·"
+        "max(in,out) when every row/column is touched) or fully (out·in·(in+out)).",
+        "",
+        "| shape | matrix | T | T' | full | LoRA | 3-product, dense bwd | 3-product, SD | exact auto, incr. refresh | "
+        "exact auto, full refresh | leading block | block | auto rotates |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in report["shape_defs"]:
+        summary = report["summary"].get(shape["key"], {}).get("methods", {})
+        row0 = next((r for r in summary.values() if "error" not in r), None)
+        tokens = shape["batch"] * shape["seq"]
+        real = statistics.mean(row0["tokens_per_batch"]) if row0 else tokens * (0.21 if shape["padding"] == "movie" else 1)
+        for t in macs_table(shape["model"], shape["layers"], tokens, real, report["block_factor"]):
+            g = 1e9
+            lines.append(
+                f"| {shape['key']} | {t['group']} {t['out']}×{t['in']} | {t['tokens']} | {t['rows_nonzero']} | "
+                f"{t['full'] / g:.1f} G | {t['lora'] / g:.1f} G (×{t['lora'] / t['full']:.2f}) | "
+                f"{t['regular_dense_backward'] / g:.1f} G (×{t['regular_dense_backward'] / t['full']:.2f}) | "
+                f"{t['regular_sd'] / g:.1f} G (×{t['regular_sd'] / t['full']:.2f}) | "
+                f"{t['auto_incremental_refresh'] / g:.1f} G (×{t['auto_incremental_refresh'] / t['full']:.2f}) | "
+                f"{t['auto_full_refresh'] / g:.1f} G (×{t['auto_full_refresh'] / t['full']:.2f}) | "
+                f"{t['leading_block'] / g:.1f} G (×{t['leading_block'] / t['full']:.2f}) | {t['block']} | {t['auto_rotates']} |"
+            )
+    lines += [
+        "",
+        "Bytes each method keeps per MLP matrix beyond the weight itself (float32; k-sparse Adam state in the compact "
+        "layout is 12 bytes per touched coordinate, shown for k coordinates, i.e. after one step — it grows to the "
+        "union of touched coordinates). `sparsegrad now` = the current layer: cached W_eff (out·in) + its own copy "
+        "of u_in and u_out (in² + out²) + the updated-coordinates mask (1 byte each) + the transient dense "
+        "dL/dW~ (out·in) + state; `sparsegrad lean` = what the exact method needs at minimum (k values and "
+        "indices of the gradient, state).",
+        "",
+        "| model | matrix | full FT | LoRA | sparsegrad now | sparsegrad lean | leading block | block |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    seen = set()
+    for shape in report["shape_defs"]:
+        key = (shape["model"], shape["layers"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for b in bytes_table(shape["model"], shape["layers"], report["block_factor"]):
+            lines.append(
+                f"| {shape['model']}{' (' + str(shape['layers']) + ' layers)' if shape['layers'] else ''} | {b['group']} "
+                f"{b['out']}×{b['in']} | {b['full'] / MB:.1f} MB | {b['lora'] / MB:.2f} MB | {b['sparsegrad_now'] / MB:.1f} MB | "
+                f"{b['sparsegrad_lean'] / MB:.2f} MB | {b['leading_block'] / MB:.2f} MB | {b['block']} |"
+            )
+    lines.append("")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ main
+def energy_section(mode: str, out_dir: Path, device: str) -> tuple[str | None, dict | None]:
+    from experiments import _bench_energy
+
+    cached = out_dir / "energy_minilm.json"
+    if mode == "skip":
+        return None, None
+    if mode in ("cached", "auto") and cached.exists() and mode == "cached":
+        result = json.loads(cached.read_text())
+        return _bench_energy.to_markdown(result), result
+    if mode == "auto":
+        try:
+            from sparsegrad.suite.assets import is_ready
+
+            if not (is_ready("minilm") and is_ready("movie_reviews")):
+                return None, None
+        except Exception:  # noqa: BLE001
+            return None, None
+    print("[energy] measuring where the top-k of dL/dW~ sits (MiniLM, movie sentences) ...", flush=True)
+    cmd = [sys.executable, "-m", "experiments._bench_energy", "--json", str(cached), "--eval-batches", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
+    if proc.returncode != 0 or not cached.exists():
+        print(f"[energy] failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None, None
+    result = json.loads(cached.read_text())
+    return _bench_energy.to_markdown(result), result
+
+
+def build_preset(args) -> tuple[str, Preset]:
+    name = args.preset or ("gpu" if args.device == "cuda" else "cpu")
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    base = PRESETS[name]
+    preset = Preset(shapes=[Shape(**asdict(s)) for s in base.shapes], steps=base.steps, warmup=base.warmup,
+                    repeats=base.repeats, budget_min=base.budget_min, basis_steps=base.basis_steps,
+                    energy=base.energy, profile_method=base.profile_method,
+                    steps_override=dict(base.steps_override), notes=list(base.notes))  # fmt: skip
+    if args.models or args.batch_sizes or args.paddings or args.seq or args.layers:
+        models = args.models.split(",") if args.models else sorted({s.model for s in preset.shapes})
+        bss = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else sorted({s.batch for s in preset.shapes})
+        pads = args.paddings.split(",") if args.paddings else ["movie"]
+        seq = args.seq or 128
+        preset.shapes = [Shape(m, b, seq, p, layers=args.layers, pretrained=m in ("minilm", "smollm2"))
+                         for m in models for b in bss for p in pads]  # fmt: skip
+        preset.notes = [f"Custom grid: models {models}, batch sizes {bss}, paddings {pads}, sequence {seq}."]
+        preset.steps_override = {}
+    if args.methods:
+        methods = args.methods.split(",")
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise SystemExit(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+        for s in preset.shapes:
+            s.methods = [m for m in methods]
+    for attr in ("steps", "warmup", "repeats", "basis_steps"):
+        if getattr(args, attr) is not None:
+            setattr(preset, attr, getattr(args, attr))
+    if args.steps is not None:
+        preset.steps_override = {}
+    if args.budget_min is not None:
+        preset.budget_min = args.budget_min
+    if args.energy is not None:
+        preset.energy = args.energy
+    if args.no_profile:
+        preset.profile_method = None
+    return name, preset
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark training speed and memory of every method (issue 6).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu, or gpu with --device cuda")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--models", default=None, help=f"comma list of {', '.join(MODEL_SHAPES)} (overrides the preset grid)")
+    p.add_argument("--layers", type=int, default=None, help="truncate the models to this many layers")
+    p.add_argument("--batch-sizes", default=None, help="comma list, e.g. 16,32")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 128)")
+    p.add_argument("--paddings", default=None, help="comma list of movie (real sentence lengths, padded) and none")
+    p.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per run")
+    p.add_argument("--repeats", type=int, default=None, help="alternating repeats of every method")
+    p.add_argument("--basis-steps", type=int, default=None, help="backward passes for the transition basis")
+    p.add_argument("--budget-min", type=float, default=None, help="skip runs that would end after this many minutes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
+    p.add_argument("--block-factor", type=float, default=2.0, help="leading_block: block of factor*k entries")
+    p.add_argument("--energy", choices=["auto", "run", "cached", "skip"], default=None,
+                   help="the top-k location measurement (MiniLM asset needed)")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiled step")
+    p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds before a run is abandoned")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="default: $OUT if set, else results/bench")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device is None:
+        try:
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            args.device = "cpu"
+    name, preset = build_preset(args)
+    out_dir = Path(args.out_dir or os.environ.get("OUT") or ROOT / "results" / "bench")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug, human = device_name(args.device)
+    load_before = os.getloadavg()
+    n_runs = len(plan(preset))
+    print(f"benchmark preset {name} on {human}: {len(preset.shapes)} shapes, {n_runs} runs, budget "
+          f"{preset.budget_min:g} min; load {load_before[0]:.2f}", flush=True)  # fmt: skip
+    outcome = execute(preset, args)
+    energy_md, energy = energy_section(preset.energy, out_dir, args.device)
+    load_after = os.getloadavg()
+    report = {
+        "device": slug,
+        "device_name": human,
+        "preset": name,
+        "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(args.device, args.threads),
+        "load_before": list(load_before),
+        "load_after": list(load_after),
+        "steps": preset.steps,
+        "warmup": preset.warmup,
+        "repeats": preset.repeats,
+        "steps_override": preset.steps_override,
+        "block_factor": args.block_factor,
+        "notes": preset.notes,
+        "targets": TARGETS,
+        "shape_defs": [{**asdict(s), "key": s.key} for s in preset.shapes],
+        "summary": summarize(outcome["records"], args.device),
+        "records": outcome["records"],
+        "skipped": outcome["skipped"],
+        "seconds": outcome["seconds"],
+        "energy": energy,
+        "energy_md": energy_md,
+    }
+    md = to_markdown(report)
+    (out_dir / f"{slug}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out_dir / f"{slug}.md").write_text(md)
+    print(f"wrote {out_dir / (slug + '.md')} and .json ({outcome['seconds'] / 60:.1f} min)", flush=True)
+    failed = [r for r in outcome["records"] if "error" in r]
+    return 1 if failed and len(failed) == len(outcome["records"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
