@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from experiments._bench_worker import BASIS_METHODS, FAMILY, METHODS, MODEL_SHAPES
+from experiments._bench_worker import FAMILY, METHODS, MODEL_SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -320,7 +320,7 @@ def summarize(records: list[dict], device: str) -> dict:
                 "basis": basis,
                 "profile": next((r["profile"] for r in ok if r.get("profile")), None),
             }
-        for method, row in rows.items():
+        for row in rows.values():
             if "error" in row:
                 continue
             for ref in ("full", "lora"):
@@ -377,9 +377,9 @@ def mlp_shapes(model: str, layers: int | None) -> dict:
 
 
 def leading_block_dims(d_in: int, d_out: int, k: int, factor: float) -> tuple[int, int]:
-    from sparsegrad.fixed_support import leading_block_shape
-
     import math
+
+    from sparsegrad.fixed_support import leading_block_shape
 
     return leading_block_shape(d_out, d_in, math.ceil(factor * k))
 
@@ -632,7 +632,9 @@ def energy_section(mode: str, out_dir: Path, device: str) -> tuple[str | None, d
     cached = out_dir / "energy_minilm.json"
     if mode == "skip":
         return None, None
-    if mode in ("cached", "auto") and cached.exists() and mode == "cached":
+    if mode == "cached":
+        if not cached.exists():
+            return None, None
         result = json.loads(cached.read_text())
         return _bench_energy.to_markdown(result), result
     if mode == "auto":
@@ -641,7 +643,7 @@ def energy_section(mode: str, out_dir: Path, device: str) -> tuple[str | None, d
 
             if not (is_ready("minilm") and is_ready("movie_reviews")):
                 return None, None
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - no asset cache: nothing to measure on
             return None, None
     print("[energy] measuring where the top-k of dL/dW~ sits (MiniLM, movie sentences) ...", flush=True)
     cmd = [sys.executable, "-m", "experiments._bench_energy", "--json", str(cached), "--eval-batches", "2"]
