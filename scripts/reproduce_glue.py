@@ -1,7 +1,13 @@
-"""Entry point of ``make reproduce-glue``: sweeps, seeds and the paper's tables.
+"""Entry point of ``make reproduce-glue`` and ``make tables``: sweeps, seeds and the paper's tables.
 
-Until every stage of the pipeline exists, this stops with one line naming what is missing
-instead of failing half-way.
+    python -m scripts.reproduce_glue --profile default             # what `make reproduce-glue` runs
+    python -m scripts.reproduce_glue --profile default --tables-only
+    python -m scripts.reproduce_glue --profile paper --roberta-large --launcher slurm --jobs 8
+    python -m scripts.reproduce_glue --profile llama --lr 9e-5      # the authors' code's learning rate
+    python -m scripts.reproduce_glue --profile smoke --dry-run      # print the commands, run nothing
+
+Profiles are conf/profile/*.yaml; the work is done by sparsegrad.suite.sweep. Until every stage of the
+pipeline exists, this stops with one line naming what is missing instead of failing half-way.
 """
 
 from __future__ import annotations
@@ -9,8 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from pathlib import Path
 
-PROFILES = ("default", "smoke", "paper", "paper_best", "llama")
+CONF_PROFILES = Path(__file__).resolve().parents[1] / "conf" / "profile"
 
 # (what must exist, what it is) for each stage of the pipeline, in order.
 STAGES = (
@@ -18,6 +25,10 @@ STAGES = (
     ("sparsegrad.suite.sweep", "the Optuna sweep and seed re-runs"),
     ("sparsegrad.suite.tables", "the table and figure builders"),
 )
+
+
+def profiles() -> list[str]:
+    return sorted(p.stem for p in CONF_PROFILES.glob("*.yaml")) or ["default"]
 
 
 def missing_stages() -> list[str]:
@@ -33,9 +44,15 @@ def missing_stages() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="default", choices=PROFILES)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="default", choices=profiles())
     parser.add_argument("--tables-only", action="store_true", help="rebuild tables and figures from run records")
+    parser.add_argument("--roberta-large", action="store_true", help="paper profiles: add RoBERTa-large")
+    parser.add_argument("--launcher", default=None,
+                        help="a Hydra launcher for the runs: parallel (joblib), slurm, slurm_local, ...")
+    parser.add_argument("--jobs", type=int, default=1, help="trials / seeds launched at once (with --launcher)")
+    parser.add_argument("--lr", type=float, default=None, help="profiles without a sweep: the learning rate")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     args = parser.parse_args(argv)
     missing = missing_stages()
     if missing:
@@ -43,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     from sparsegrad.suite.sweep import run_profile  # noqa: PLC0415  (only once it exists)
 
-    return run_profile(args.profile, tables_only=args.tables_only)
+    return run_profile(
+        args.profile, tables_only=args.tables_only, launcher=args.launcher, jobs=args.jobs, lr=args.lr,
+        dry_run=args.dry_run, extra_models=("roberta_large",) if args.roberta_large else (),
+    )
 
 
 if __name__ == "__main__":
