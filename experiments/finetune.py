@@ -79,13 +79,14 @@ def _hydra_main():
     def main(cfg) -> float:
         from hydra.core.hydra_config import HydraConfig
 
+        from sparsegrad.suite.assets import AssetMissingError
         from sparsegrad.suite.errors import SuiteError
         from sparsegrad.suite.runner import objective_value
 
         output_dir = HydraConfig.get().runtime.output_dir
         try:
             record = run_from_config(cfg, output_dir)
-        except SuiteError as exc:
+        except (SuiteError, AssetMissingError) as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail(f"interrupted; the run record is in {output_dir}/record.json", EXIT_INTERRUPTED)

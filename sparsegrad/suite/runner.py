@@ -272,8 +272,10 @@ def finetune(settings: FinetuneSettings) -> dict:
                 chosen = state.best_metrics if ts.objective == "selection" else best_report.get(report_split, {})
                 record["objective"] = chosen.get(metric_name)
                 tracker.summary({"best/score": record["best"]["score"], "objective": record["objective"]})
-        elif state.status == "interrupted" and state.best_metrics is not None:
-            record["objective"] = state.best_metrics.get(metric_name) if ts.objective == "selection" else None
+        elif state.status == "interrupted":
+            record["parameters"] = methods.accounting(model, optimizer)
+            if state.best_metrics is not None and ts.objective == "selection":
+                record["objective"] = state.best_metrics.get(metric_name)
 
         if settings.save_model and state.status == "completed":
             merged = methods.merge(model)
