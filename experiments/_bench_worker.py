@@ -55,6 +55,12 @@ MODEL_SHAPES = {
     "llama2-7b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
                   "tie_word_embeddings": False, "pad_token_id": 0},
+    # tiny shapes for the harness tests
+    "tiny-bert": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "intermediate_size": 64, "vocab_size": 1000},
+    "tiny-llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+                   "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 1000, "pad_token_id": 0,
+                   "tie_word_embeddings": False},
 }  # fmt: skip
 # The paper's settings per family: LoRA rank and k (Table 5/6 budgets); LLaMA: every 3rd block, MLP only.
 FAMILY = {

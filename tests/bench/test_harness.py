@@ -1,0 +1,131 @@
+"""The benchmark harness: run order, ratios, target checks, cost model, a 1-step worker run per method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import benchmark
+from experiments._bench_worker import METHODS, MOVIE_LENGTHS, Spec, make_batches, movie_lengths, run
+
+
+def _record(shape, method, steps_per_s, peak_mb, opt_mb=1.0, repeat=0, basis=None):
+    mb = benchmark.MB
+    return {
+        "shape": shape, "method": method, "repeat": repeat, "steps_per_s": steps_per_s,
+        "peak_above_loaded_bytes": peak_mb * mb, "peak_train_bytes": peak_mb * mb + 100 * mb,
+        "optimizer_state_bytes": opt_mb * mb, "method_buffer_bytes": 0, "trainable_params": 10,
+        "model_params": 100, "tokens_per_batch": [10, 20], "padded_tokens_per_batch": 64,
+        "model_source": "random", "model_layers": 2, "k": 0.01, "basis": basis,
+    }  # fmt: skip
+
+
+def test_plan_alternates_methods_across_repeats():
+    preset = benchmark.Preset(shapes=[benchmark.Shape("minilm", 16, 128, "movie", methods=["full", "lora"])],
+                              steps=1, warmup=1, repeats=2, budget_min=1)  # fmt: skip
+    order = [m for _, _, m in benchmark.plan(preset)]
+    assert order == ["full", "lora", "full", "lora"]
+
+
+def test_summary_ratios_and_targets():
+    basis = {"loaded_from_cache": False, "seconds": 10.0, "extra_peak_bytes": 400 * benchmark.MB}
+    recs = [
+        _record("s", "full", 1.0, 1000, opt_mb=800), _record("s", "full", 3.0, 1000, opt_mb=800, repeat=1),
+        _record("s", "lora", 2.0, 500, opt_mb=400),
+        _record("s", "sparsegrad", 1.0, 520, opt_mb=400, basis=basis),
+        _record("s", "sparsegrad_regular", 0.2, 600),
+        _record("s", "leading_block", 4.0, 500),
+    ]  # fmt: skip
+    summary = benchmark.summarize(recs, "cpu")["s"]
+    rows = summary["methods"]
+    assert rows["full"]["steps_per_s"] == pytest.approx(2.0)  # median of the repeats
+    sg = rows["sparsegrad"]
+    assert sg["step_time_vs_full"] == pytest.approx(2.0)
+    assert sg["step_time_vs_lora"] == pytest.approx(2.0)
+    assert sg["peak_vs_lora"] == pytest.approx(520 / 500)
+    assert sg["peak_vs_full"] == pytest.approx(0.52)
+    assert sg["optimizer_state_vs_full"] == pytest.approx(0.5)
+    t = summary["targets"]["sparsegrad"]
+    assert t["step_time_vs_lora"]["met"] is False and t["peak_vs_lora"]["met"] is True
+    assert t["peak_vs_full"]["met"] is True and t["basis_seconds"]["met"] is True
+    assert t["basis_extra_mb"]["met"] is False
+    assert t["sd_speedup_vs_regular"]["value"] == pytest.approx(5.0) and t["sd_speedup_vs_regular"]["met"]
+    lb = summary["targets"]["leading_block"]
+    assert lb["step_time_vs_lora"]["met"] and lb["step_time_vs_full"]["met"]
+    # GPU figures use the allocator peak (model included)
+    gpu = benchmark.summarize(recs, "cuda")["s"]["methods"]
+    assert gpu["lora"]["peak_mb"] == pytest.approx(600)
+
+
+def test_failed_runs_are_reported_not_ratioed():
+    recs = [_record("s", "full", 1.0, 100), {"shape": "s", "method": "lora", "repeat": 0, "error": "boom"}]
+    summary = benchmark.summarize(recs, "cpu")["s"]["methods"]
+    assert summary["lora"]["error"] == "boom" and summary["full"]["step_time_vs_lora"] is None
+
+
+def test_cost_model_matches_the_formulas():
+    rows = benchmark.macs_table("bert-base", None, tokens=2048, rows_nonzero=2048, block_factor=1.0)
+    up = next(r for r in rows if r["group"] == "up")
+    assert (up["in"], up["out"]) == (768, 3072) and up["matrices"] == 12
+    assert up["full"] == 3 * 2048 * 768 * 3072
+    assert up["rotation_per_token"] == 2048 * (768**2 + 3072**2)
+    assert up["rotation_once"] == 3072 * 768 * (768 + 3072)
+    llama = benchmark.mlp_shapes("llama2-7b", 4)
+    assert llama["up"] == (4096, 11008) and llama["matrices_per_group"] == 2  # blocks 0 and 3
+
+
+def test_movie_lengths_follow_the_stored_distribution():
+    lengths = movie_lengths(2000, 128, seed=0)
+    assert min(lengths) >= min(MOVIE_LENGTHS) and max(lengths) <= 128
+    assert 22 < sum(lengths) / len(lengths) < 32  # the sentences average ~27 tokens
+    assert max(movie_lengths(100, 16, seed=0)) == 16
+
+
+def test_batches_pad_and_trim():
+    from transformers import BertConfig
+
+    spec = Spec(model="tiny-bert", batch=4, seq=64, padding="movie")
+    padded = make_batches(spec, BertConfig(vocab_size=1000), 2, seed=0)
+    assert padded[0]["input_ids"].shape == (4, 64) and int(padded[0]["attention_mask"].sum()) < 4 * 64
+    trimmed = make_batches(spec, BertConfig(vocab_size=1000), 2, seed=0, trim=True)
+    assert trimmed[0]["input_ids"].shape[1] == int(trimmed[0]["attention_mask"].sum(1).max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_step_worker_run_every_method(method, tmp_path):
+    spec = Spec(model="tiny-bert", batch=4, seq=16, method=method, steps=1, warmup=1, threads=1,
+                basis_steps=2, basis_cache=str(tmp_path / "basis.pt"))  # fmt: skip
+    result = run(spec)
+    assert result["steps_per_s"] > 0 and len(result["step_seconds"]) == 1
+    assert result["optimizer_state_bytes"] > 0 and result["peak_train_bytes"] > 0
+    if method in ("sparsegrad", "sparsegrad_regular", "leading_block"):
+        assert result["basis"]["loaded_from_cache"] is False and result["basis"]["seconds"] > 0
+        assert result["method_buffer_bytes"] > 0
+    json.dumps(result)
+
+
+def test_llama_shape_trains_every_third_block_mlp_only(tmp_path):
+    spec = Spec(model="tiny-llama", batch=2, seq=16, padding="none", method="sparsegrad", steps=1, warmup=0,
+                threads=1, basis_steps=1, basis_cache=str(tmp_path / "b.pt"))  # fmt: skip
+    result = run(spec)
+    assert result["steps_per_s"] > 0
+    # every 3rd block of 4 (blocks 0, 3), MLP only: the biases-free up/down weights are the sparse ones
+    assert result["trainable_params"] == 2 * 2 * 32 * 48
+
+
+def test_subprocess_worker_and_markdown(tmp_path):
+    spec = {"model": "tiny-bert", "batch": 2, "seq": 8, "method": "full", "steps": 1, "warmup": 0, "threads": 1}
+    res = benchmark.run_worker(spec, timeout_s=300)
+    assert "error" not in res, res.get("error")
+    res.update(shape="tiny", method="full", repeat=0, load_before=(0, 0, 0), load_after=(0, 0, 0))
+    shape = benchmark.Shape("tiny-bert", 2, 8, "movie", methods=["full"])
+    report = {
+        "device": "cpu", "device_name": "test cpu", "preset": "custom", "command": "x", "date": "today",
+        "machine": benchmark.machine_info("cpu", 1), "load_before": [0.1, 0, 0], "load_after": [0.2, 0, 0],
+        "steps": 1, "warmup": 0, "repeats": 1, "block_factor": 2.0, "notes": ["n"], "seconds": 1.0,
+        "shape_defs": [{**shape.__dict__, "key": "tiny"}], "summary": benchmark.summarize([res], "cpu"),
+        "skipped": [{"shape": "tiny", "method": "lora", "repeat": 0, "why": "budget"}], "energy_md": None,
+    }  # fmt: skip
+    md = benchmark.to_markdown(report)
+    assert "| full |" in md and "Skipped runs" in md and "multiply-adds" in md
