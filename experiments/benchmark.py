@@ -113,17 +113,20 @@ PRESETS = {
         ],
     ),
     "gpu": Preset(
-        shapes=[Shape("roberta-base", 32, 128, "movie"), Shape("roberta-base", 16, 128, "movie"),
-                Shape("roberta-base", 32, 128, "none", methods=[m for m in ALL if m != "sparsegrad_regular"]),
-                Shape("bert-base", 32, 128, "movie"),
+        shapes=[Shape("roberta-base", 32, 128, "movie"),
+                Shape("llama2-7b", 4, 512, "none", layers=4, methods=LLAMA_METHODS),
                 Shape("smollm2", 8, 512, "none", methods=LLAMA_METHODS),
-                Shape("llama2-7b", 4, 512, "none", layers=4, methods=LLAMA_METHODS)],
-        steps=10, warmup=3, repeats=2, budget_min=7.5, energy="skip",
+                Shape("roberta-base", 32, 128, "none", methods=[m for m in ALL if m != "sparsegrad_regular"]),
+                Shape("bert-base", 16, 128, "movie"),
+                Shape("roberta-base", 16, 128, "movie")],
+        steps=10, warmup=3, repeats=2, budget_min=6.5, energy="skip",
         notes=[
-            "GPU preset: roberta-base bs32/bs16 padded (the paper's Table 3 setting) and bs32 unpadded, bert-base "
-            "bs32 padded, SmolLM2-135M shape (30 layers, every 3rd block's up/down, MLP only) bs8x512 packed, and a "
-            "LLaMA-2-7B-shaped model truncated to 4 layers (blocks 0 and 3 trained, as the paper's every-3rd rule) "
-            "bs4x512 packed; float32 weights; 10 timed steps after 3 warm-up, 2 alternating repeats.",
+            "GPU preset, most important shapes first: roberta-base bs32x128 padded like a GLUE task (the paper's "
+            "Table 3 setting), a LLaMA-2-7B-shaped model truncated to 4 layers (blocks 0 and 3 trained, the paper's "
+            "every-3rd-block rule, MLP only) bs4x512 packed, the SmolLM2-135M shape (30 layers) bs8x512 packed, "
+            "roberta-base bs32 unpadded, bert-base bs16 padded, roberta-base bs16 padded; random float32 weights "
+            "(no TF32); 10 timed steps after 3 warm-up. Runs go repeat by repeat, so every shape gets one run of "
+            "each method before the second, alternating repeat; runs that would overrun the budget are skipped.",
         ],
     ),
 }
@@ -229,7 +232,8 @@ def plan(preset: Preset) -> list[tuple[int, Shape, str]]:
     return [(r, s, m) for r in range(preset.repeats) for s in preset.shapes for m in s.methods]
 
 
-def execute(preset: Preset, args) -> dict:
+def execute(preset: Preset, args, on_record=None) -> dict:
+    """Run the plan; ``on_record(outcome_so_far)`` after every run (the report is rewritten each time)."""
     runs = plan(preset)
     budget_s = preset.budget_min * 60
     start = time.perf_counter()
@@ -276,6 +280,8 @@ def execute(preset: Preset, args) -> dict:
                 print(f"{result['steps_per_s']:.3f} steps/s, peak {peak / MB:.0f} MB, optimizer state "
                       f"{result['optimizer_state_bytes'] / MB:.1f} MB{extra} ({result['wall_s']:.0f} s, "
                       f"load {load_before[0]:.1f})", flush=True)  # fmt: skip
+            if on_record is not None:
+                on_record({"records": records, "skipped": skipped, "seconds": time.perf_counter() - start})
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return {"records": records, "skipped": skipped, "seconds": time.perf_counter() - start}
@@ -741,36 +747,38 @@ def main(argv=None) -> int:
     n_runs = len(plan(preset))
     print(f"benchmark preset {name} on {human}: {len(preset.shapes)} shapes, {n_runs} runs, budget "
           f"{preset.budget_min:g} min; load {load_before[0]:.2f}", flush=True)  # fmt: skip
-    outcome = execute(preset, args)
+
+    def write(outcome, energy_md=None, energy=None, final=False):
+        report = {
+            "device": slug,
+            "device_name": human,
+            "preset": name,
+            "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_info(args.device, args.threads),
+            "load_before": list(load_before),
+            "load_after": list(os.getloadavg()),
+            "steps": preset.steps,
+            "warmup": preset.warmup,
+            "repeats": preset.repeats,
+            "steps_override": preset.steps_override,
+            "block_factor": args.block_factor,
+            "notes": preset.notes + ([] if final else ["**Partial report: the benchmark is still running (or was stopped).**"]),
+            "targets": TARGETS,
+            "shape_defs": [{**asdict(s), "key": s.key} for s in preset.shapes],
+            "summary": summarize(outcome["records"], args.device),
+            "records": outcome["records"],
+            "skipped": outcome["skipped"],
+            "seconds": outcome["seconds"],
+            "energy": energy,
+            "energy_md": energy_md,
+        }
+        (out_dir / f"{slug}.json").write_text(json.dumps(report, indent=1, default=str))
+        (out_dir / f"{slug}.md").write_text(to_markdown(report))
+
+    outcome = execute(preset, args, on_record=write)
     energy_md, energy = energy_section(preset.energy, out_dir, args.device)
-    load_after = os.getloadavg()
-    report = {
-        "device": slug,
-        "device_name": human,
-        "preset": name,
-        "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(args.device, args.threads),
-        "load_before": list(load_before),
-        "load_after": list(load_after),
-        "steps": preset.steps,
-        "warmup": preset.warmup,
-        "repeats": preset.repeats,
-        "steps_override": preset.steps_override,
-        "block_factor": args.block_factor,
-        "notes": preset.notes,
-        "targets": TARGETS,
-        "shape_defs": [{**asdict(s), "key": s.key} for s in preset.shapes],
-        "summary": summarize(outcome["records"], args.device),
-        "records": outcome["records"],
-        "skipped": outcome["skipped"],
-        "seconds": outcome["seconds"],
-        "energy": energy,
-        "energy_md": energy_md,
-    }
-    md = to_markdown(report)
-    (out_dir / f"{slug}.json").write_text(json.dumps(report, indent=1, default=str))
-    (out_dir / f"{slug}.md").write_text(md)
+    write(outcome, energy_md, energy, final=True)
     print(f"wrote {out_dir / (slug + '.md')} and .json ({outcome['seconds'] / 60:.1f} min)", flush=True)
     failed = [r for r in outcome["records"] if "error" in r]
     return 1 if failed and len(failed) == len(outcome["records"]) else 0
