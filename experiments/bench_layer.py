@@ -36,6 +36,9 @@ METHODS = {
 }
 
 
+_BASIS_CACHE: dict = {}
+
+
 def _build(method: str, args, device):
     import torch
     from torch import nn
@@ -69,8 +72,10 @@ def _build(method: str, args, device):
         formulation = "regular" if "regular" in method else "auto"
         cfg = {"name": "sparsegrad", **common, "formulation": formulation,
                "sparse_by_dense": not method.endswith(("regular", "nosd"))}  # fmt: skip
-        targets = sparsegrad.find_targets(model, patterns)
-        basis = sparsegrad.random_basis(targets, model, seed=0)
+        if "basis" not in _BASIS_CACHE:  # one random basis per process, shared by the variants
+            targets = sparsegrad.find_targets(model, patterns)
+            _BASIS_CACHE["basis"] = sparsegrad.random_basis(targets, model, seed=0)
+        basis = _BASIS_CACHE["basis"]
     model = sparsegrad.apply_method(model, cfg, basis=basis)
     opt = sparsegrad.build_optimizer(model, lr=1e-4, schedule="constant", sparse_state=args.sparse_state)
 
@@ -86,11 +91,10 @@ def _build(method: str, args, device):
     return model, opt, x, target, mask
 
 
-def _worker(method: str, args) -> dict:
+def _make_step(method: str, args, device):
+    """Build one method and return (step function, optimizer, number of non-padding tokens)."""
     import torch
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     model, opt, x, target, mask = _build(method, args, device)
     weight = mask[..., None].to(x.dtype)
     n_tokens = float(mask.sum())
@@ -102,31 +106,53 @@ def _worker(method: str, args) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad()
-
-    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    return step, opt, int(n_tokens)
+
+
+def _memory_worker(method: str, args) -> dict:
+    """Fresh process: peak memory of the training steps of one method (plus its own step times)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    step, opt, n_tokens = _make_step(method, args, device)
     baseline = _current_memory(device)
     _reset_peak(device)
     times = []
-    for i in range(args.warmup + args.steps):
-        sync()
+    for _ in range(args.mem_steps):
         start = time.perf_counter()
         step()
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
     peak = _peak_memory(device)
     return {
         "method": method,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "times_s": times,
         "peak_mem_delta_bytes": peak - baseline if peak is not None else None,
         "optimizer_state_bytes": opt.state_bytes(),
-        "non_padding_tokens": int(n_tokens),
+        "memory_run_times_s": times,
+        "non_padding_tokens": n_tokens,
     }
+
+
+def _time_all(methods: list[str], args) -> dict[str, list[float]]:
+    """All methods in one process, stepped round-robin (rotating the order every round), so that load
+    changes on a shared machine hit every method alike. Returns the timed steps per method."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    steps = {m: _make_step(m, args, device)[0] for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(args.warmup + args.steps):
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        for m in order:
+            start = time.perf_counter()
+            steps[m]()
+            if r >= args.warmup:
+                times[m].append(time.perf_counter() - start)
+    return times
 
 
 def _current_memory(device) -> int:
@@ -214,11 +240,14 @@ def _machine(args) -> dict:
         pass
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_avg_before"] = os.getloadavg()
-    except OSError:
-        pass
+    info["load_avg"] = getattr(args, "load_avg", None)
     return info
+
+
+def _fmt_load(load) -> str:
+    if not load:
+        return "n/a"
+    return " -> ".join(f"{tuple(round(v, 2) for v in load[k])} ({k})" for k in ("before", "after"))
 
 
 def _fmt_bytes(n) -> str:
@@ -266,11 +295,13 @@ def _write(results: list[dict], args, out_dir: Path, n_rows: int) -> None:
         f"state layout: {args.sparse_state}. SparseGrad uses a random orthogonal basis (cost does not depend "
         "on it, except the incremental weight refresh, for which a random basis is the worst case).",
         f"- Machine: {m.get('cpu_model', m['processor'])}{', ' + m['gpu'] if 'gpu' in m else ''}; "
-        f"device {args.device}; torch {m['torch']}; {args.threads} threads; load average before "
-        f"{tuple(round(v, 2) for v in m.get('load_avg_before', ()))}.",
-        f"- Time: median of {args.steps} steps after {args.warmup} warm-up steps, each method in a fresh process.",
-        f"- Memory: {mem_what} during the steps minus what the process held after building layers, "
-        "inputs and optimizer (so: activations, gradients, optimizer state, temporaries).",
+        f"device {args.device}; torch {m['torch']}; {args.threads} threads; 1/5/15-min load average "
+        f"{_fmt_load(m['load_avg'])} (other processes on the machine inflate absolute times).",
+        f"- Time: median of {args.steps} steps after {args.warmup} warm-up rounds; all methods live in one "
+        "process and are stepped round-robin (order rotated every round) so load changes hit all alike.",
+        f"- Memory: {mem_what} during {args.mem_steps} steps, each method in a fresh process, minus what the "
+        "process held after building layers, inputs and optimizer (so: activations, gradients, optimizer "
+        "state, temporaries).",
         "",
         "| method | description | time / step (ms) | x dense | peak mem delta (MiB) | x dense | "
         "optimizer state (MiB) | multiply-adds / step (G) | x dense |",
@@ -333,7 +364,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, batch 4")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--mem-steps", type=int, default=2, help="steps per memory-measuring process")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
@@ -354,26 +386,33 @@ def main(argv=None) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
         args.steps, args.warmup, args.batch = min(args.steps, 2), min(args.warmup, 1), min(args.batch, 4)
+        args.mem_steps = 1
 
     if args.worker:
-        print("RESULT " + json.dumps(_worker(args.worker, args)), flush=True)
+        print("RESULT " + json.dumps(_memory_worker(args.worker, args)), flush=True)
         return
 
     passthrough = _strip_methods(list(argv if argv is not None else sys.argv[1:])) + ["--device", args.device]
+    load_before = os.getloadavg()
     results = []
-    n_rows = None
-    for method in args.methods:
+    for method in args.methods:  # memory: one fresh process per method
         cmd = [sys.executable, "-m", "experiments.bench_layer", *passthrough, "--worker", method]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             sys.stderr.write(proc.stdout + proc.stderr)
             raise SystemExit(f"benchmark worker for {method!r} failed (exit {proc.returncode})")
         result = json.loads(line[-1][len("RESULT "):])
-        n_rows = result["non_padding_tokens"]
-        print(f"{method:24s} {1000 * result['median_s']:8.0f} ms/step  peak +{_fmt_bytes(result['peak_mem_delta_bytes'])} MiB",
-              flush=True)  # fmt: skip
+        print(f"{method:24s} peak +{_fmt_bytes(result['peak_mem_delta_bytes'])} MiB", flush=True)
         results.append(result)
+    n_rows = results[0]["non_padding_tokens"]
+    times = _time_all(args.methods, args)  # time: all methods interleaved in this process
+    for result in results:
+        t = times[result["method"]]
+        result.update(median_s=statistics.median(t), min_s=min(t), times_s=t)
+        print(f"{result['method']:24s} {1000 * result['median_s']:8.0f} ms/step (median of {len(t)})", flush=True)
+    args.load_avg = {"before": load_before, "after": os.getloadavg()}
     _write(results, args, Path(args.out), n_rows)
     print(f"wrote {Path(args.out) / 'layer.md'} and layer.json")
 

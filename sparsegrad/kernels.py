@@ -61,14 +61,27 @@ def _topk_flat_indices(flat_abs: torch.Tensor, k: int) -> torch.Tensor:
     n = flat_abs.numel()
     if k >= n:
         return torch.arange(n, device=flat_abs.device)
-    values, idx = torch.topk(flat_abs, k, sorted=False)
+    candidates = None
+    if n >= 1 << 16 and k * 8 <= n:
+        # Exact top-k over a prefiltered candidate set: a threshold estimated from a strided sample
+        # (aiming at ~1.5k candidates) usually keeps >= k entries; if it does not, fall back.
+        stride = 16
+        sample = flat_abs[::stride]
+        k_sample = min(sample.numel(), max(1, (3 * k) // (2 * stride)))
+        tau0 = torch.topk(sample, k_sample, sorted=False).values.min()
+        keep = (flat_abs >= tau0).nonzero().squeeze(1)
+        if keep.numel() >= k:
+            candidates = keep
+    pool = flat_abs if candidates is None else flat_abs[candidates]
+    values, idx = torch.topk(pool, k, sorted=False)
+    if candidates is not None:
+        idx = candidates[idx]
     threshold = values.min()
-    above = flat_abs > threshold
-    n_above = int(above.sum())
-    n_at = int((flat_abs == threshold).sum())
-    if n_above + n_at == k:  # no tie straddles the cut: topk's set is the unique answer
+    if int((pool >= threshold).sum()) == k:  # no tie straddles the cut: topk's set is the answer
         return idx.sort().values
     # Ties at the threshold: keep every strictly larger entry, then the lowest-index ties.
+    above = flat_abs > threshold
+    n_above = int(above.sum())
     strict = above.nonzero().squeeze(1)
     ties = (flat_abs == threshold).nonzero().squeeze(1)[: k - n_above]
     return torch.cat([strict, ties]).sort().values

@@ -156,8 +156,11 @@ class SparseGradLinear(nn.Module):
         self.full_refresh_every = full_refresh_every
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        self.register_buffer("u_in", torch.eye(in_features, **factory))
-        self.register_buffer("u_out", torch.eye(out_features, **factory))
+        # Stored in the layout that keeps the sparse products of note_sparse_update fast (see
+        # prepare_basis); load_state_dict copies into them and keeps it.
+        eye_in, eye_out = torch.eye(in_features, **factory), torch.eye(out_features, **factory)
+        self.register_buffer("u_in", eye_in.t() if orientation == "hosvd" else eye_in)
+        self.register_buffer("u_out", eye_out.t())
         self.register_buffer(
             "updated_mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
         )
@@ -192,10 +195,9 @@ class SparseGradLinear(nn.Module):
             in_f, out_f, k, bias=linear.bias is not None, device=w.device, dtype=w.dtype, **options
         )
         with torch.no_grad():
+            layer.u_in, layer.u_out = cls.prepare_basis(u_in, u_out, w, layer.orientation)
             u_in64 = u_in.detach().to(device=w.device, dtype=torch.float64)
             u_out64 = u_out.detach().to(device=w.device, dtype=torch.float64)
-            layer.u_in.copy_(u_in64)
-            layer.u_out.copy_(u_out64)
             r64 = u_in64 if layer.orientation == "hosvd" else u_in64.t()
             layer.weight.copy_(u_out64.t() @ w.detach().double() @ r64)
             if linear.bias is not None:
@@ -207,6 +209,24 @@ class SparseGradLinear(nn.Module):
         if layer.bias is not None:
             layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
+
+    @staticmethod
+    def prepare_basis(u_in: torch.Tensor, u_out: torch.Tensor, like: torch.Tensor, orientation: str = "hosvd"):
+        """``(u_in, u_out)`` in ``like``'s dtype and device, laid out for fast sparse products.
+
+        ``note_sparse_update`` multiplies a sparse matrix by ``u_out^T`` and by ``R^T``; both must be
+        row-major, so ``u_out`` (and ``u_in`` in the hosvd orientation) are stored column-major.
+        Tensors already in that form are returned as they are, so layers of a group built from one
+        prepared pair share its memory (pass them to ``from_linear`` after moving the model).
+        """
+
+        def arrange(u: torch.Tensor, column_major: bool) -> torch.Tensor:
+            u = u.detach().to(device=like.device, dtype=like.dtype)
+            if column_major:
+                return u if u.stride() == (1, u.shape[0]) else u.t().contiguous().t()
+            return u.contiguous()
+
+        return arrange(u_in, orientation == "hosvd"), arrange(u_out, True)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the same function: W = u_out W~ R^T (computed in float64)."""
@@ -279,12 +299,13 @@ class SparseGradLinear(nn.Module):
             compact = torch.sparse_coo_tensor(
                 torch.stack([inv_rows, cols_all]), delta, (u_rows.numel(), d_in), check_invariants=False
             )
-            change = u_out.index_select(1, u_rows) @ torch.sparse.mm(compact, r_mat.t())
+            # sparse.mm is fast only with a row-major dense operand; R^T and u_out^T are transposed views
+            change = u_out.index_select(1, u_rows) @ torch.sparse.mm(compact, r_mat.t().contiguous())
         else:
             compact_t = torch.sparse_coo_tensor(
                 torch.stack([inv_cols, rows_all]), delta, (u_cols.numel(), d_out), check_invariants=False
             )
-            change = (r_mat.index_select(1, u_cols) @ torch.sparse.mm(compact_t, u_out.t())).t()
+            change = (r_mat.index_select(1, u_cols) @ torch.sparse.mm(compact_t, u_out.t().contiguous())).t()
         self.effective_weight.add_(change)
         self._eff_key = self._cache_key()
         self._n_incremental += 1

@@ -87,14 +87,20 @@ class LazySparseAdam(torch.optim.Optimizer):
         else:
             found = torch.zeros_like(query, dtype=torch.bool)
         if not bool(found.all()):
+            # merge the sorted new coordinates into the sorted keys in O(n + m log n), no re-sort
             new = query[~found]
-            all_keys = torch.cat([keys, new])
-            order = torch.argsort(all_keys)
-            pad = torch.zeros(new.numel(), dtype=state["exp_avg"].dtype, device=keys.device)
-            state["keys"] = all_keys[order]
-            state["exp_avg"] = torch.cat([state["exp_avg"], pad])[order]
-            state["exp_avg_sq"] = torch.cat([state["exp_avg_sq"], pad])[order]
-            pos = torch.searchsorted(state["keys"], query)
+            m = new.numel()
+            at_new = torch.searchsorted(keys, new) + torch.arange(m, device=keys.device)
+            at_old = torch.arange(n, device=keys.device) + torch.searchsorted(new, keys)
+            merged_keys = keys.new_empty(n + m)
+            merged_keys[at_old] = keys
+            merged_keys[at_new] = new
+            state["keys"] = merged_keys
+            for name in ("exp_avg", "exp_avg_sq"):
+                merged = state[name].new_zeros(n + m)
+                merged[at_old] = state[name]
+                state[name] = merged
+            pos = torch.searchsorted(merged_keys, query)
         return pos
 
     @torch.no_grad()

@@ -152,9 +152,15 @@ def apply_method(
                 MePropLinear.from_linear(linear, k, cfg.meprop_mode, sparse_by_dense=cfg.sparse_by_dense),
             )  # fmt: skip
     elif cfg.name == "sparsegrad":
+        prepared: dict[int, tuple] = {}  # one converted copy per basis, shared by the group's layers
         for t in targets:
             linear = model.get_submodule(t.name)
-            u_in, u_out = basis.for_layer(t.name, t.group)
+            group_basis = basis.for_layer(t.name, t.group)
+            if id(group_basis) not in prepared:
+                prepared[id(group_basis)] = SparseGradLinear.prepare_basis(
+                    group_basis.u_in, group_basis.u_out, linear.weight, cfg.orientation
+                )
+            u_in, u_out = prepared[id(group_basis)]
             layer = SparseGradLinear.from_linear(
                 linear, u_in, u_out, cfg.k, orientation=cfg.orientation, formulation=cfg.formulation,
                 sparse_by_dense=cfg.sparse_by_dense,

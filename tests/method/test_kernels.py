@@ -80,3 +80,28 @@ def test_multiply_add_counts():
     assert regular == 3 * t * d_in * d_out + 2 * t * (d_in**2 + d_out**2)
     # the cached-weight formulation is the cheaper exact one at BERT-base sizes
     assert macs_auto(t, d_in, d_out, n_backward_rows=t // 2) < macs_regular(t, d_in, d_out, t // 2) < regular
+
+
+def _reference_topk_indices(dense: torch.Tensor, k: int) -> torch.Tensor:
+    """Largest magnitudes first, lowest flat index first among equals (a stable sort)."""
+    order = torch.sort(-dense.reshape(-1).abs(), stable=True).indices
+    return order[:k].sort().values
+
+
+@pytest.mark.parametrize("case", ["gaussian", "ties", "large_values_off_sample"])
+@pytest.mark.parametrize("k", [700, 5000])
+def test_topk_coo_large_matrices_all_paths(case, k):
+    # >= 2^16 entries: the prefiltered path; "large_values_off_sample" defeats the strided sample
+    # estimate (the biggest entries avoid every 16th position), forcing the fallback.
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(300, 320, generator=gen)
+    if case == "ties":
+        dense = torch.round(dense * 2) / 2
+    if case == "large_values_off_sample":
+        flat = dense.view(-1)
+        flat.mul_(0.01)
+        off = torch.arange(flat.numel()) % 16 != 0
+        flat[off.nonzero().squeeze(1)[: 2 * k]] = 10.0 + torch.rand(2 * k, generator=gen)
+    coo = topk_coo(dense, k)
+    flat_idx = coo.indices()[0] * dense.shape[1] + coo.indices()[1]
+    assert torch.equal(flat_idx, _reference_topk_indices(dense, k))
