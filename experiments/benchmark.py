@@ -395,6 +395,7 @@ def leading_block_dims(d_in: int, d_out: int, k: int, factor: float) -> tuple[in
 
 def macs_table(model: str, layers: int | None, tokens: int, rows_nonzero: float, block_factor: float) -> list[dict]:
     """Multiply-adds per training step of one MLP matrix under each formulation (kernels' cost model)."""
+    from sparsegrad.fixed_support import block_gradient_macs
     from sparsegrad.kernels import cheapest_rotation_sides, macs_auto, macs_dense, macs_lora, macs_regular
 
     info = mlp_shapes(model, layers)
@@ -410,7 +411,8 @@ def macs_table(model: str, layers: int | None, tokens: int, rows_nonzero: float,
         # incremental refresh after a k-sparse update, touched columns ~ all: k out + in min(in,out) out
         inc_refresh = min(k * d_in + d_out * min(d_out, k) * d_in, k * d_out + d_in * min(d_in, k) * d_out)
         lb_refresh = d_out * r * c + d_out * c * d_in if r <= c else r * c * d_in + d_out * r * d_in
-        leading = tokens * d_in * d_out + tb * d_in * d_out + tb * (d_out * r + d_in * c + r * c) + lb_refresh
+        leading = (tokens * d_in * d_out + tb * d_in * d_out + min(block_gradient_macs(tb, d_in, d_out, r, c).values())
+                   + lb_refresh)
         out.append({
             "group": group, "in": d_in, "out": d_out, "k": k, "tokens": tokens, "rows_nonzero": tb,
             "full": macs_dense(tokens, d_in, d_out),

@@ -18,9 +18,10 @@ Math (row vectors, ``y = x W^T + b``, W out x in). With ``U_r = u_out[:, :r]`` (
     dL/dB  = U_r^T (dL/dY)^T X V_c = (G U_r)^T (X V_c)        = dL/dW~[:r, :c]
     dL/dX  = G W,        dL/db = sum_tokens G
 
-so ``dL/dB`` is exactly the leading block of the exact method's ``dL/dW~``, computed per token with
-``T (out r + in c + r c)`` multiply-adds (LoRA with rank r on the output side and c on the input
-side), and no ``in^2``/``out^2`` rotation is ever done. With ``k < r c`` the gradient keeps only its
+so ``dL/dB`` is exactly the leading block of the exact method's ``dL/dW~``, computed with
+``T (out r + in c + r c)`` multiply-adds as ``(G U_r)^T (X V_c)`` (LoRA with rank r on the output side
+and c on the input side), or ``T c (in + out) + out r c`` as ``U_r^T (G^T (X V_c))``, or the mirror
+order, whichever is cheapest (:func:`block_gradient`), and no ``in^2``/``out^2`` rotation is ever done. With ``k < r c`` the gradient keeps only its
 ``k`` largest-magnitude entries (exact-k, as :func:`sparsegrad.kernels.topk_coo`) and is returned as
 sparse COO (optimise it with :class:`sparsegrad.LazySparseAdam`, see :func:`build_optimizer`);
 with ``k = r c`` (``block_factor=1``) the block is trained densely by any optimizer.
@@ -51,7 +52,7 @@ from .surgery import set_submodule
 from .targets import find_targets
 
 __all__ = ["LeadingBlockLinear", "leading_block_shape", "apply_leading_block", "merge_leading_block",
-           "build_optimizer"]  # fmt: skip
+           "build_optimizer", "block_gradient", "block_gradient_macs"]  # fmt: skip
 
 
 def leading_block_shape(out_features: int, in_features: int, entries: int) -> tuple[int, int]:
@@ -61,6 +62,34 @@ def leading_block_shape(out_features: int, in_features: int, entries: int) -> tu
     rows = min(out_features, max(1, round(out_features * scale)))
     cols = min(in_features, max(1, math.ceil(entries / rows)))
     return rows, cols
+
+
+BLOCK_GRAD_ORDERS = ("project_both", "project_input_first", "project_output_first")
+
+
+def block_gradient_macs(n_rows: int, d_in: int, d_out: int, rows: int, cols: int) -> dict[str, int]:
+    """Multiply-adds of the three association orders of dL/dB = U_r^T G^T X V_c."""
+    return {
+        "project_both": n_rows * (d_out * rows + d_in * cols + rows * cols),  # (G U_r)^T (X V_c)
+        "project_input_first": n_rows * cols * (d_in + d_out) + d_out * rows * cols,  # U_r^T (G^T (X V_c))
+        "project_output_first": n_rows * rows * (d_out + d_in) + rows * d_in * cols,  # ((G U_r)^T X) V_c
+    }
+
+
+def block_gradient(g: torch.Tensor, x: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor,
+                   order: str | None = None) -> torch.Tensor:
+    """dL/dB = U_r^T G^T X V_c (G: rows x out, X: rows x in) in the association order with the fewest
+    multiply-adds (or the given ``order``, one of :data:`BLOCK_GRAD_ORDERS`)."""
+    if order is None:
+        costs = block_gradient_macs(g.shape[0], x.shape[1], g.shape[1], u_out.shape[1], u_in.shape[1])
+        order = min(costs, key=costs.get)
+    if order == "project_both":
+        return (g @ u_out).t() @ (x @ u_in)
+    if order == "project_input_first":
+        return u_out.t() @ (g.t() @ (x @ u_in))
+    if order == "project_output_first":
+        return ((g @ u_out).t() @ x) @ u_in
+    raise ValueError(f"unknown order {order!r}; valid: {', '.join(BLOCK_GRAD_ORDERS)}")
 
 
 class _LeadingBlockFunction(torch.autograd.Function):
@@ -85,7 +114,7 @@ class _LeadingBlockFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = scatter_rows(g @ weight, rows, n_tokens)
         if ctx.needs_input_grad[1]:
-            grad_block = (g @ layer.u_out).t() @ (xs @ layer.u_in)
+            grad_block = block_gradient(g, xs, layer.u_out, layer.u_in)
             if layer.k < grad_block.numel():
                 grad_block = topk_coo(grad_block, layer.k)
         if ctx.needs_input_grad[2] and ctx.has_bias:

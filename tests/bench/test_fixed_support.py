@@ -71,6 +71,18 @@ def test_forward_and_gradients_match_float64_reference(orientation):
     torch.testing.assert_close(layer.to_linear().weight, w_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("order", ["project_both", "project_input_first", "project_output_first", None])
+def test_every_association_order_of_the_block_gradient_is_exact(order):
+    from sparsegrad.fixed_support import block_gradient
+
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(9, OUT, generator=gen, dtype=torch.float64)
+    x = torch.randn(9, IN, generator=gen, dtype=torch.float64)
+    u_in, u_out = _basis()
+    ref = (u_out.t() @ g.t() @ x @ u_in)[:6, :4]
+    torch.testing.assert_close(block_gradient(g, x, u_out[:, :6], u_in[:, :4], order), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_initial_function_is_the_original_and_3d_input_works():
     lin = _linear(dtype=torch.float32)
     u_in, u_out = _basis(torch.float32)
