@@ -118,8 +118,8 @@ def finetune(settings: FinetuneSettings) -> dict:
     if ts.threads:
         torch.set_num_threads(int(ts.threads))
     device = trainer_lib.resolve_device(ts.device)
-    spec = tasks.get_task(settings.task.name)
-    metric_name, higher = tasks.main_metric(spec, settings.task)
+    spec = tasks.TASKS.get(settings.task.name)
+    metric_name, higher = (spec.main_metric, spec.higher_is_better) if spec else ("", True)
     record: dict[str, Any] = {
         "schema_version": record_lib.SCHEMA_VERSION,
         "run_id": uuid.uuid4().hex[:12],
@@ -159,6 +159,9 @@ def finetune(settings: FinetuneSettings) -> dict:
     pending: BaseException | None = None
     try:
         # ------------------------------------------------------------------ data and model
+        spec = tasks.get_task(settings.task.name)
+        metric_name, higher = tasks.main_metric(spec, settings.task)
+        record["main_metric"].update(name=metric_name, higher_is_better=higher)
         seed_everything(ts.seed)
         raw = tasks.load_raw_splits(spec, settings.task, cache_dir=settings.data_cache)
         split_data = tasks.arrange_splits(spec, settings.task, raw, ts.protocol, ts.heldout_fraction, ts.heldout_max)

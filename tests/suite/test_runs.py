@@ -180,3 +180,13 @@ def test_save_model_writes_a_plain_merged_model(run_tiny, glue_files, tmp_path):
     assert record["status"] == "completed"
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
     assert type(model.bert.encoder.layer[0].intermediate.dense).__name__ == "Linear"
+
+
+def test_config_error_still_writes_a_failed_record(run_tiny, glue_files, tmp_path):
+    from sparsegrad.suite.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="contradicts"):
+        run_tiny(["model=tiny_bert", "method=full", "task=sst2", "task.direction=minimize",
+                  data_files_override(glue_files["sst2"])], out=tmp_path / "run")
+    failed = record_lib.load(tmp_path / "run")
+    assert failed["status"] == "failed" and "contradicts" in failed["error"]
