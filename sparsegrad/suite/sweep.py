@@ -248,6 +248,7 @@ class Driver:
         self.profile, self.layout, self.opt = profile, layout, options
         self.failures: list[str] = []
         self.commands: list[list[str]] = []
+        self.current: subprocess.Popen | None = None  # the running Hydra subprocess
 
     # ------------------------------------------------------------------ helpers
     def say(self, message: str) -> None:
@@ -285,7 +286,13 @@ class Driver:
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(_quote(c) for c in cmd)}\n")
             log.flush()
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+            self.current = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                self.current.wait()
+            except KeyboardInterrupt:  # Ctrl-C reaches the child too (same process group): let it write its record
+                self.current.wait()
+                raise
+            proc, self.current = self.current, None
         seconds = time.perf_counter() - t0
         harvest(self.layout)
         if proc.returncode == EXIT_INTERRUPTED or proc.returncode < 0:
@@ -387,15 +394,19 @@ class Driver:
                 if not todo:
                     self.say(f"kept fraction {name}: all runs done")
                     continue
+                by_seeds: dict[tuple[int, ...], list] = {}
                 for k in sorted({k for k, _ in todo}):
-                    seeds = [s for kk, s in todo if kk == k]
+                    by_seeds.setdefault(tuple(s for kk, s in todo if kk == k), []).append(k)
+                for seeds, ks in by_seeds.items():  # one multirun per seed set: k x seeds
                     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
                     over = [*self.base_overrides(model, "sparsegrad", task, "kept"), f"trainer.lr={lr!r}",
-                            f"trainer.batch_size={bs}", f"method.k={k}", f"seed={','.join(map(str, seeds))}",
-                            f"hydra.sweep.dir={self.layout.work / 'kept' / name / f'k{k}-{stamp}'}",
+                            f"trainer.batch_size={bs}", f"method.k={','.join(map(str, ks))}",
+                            f"seed={','.join(map(str, seeds))}",
+                            f"hydra.sweep.dir={self.layout.work / 'kept' / name / stamp}",
                             *self.launcher_overrides(sweep=False)]
-                    self.say(f"kept fraction {name}: k = {k} ({100 * float(k):.2g}% kept), seeds {seeds}")
-                    self.run(over, f"kept {name} k={k}", f"kept-{name}")
+                    shares = ", ".join(f"{100 * float(k):.2g}%" for k in ks)
+                    self.say(f"kept fraction {name}: k = {', '.join(map(str, ks))} ({shares} kept), seeds {list(seeds)}")
+                    self.run(over, f"kept {name}", f"kept-{name}")
 
     def analysis(self) -> None:
         args = self.profile.sparsity_analysis

@@ -108,7 +108,7 @@ def fmt_pm(mean: float | None, std: float | None, digits: int = 1) -> str:
 
 
 def fmt_lr(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3g}"
+    return "—" if value is None else f"{value:.2e}"
 
 
 def fmt_params(n: float | None) -> str:

@@ -1,0 +1,208 @@
+"""The Optuna sweep driver: failed trials, interruption and resume, parallel trials, profiles."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sparsegrad.suite import sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = Path(__file__).parent / "fixtures" / "diverging_app" / "app.py"
+TINY_OVERRIDES = [
+    "logger=none", "trainer=smoke", "trainer.max_steps=3", "trainer.eval_every=3", "trainer.timing_warmup_steps=1",
+    "task.max_train_samples=48", "task.max_selection_samples=16", "task.max_report_samples=16", "task.max_length=24",
+]
+
+
+def tiny_driver(tmp_path, n_trials=2, **options) -> sweep.Driver:
+    profile = sweep.Profile(name="t", models=["tiny_bert"], methods=["full"], tasks=["movie_sentiment"], seeds=[1],
+                            sweep={"search": "lr_batch_narrow", "n_trials": n_trials, "seed": 34},
+                            overrides=TINY_OVERRIDES)
+    layout = sweep.Layout(results=tmp_path / "results", work=tmp_path / "work")
+    return sweep.Driver(profile, layout, sweep.Options(quiet=True, **options))
+
+
+def trials(tmp_path, name="tiny_bert-full-movie_sentiment"):
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'results' / 'optuna.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+@pytest.fixture(autouse=True)
+def _local_storage(monkeypatch):
+    monkeypatch.delenv(sweep.STORAGE_ENV, raising=False)
+    monkeypatch.delenv(sweep.WORKER_ENV, raising=False)
+
+
+# ------------------------------------------------------------------------------------------- fast
+def test_every_profile_loads_and_names_real_configs():
+    conf = ROOT / "conf"
+    for name in sweep.available_profiles():
+        p = sweep.load_profile(name)
+        for group, names in (("model", p.models + p.optional_models), ("method", p.methods), ("task", p.tasks)):
+            for n in names:
+                assert (conf / group / f"{n}.yaml").exists(), f"profile {name}: no conf/{group}/{n}.yaml"
+        if p.sweep:
+            assert (conf / "hparams_search" / f"{p.sweep['search']}.yaml").exists()
+    assert {"default", "smoke", "paper", "paper_best", "llama", "llama_offline"} <= set(sweep.available_profiles())
+
+
+def test_unknown_profile_lists_the_valid_ones():
+    with pytest.raises(sweep.ReproduceError, match="valid profiles: .*default"):
+        sweep.load_profile("nope")
+
+
+def test_paper_best_settings_come_from_tables_13_to_15():
+    assert sweep.paper_best_setting("bert_base", "cola") == {"lr": 3.15e-05, "batch_size": 32}
+    assert sweep.paper_best_setting("roberta_large", "mnli") == {"lr": 1.15e-06, "batch_size": 16}
+    with pytest.raises(sweep.ReproduceError):
+        sweep.paper_best_setting("minilm", "cola")
+
+
+def test_storage_comes_from_the_environment(tmp_path, monkeypatch):
+    layout = sweep.Layout(results=tmp_path, work=tmp_path)
+    assert layout.storage() == f"sqlite:///{tmp_path / 'optuna.db'}" and not layout.shared_storage()
+    monkeypatch.setenv(sweep.STORAGE_ENV, "postgresql://u@h/db")
+    assert layout.storage() == "postgresql://u@h/db" and layout.shared_storage()
+
+
+def test_dry_run_of_the_paper_profiles_composes_commands(capsys):
+    assert sweep.run_profile("paper", dry_run=True, extra_models=("roberta_large",), quiet=True) == 0
+    out = capsys.readouterr().out
+    assert "model=roberta_large" in out and "+hparams_search=lr_batch" in out and "trainer=paper" in out
+    assert sweep.run_profile("llama", dry_run=True, lr=9e-5, quiet=True) == 0
+    assert "trainer.lr=9e-05" in capsys.readouterr().out
+
+
+def test_trial_guard_turns_a_nan_objective_into_a_failed_job():
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from experiments.sweep_callbacks import TrialFailed, TrialGuard
+
+    ret = JobReturn(status=JobStatus.COMPLETED, _return_value=math.nan)
+    TrialGuard().on_job_end(config=None, job_return=ret)
+    assert ret.status == JobStatus.FAILED and isinstance(ret._return_value, TrialFailed)
+    ok = JobReturn(status=JobStatus.COMPLETED, _return_value=0.5)
+    TrialGuard().on_job_end(config=None, job_return=ok)
+    assert ok.status == JobStatus.COMPLETED and ok.return_value == 0.5
+
+
+def test_diverged_and_crashed_trials_are_recorded_as_fail_and_the_sweep_goes_on(tmp_path):
+    import optuna
+
+    db = tmp_path / "optuna.db"
+    cmd = [sys.executable, str(APP), "--multirun", f"hydra.searchpath=[file://{ROOT / 'conf'}]",
+           "+hparams_search=lr_batch", f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=div",
+           "hydra.sweeper.n_trials=8", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="div", storage=f"sqlite:///{db}")
+    state = optuna.trial.TrialState
+    assert len(study.trials) == 8
+    for t in study.trials:
+        expected = state.COMPLETE if t.params["trainer.batch_size"] == 16 else state.FAIL
+        assert t.state == expected, (t.number, t.params, t.state)
+    assert {t.params["trainer.batch_size"] for t in study.trials} == {8, 16, 32}
+
+
+# ------------------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_running_anything_twice(tmp_path, asset):
+    import optuna
+
+    asset("movie_reviews")
+    driver = tiny_driver(tmp_path, n_trials=2)
+    outcome = {}
+
+    def target():
+        try:
+            outcome["best"] = driver.sweep("tiny_bert", "full", "movie_sentiment")
+        except KeyboardInterrupt:
+            outcome["interrupted"] = True
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.time() + 240
+    while time.time() < deadline:  # interrupt once the first trial is in the database as finished
+        time.sleep(0.2)
+        db = tmp_path / "results" / "optuna.db"
+        if db.exists() and driver.current is not None:
+            try:
+                states = [t.state for t in trials(tmp_path)]
+            except Exception:  # the study may not exist yet
+                continue
+            if optuna.trial.TrialState.COMPLETE in states:
+                driver.current.send_signal(signal.SIGINT)
+                break
+    thread.join(timeout=240)
+    assert outcome.get("interrupted"), outcome
+
+    best = tiny_driver(tmp_path, n_trials=2).sweep("tiny_bert", "full", "movie_sentiment")
+    assert best is not None
+    state = optuna.trial.TrialState
+    ts = trials(tmp_path)
+    complete = [t for t in ts if t.state == state.COMPLETE]
+    assert len(complete) == 2
+    assert [t.number for t in ts] == list(range(len(ts)))  # the trial count continues
+    assert len({(t.params["trainer.lr"], t.params["trainer.batch_size"]) for t in complete}) == 2
+    assert all(t.user_attrs.get("interrupted") for t in ts if t.state == state.FAIL)
+    records = [r for r in sweep.load_records(tmp_path / "results" / "records") if r["_stage"] == "sweep"]
+    assert len(records) == 2 and all(r["status"] == "completed" for r in records)
+
+    again = tiny_driver(tmp_path, n_trials=2)
+    again.sweep("tiny_bert", "full", "movie_sentiment")
+    assert again.commands == [] and len(trials(tmp_path)) == len(ts)  # nothing left to run
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_two_trials_in_parallel_against_one_study(tmp_path, asset):
+    import datetime as dt
+
+    import optuna
+
+    asset("movie_reviews")
+    driver = tiny_driver(tmp_path, n_trials=2, launcher="parallel", jobs=2)
+    assert driver.sweep("tiny_bert", "full", "movie_sentiment") is not None
+    assert any("hydra/launcher=parallel" in c for c in driver.commands[0])
+    ts = trials(tmp_path)
+    assert [t.state for t in ts] == [optuna.trial.TrialState.COMPLETE] * 2
+    records = sweep.load_records(tmp_path / "results" / "records")
+    assert len(records) == 2
+    spans = [(dt.datetime.fromisoformat(r["started_at"]), dt.datetime.fromisoformat(r["finished_at"])) for r in records]
+    assert max(s for s, _ in spans) <= min(f for _, f in spans), f"the two trials did not overlap: {spans}"
+
+
+@pytest.mark.slow
+def test_smoke_profile_end_to_end(tmp_path, asset):
+    asset("movie_reviews")
+    env = {**os.environ, sweep.RESULTS_ENV: str(tmp_path / "results"), sweep.WORK_ENV: str(tmp_path / "work")}
+    env.pop(sweep.STORAGE_ENV, None)
+    cmd = [sys.executable, "-m", "scripts.reproduce_glue", "--profile", "smoke"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    out = tmp_path / "results" / "smoke"
+    for name in ("tables/table09.md", "tables/table13_15.csv", "tables/table11_12.tex", "tables.md",
+                 "figures/figure2_gradient_sparsity.png", "figures/figure3_output_gradient_rows.pdf",
+                 "figures/pareto_memory_score.png", "analysis/sparsity.json", "optuna.db"):
+        assert (out / name).stat().st_size > 0, name
+    n_records = len(sweep.load_records(out / "records"))
+    assert n_records == 10  # 2 studies x (2 trials + 2 seeds) + 2 kept fractions
+    # a second run finds everything done and only rebuilds the tables
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0 and "all 2 trials done" in proc.stdout and "all 2 seed runs done" in proc.stdout
+    assert len(sweep.load_records(out / "records")) == n_records
+    tables_only = subprocess.run([*cmd, "--tables-only"], capture_output=True, text=True, cwd=ROOT, env=env,
+                                 timeout=300)
+    assert tables_only.returncode == 0, tables_only.stdout
