@@ -110,3 +110,10 @@ def test_cli_exits_2_with_one_paragraph_for_unknown_task():
 
 def test_conf_dir_is_the_repository_conf():
     assert (CONF_DIR / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("task", ["movie_sentiment", "chat", "oasst1", "mnli"])
+def test_paper_trainer_composes_with_every_kind_of_task(compose, task, tmp_path):
+    cfg = compose(["trainer=paper", f"task={task}"])
+    settings = settings_from_config(OmegaConf.to_container(cfg, resolve=True), str(tmp_path))
+    assert settings.trainer.eval_every == {"mnli": 5000}.get(task)
