@@ -781,6 +781,11 @@ def main(argv=None) -> int:
     outcome = execute(preset, args, on_record=write)
     energy_md, energy = energy_section(preset.energy, out_dir, args.device)
     write(outcome, energy_md, energy, final=True)
+    for shape, block in summarize(outcome["records"], args.device).items():
+        for method, checks in block["targets"].items():
+            for key, c in checks.items():
+                state = "n/a" if c["met"] is None else ("met" if c["met"] else "NOT met")
+                print(f"target {shape} / {method} / {key}: {_f(c['value'])} vs {c['bound']:g}: {state}", flush=True)
     print(f"wrote {out_dir / (slug + '.md')} and .json ({outcome['seconds'] / 60:.1f} min)", flush=True)
     failed = [r for r in outcome["records"] if "error" in r]
     return 1 if failed and len(failed) == len(outcome["records"]) else 0
