@@ -745,6 +745,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir or os.environ.get("OUT") or ROOT / "results" / "bench")
     out_dir.mkdir(parents=True, exist_ok=True)
     slug, human = device_name(args.device)
+    if name != ("gpu" if args.device == "cuda" else "cpu") or args.models or args.methods:
+        slug += f"-{name}" if not (args.models or args.methods) else "-custom"  # keep the default report intact
     load_before = os.getloadavg()
     n_runs = len(plan(preset))
     print(f"benchmark preset {name} on {human}: {len(preset.shapes)} shapes, {n_runs} runs, budget "
