@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roberta-large", action="store_true", help="paper profiles: add RoBERTa-large")
     parser.add_argument("--launcher", default=None,
                         help="a Hydra launcher for the runs: parallel (joblib), slurm, slurm_local, ...")
-    parser.add_argument("--jobs", type=int, default=1, help="trials / seeds launched at once (with --launcher)")
+    parser.add_argument("--jobs", type=int, default=None, help="trials / seeds launched at once (with --launcher)")
     parser.add_argument("--lr", type=float, default=None, help="profiles without a sweep: the learning rate")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     args = parser.parse_args(argv)

@@ -76,6 +76,8 @@ class Profile:
     sparsity_analysis: list[str] | None = None  # arguments of experiments.sparsity_analysis
     paper_analogue: dict[str, dict[str, str]] = field(default_factory=dict)
     optional_models: list[str] = field(default_factory=list)
+    launcher: str | None = None  # default Hydra launcher of the runs (conf/hydra/launcher), e.g. parallel
+    jobs: int = 1  # runs launched at once with that launcher
 
     def studies(self) -> list[tuple[str, str, str]]:
         return [(m, meth, t) for m in self.models for t in self.tasks for meth in self.methods]
@@ -509,6 +511,10 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
     t0 = time.perf_counter()
     try:
         prof = load_profile(profile)
+        if options.get("launcher") is None:
+            options["launcher"] = prof.launcher
+            options["jobs"] = options.get("jobs") or prof.jobs
+        options["jobs"] = options.get("jobs") or 1
         opts = Options(**options)
         for m in opts.extra_models:
             if m not in prof.optional_models and m not in prof.models:
