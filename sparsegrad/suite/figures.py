@@ -90,7 +90,8 @@ def figure3(analysis: dict, out_dir: Path) -> list[Path]:
     training = analysis["training"]
     patterns = training.get("row_patterns_first_step") or {}
     fig, axes = plt.subplots(1, len(patterns) + 1, figsize=(5 * len(patterns) + 6.5, 4.4), layout="constrained",
-                             gridspec_kw={"width_ratios": [1] * len(patterns) + [1.3]})
+                             gridspec_kw={"width_ratios": [1] * len(patterns) + [1.3]}, squeeze=False)
+    axes = axes[0]
     for ax, (name, pattern) in zip(axes, sorted(patterns.items())):
         ax.imshow(np.array(pattern), aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xlabel("token position")

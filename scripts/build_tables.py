@@ -1,0 +1,53 @@
+"""Rebuild tables and figures from any folder of run records (no training, no Hydra).
+
+    python -m scripts.build_tables --profile default                 # = make tables PROFILE=default
+    python -m scripts.build_tables --records some/records --out some/results --analogue default
+
+``--records`` holds ``<stage>/<study>/<run_id>.json`` (stage: sweep, seeds or kept), as written by
+``make reproduce-glue``; ``--analogue`` names a profile whose ``paper_analogue`` maps stand-in models and
+tasks to the paper's (e.g. minilm -> bert_base); ``--analysis`` is the sparsity-analysis record for
+Figures 2-3 (default: <out>/analysis/sparsity.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default=None, help="use results/<profile>/ for records and output")
+    parser.add_argument("--records", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--analogue", default=None, help="profile whose paper_analogue to use (default: --profile)")
+    parser.add_argument("--analysis", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from sparsegrad.suite import figures, sweep, tables
+
+    try:
+        if args.profile:
+            layout = sweep.Layout.for_profile(args.profile)
+            args.records = args.records or layout.records
+            args.out = args.out or layout.results
+        if args.records is None or args.out is None:
+            parser.error("give --profile, or --records and --out")
+        analogue_profile = args.analogue or args.profile
+        analogue = sweep.load_profile(analogue_profile).paper_analogue if analogue_profile else {}
+        records = sweep.load_records(args.records)
+        if not records:
+            print(f"no run records under {args.records}")
+            return 1
+        written = tables.write_all(records, args.out, profile_name=args.profile or args.out.name, analogue=analogue,
+                                   bench_dir=sweep.ROOT / "results" / "bench")
+        written += figures.write_all(records, args.out, analysis=args.analysis or args.out / "analysis" / "sparsity.json")
+    except sweep.ReproduceError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"{len(records)} run records -> {len(written)} files under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
