@@ -306,8 +306,10 @@ def _not_completed_note(cs: Mapping[tuple, Cell]) -> list[str]:
 
 # ------------------------------------------------------------------------------------- benchmarks
 def load_bench(bench_dir: Path | None) -> list[dict]:
-    """CUDA benchmark entries from ``results/bench/cuda-*.json``: {device, model, method, task, setting,
-    steps_per_second, peak_memory_mb, source}. Unknown layouts are skipped."""
+    """CUDA benchmark entries from ``results/bench/cuda-*.json`` (``experiments/benchmark.py``'s report:
+    ``machine`` and ``summary`` {shape: {"methods": {method: {steps_per_s, peak_mb}}}}, with ``shape_defs``
+    naming each shape's model), as {device, model, method, task, setting, steps_per_second, peak_memory_mb,
+    source}. A plain list of such entries (or {"device", "results": [...]}) is read too."""
     if bench_dir is None or not Path(bench_dir).exists():
         return []
     entries = []
@@ -315,6 +317,22 @@ def load_bench(bench_dir: Path | None) -> list[dict]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("summary"), dict):
+            machine = data.get("machine") or {}
+            device = machine.get("gpu") or machine.get("device") or "cuda"
+            models = {d.get("key"): d.get("model") for d in data.get("shape_defs") or [] if isinstance(d, dict)}
+            for shape, block in data["summary"].items():
+                for method, row in (block.get("methods") or {}).items():
+                    if not isinstance(row, dict) or "error" in row:
+                        continue
+                    model = str(models.get(shape) or shape.split(" ")[0]).replace("-", "_")
+                    base, setting = method, ""
+                    if method == "sparsegrad_regular":
+                        base, setting = "sparsegrad", "regular_matmul"
+                    entries.append({"device": device, "model": model, "method": base, "task": "avg",
+                                    "setting": setting, "shape": shape, "steps_per_second": row.get("steps_per_s"),
+                                    "peak_memory_mb": row.get("peak_mb"), "source": path.name})
             continue
         items = data if isinstance(data, list) else (data.get("results") or data.get("runs") or [])
         device = data.get("device") if isinstance(data, dict) else None
@@ -327,8 +345,8 @@ def load_bench(bench_dir: Path | None) -> list[dict]:
                 mem = item["peak_memory_bytes"] / 2**20
             entries.append({"device": item.get("device") or device or "cuda", "model": item.get("model", "?"),
                             "method": item["method"], "task": item.get("task", "avg"),
-                            "setting": item.get("setting", ""), "steps_per_second": sps,
-                            "peak_memory_mb": mem, "source": path.name})
+                            "setting": item.get("setting", ""), "shape": item.get("shape", ""),
+                            "steps_per_second": sps, "peak_memory_mb": mem, "source": path.name})
     return entries
 
 
@@ -370,7 +388,8 @@ def table3(records: list[dict], paper: Paper, bench: list[dict]) -> Table:
         agg[(device, model, method, "records")]["sps"] += v["sps"]
         agg[(device, model, method, "records")]["mem"] += v["mem"]
     for b in bench:
-        key = (b["device"], b["model"], b["method"] + (f" ({b['setting']})" if b["setting"] else ""), b["source"])
+        source = b["source"] + (f", {b['shape']}" if b.get("shape") else "")
+        key = (b["device"], b["model"], b["method"] + (f" ({b['setting']})" if b["setting"] else ""), source)
         if b.get("steps_per_second") is not None:
             agg[key]["sps"].append(float(b["steps_per_second"]))
         if b.get("peak_memory_mb") is not None:
@@ -387,12 +406,14 @@ def table3(records: list[dict], paper: Paper, bench: list[dict]) -> Table:
         for meth in _order(methods, METHOD_ORDER):
             v = agg[(device, model, meth, src)]
             base = meth.split(" ")[0]
+            setting = "regular_matmul" if "regular_matmul" in meth else _paper_speed_setting(base)
             sps, mem = mean_std(v["sps"])[0], mean_std(v["mem"])[0]
-            p_sps = paper.get("3", "roberta_base", base, "avg", "steps_per_s", _paper_speed_setting(base))[0]
-            p_mem = paper.get("3", "roberta_base", base, "avg", "peak_memory_mb", _paper_speed_setting(base))[0]
+            p_sps = paper.get("3", "roberta_base", base, "avg", "steps_per_s", setting)[0]
+            p_mem = paper.get("3", "roberta_base", base, "avg", "peak_memory_mb", setting)[0]
             rel_sps = sps / full_sps if sps and full_sps else None
             rel_mem = mem / full_mem if mem and full_mem else None
-            rows.append([model, METHOD_LABEL.get(meth, meth), device if src == "records" else f"{device} ({src})",
+            label = METHOD_LABEL.get(base, base) + (" (regular matmul)" if "regular_matmul" in meth else "")
+            rows.append([model, label, device if src == "records" else f"{device} ({src})",
                          fmt(sps, 2), fmt(p_sps, 2), fmt(rel_sps, 2), fmt(p_sps / p_full if p_sps else None, 2),
                          fmt(mem, 0), fmt(p_mem, 0), fmt(rel_mem, 2), fmt(p_mem / m_full if p_mem else None, 2),
                          str(max(len(v["sps"]), len(v["mem"])))])

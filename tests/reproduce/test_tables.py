@@ -124,3 +124,25 @@ def test_write_all_writes_markdown_csv_latex(tmp_path):
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex
     assert "Table 9" in (tmp_path / "tables.md").read_text(encoding="utf-8")
     assert Path(tmp_path / "tables" / "table09.csv").read_text(encoding="utf-8") == TABLE9_CSV
+
+
+def test_cuda_benchmark_report_format_is_read(tmp_path):
+    import json
+
+    shape = "roberta-base bs32x128 movie-padded"
+    report = {"machine": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"},
+              "shape_defs": [{"key": shape, "model": "roberta-base"}],
+              "summary": {shape: {"methods": {
+                  "full": {"steps_per_s": 10.0, "peak_mb": 4000.0},
+                  "sparsegrad": {"steps_per_s": 9.0, "peak_mb": 3000.0},
+                  "sparsegrad_regular": {"steps_per_s": 2.0, "peak_mb": 3500.0},
+                  "lora": {"error": "oom", "runs": 1}}}}}
+    (tmp_path / "cuda-nvidia-h100.json").write_text(json.dumps(report), encoding="utf-8")
+    t = tables.table3([], tables.Paper.load(), tables.load_bench(tmp_path))
+    device = f"NVIDIA H100 80GB HBM3 (cuda-nvidia-h100.json, {shape})"
+    assert [r[:5] for r in t.rows] == [
+        ["roberta_base", "Regular FT", device, "10.00", "4.11"],
+        ["roberta_base", "SparseGrad", device, "9.00", "4.30"],
+        ["roberta_base", "SparseGrad (regular matmul)", device, "2.00", "0.90"],
+    ]
+    assert t.rows[1][5] == "0.90" and t.rows[1][9] == "0.75"
