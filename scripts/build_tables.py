@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except sweep.ReproduceError as exc:
         print(f"error: {exc}")
         return 2
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        print(f"error: {type(exc).__name__}: {exc}")
+        return 1
     print(f"{len(records)} run records -> {len(written)} files under {args.out}")
     return 0
 

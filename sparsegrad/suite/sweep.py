@@ -338,8 +338,11 @@ class Driver:
                     *self.launcher_overrides(sweep=True)]
             self.say(f"sweep {name}: {remaining} trial(s) to run (of {n_trials}; sampler seed {seed})")
             self.run(over, f"sweep {name}", f"sweep-{name}")
-        else:
+        elif self.opt.dry_run or not state["running"]:
             self.say(f"sweep {name}: all {n_trials} trials done")
+        else:
+            self.say(f"sweep {name}: {state['finished']} trials done, {state['running']} running elsewhere "
+                     f"(shared storage): using the best so far")
         if self.opt.dry_run:
             return {"lr": float("nan"), "batch_size": 0}
         state = study_state(storage, name, direction, mark_stale=False)
