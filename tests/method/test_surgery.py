@@ -146,3 +146,16 @@ def test_accounting_budget_and_updated_union():
     assert report.trainable_per_step == report.trainable_dense + 400
     lora = account(_apply(make_model("bert"), "bert", METHOD_CFGS["lora"]))
     assert lora.lora_params == 4 * 4 * (32 + 64)
+
+
+def test_apply_method_can_estimate_the_basis_and_shares_it_per_group():
+    model = make_model("bert")
+    cfg = sparsegrad.MethodConfig(name="sparsegrad", k=50, basis_steps=2)
+    model = sparsegrad.apply_method(model, cfg, batches=make_batches("bert", n=3))
+    layers = model.bert.encoder.layer
+    up0, up1 = layers[0].intermediate.dense, layers[1].intermediate.dense
+    assert isinstance(up0, SparseGradLinear) and up0.k == 50
+    assert up0.u_out.data_ptr() == up1.u_out.data_ptr()  # one copy of the group's basis
+    assert up0.u_out.data_ptr() != layers[0].output.dense.u_in.data_ptr()
+    eye = torch.eye(64)
+    torch.testing.assert_close(up0.u_out.T @ up0.u_out, eye, atol=1e-5, rtol=0)
