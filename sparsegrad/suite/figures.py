@@ -48,12 +48,14 @@ def figure2(analysis: dict, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), gridspec_kw={"width_ratios": [1, 1.2, 1.4, 1.2]},
                              layout="constrained")
     for ax, space in zip(axes[:2], ("original", "hosvd")):
-        mat = np.array(analysis["heatmaps"][space])
-        im = ax.imshow(mat, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        from matplotlib.colors import LogNorm
+
+        mat = np.clip(np.array(analysis["heatmaps"][space], dtype=float), 1e-4, 1.0)
+        im = ax.imshow(mat, aspect="auto", cmap="magma", norm=LogNorm(vmin=1e-4, vmax=1), interpolation="nearest")
         ax.set_title(f"|dL/dW|, {SPACE_LABEL[space]}", fontsize=9)
         ax.set_xlabel("input dim (block means)")
         ax.set_ylabel("output dim (block means)")
-    fig.colorbar(im, ax=axes[1], label="|entry| / max")
+    fig.colorbar(im, ax=axes[1], label="block mean |entry| / max (log)")
     edges = np.array(analysis["histogram_edges_log10_rel"])
     centers = (edges[:-1] + edges[1:]) / 2
     ax = axes[2]
@@ -93,7 +95,13 @@ def figure3(analysis: dict, out_dir: Path) -> list[Path]:
                              gridspec_kw={"width_ratios": [1] * len(patterns) + [1.3]}, squeeze=False)
     axes = axes[0]
     for ax, (name, pattern) in zip(axes, sorted(patterns.items())):
-        ax.imshow(np.array(pattern), aspect="auto", cmap="viridis", interpolation="nearest")
+        from matplotlib.colors import LogNorm
+
+        arr = np.ma.masked_equal(np.array(pattern, dtype=float), 0.0)  # exact zeros drawn white
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_bad("white")
+        im = ax.imshow(arr, aspect="auto", cmap=cmap, norm=LogNorm(vmin=1e-6, vmax=1), interpolation="nearest")
+        fig.colorbar(im, ax=ax, label="‖row‖ / max (log); white: exactly zero")
         ax.set_xlabel("token position")
         ax.set_ylabel("sequence in batch")
         ax.set_title(f"‖row‖ of dL/dỸ at step 0\n{name.split('.', 1)[-1]}", fontsize=9)
