@@ -384,7 +384,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out")]
+    raw = list(argv if argv is not None else sys.argv[1:])
+    args.argv = [a for i, a in enumerate(raw) if not a.startswith("--out") and (i == 0 or raw[i - 1] != "--out")]
     if args.device is None:
         import torch
 

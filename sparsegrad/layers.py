@@ -296,16 +296,26 @@ class SparseGradLinear(nn.Module):
         u_out, r_mat = self.u_out, self.right_rotation()
         delta = delta.to(self.effective_weight.dtype)
         if cost_rows <= cost_cols:
+            n_rows = u_rows.numel()
+            if n_rows == d_out:  # every row touched: skip the gather of u_out's columns
+                left, row_idx = u_out, rows_all
+            else:
+                left, row_idx = u_out.index_select(1, u_rows), inv_rows
             compact = torch.sparse_coo_tensor(
-                torch.stack([inv_rows, cols_all]), delta, (u_rows.numel(), d_in), check_invariants=False
+                torch.stack([row_idx, cols_all]), delta, (n_rows, d_in), check_invariants=False
             )
-            # sparse.mm is fast only with a row-major dense operand; R^T and u_out^T are transposed views
-            change = u_out.index_select(1, u_rows) @ torch.sparse.mm(compact, r_mat.t().contiguous())
+            # sparse.mm is fast only with a row-major dense operand; R^T and u_out^T are stored so
+            change = left @ torch.sparse.mm(compact, r_mat.t().contiguous())
         else:
+            n_cols = u_cols.numel()
+            if n_cols == d_in:
+                right, col_idx = r_mat, cols_all
+            else:
+                right, col_idx = r_mat.index_select(1, u_cols), inv_cols
             compact_t = torch.sparse_coo_tensor(
-                torch.stack([inv_cols, rows_all]), delta, (u_cols.numel(), d_out), check_invariants=False
+                torch.stack([col_idx, rows_all]), delta, (n_cols, d_out), check_invariants=False
             )
-            change = (r_mat.index_select(1, u_cols) @ torch.sparse.mm(compact_t, u_out.t().contiguous())).t()
+            change = (right @ torch.sparse.mm(compact_t, u_out.t().contiguous())).t()
         self.effective_weight.add_(change)
         self._eff_key = self._cache_key()
         self._n_incremental += 1

@@ -116,11 +116,14 @@ def test_weight_change_invalidates_cached_effective_weight():
 
 def test_incremental_refresh_matches_recomputation():
     linear, u_in, u_out, x, _ = _setup()
-    for rows_side in (True, False):
+    cases = {
+        "one row": torch.arange(5),  # few rows touched: rows side, gathered
+        "one column": torch.arange(30) * D_IN + 3,  # few columns: columns side, gathered
+        "everything": torch.arange(0, D_OUT * D_IN, 7),  # all rows and columns: no gather
+    }
+    for flat in cases.values():
         layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10)
         layer.current_effective_weight()
-        n = 5 if rows_side else 30  # touches few rows (rows side) or many rows, few columns
-        flat = torch.tensor([0, 1, 2, 3, 4][:n] if rows_side else [r * D_IN + 3 for r in range(n)])
         delta = torch.randn(flat.numel(), dtype=torch.float64)
         version = layer.weight._version
         with torch.no_grad():
