@@ -98,8 +98,7 @@ def figure3(analysis: dict, out_dir: Path) -> list[Path]:
         from matplotlib.colors import LogNorm
 
         arr = np.ma.masked_equal(np.array(pattern, dtype=float), 0.0)  # exact zeros drawn white
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("white")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="white")
         im = ax.imshow(arr, aspect="auto", cmap=cmap, norm=LogNorm(vmin=1e-6, vmax=1), interpolation="nearest")
         fig.colorbar(im, ax=ax, label="‖row‖ / max (log); white: exactly zero")
         ax.set_xlabel("token position")
