@@ -121,13 +121,15 @@ def resolve_targets(
     every_nth_block: int | None = None,
 ) -> list[Target]:
     """Normalise ``targets``: None (find by patterns), a list of :class:`Target`, a mapping
-    name -> group, or a list of module names (their groups come from the patterns)."""
+    name -> group, or a list of module names / a mapping name -> module (groups from the patterns)."""
     if targets is None:
         return find_targets(model, patterns, every_nth_block)
     if isinstance(targets, Mapping):
         from .targets import block_index
 
-        return [Target(name, str(group), block_index(name)) for name, group in targets.items()]
+        if all(isinstance(v, str) for v in targets.values()):  # name -> group
+            return [Target(name, group, block_index(name)) for name, group in targets.items()]
+        targets = list(targets)  # name -> module: groups from the patterns, by name
     targets = list(targets)
     if all(isinstance(t, Target) for t in targets):
         return targets

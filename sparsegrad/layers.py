@@ -69,6 +69,7 @@ class _SparseGradFunction(torch.autograd.Function):
             y = F.linear(x, w_eff, bias)
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
         ctx.save_for_backward(x_saved, weight, w_eff)
         return y
 
@@ -78,7 +79,9 @@ class _SparseGradFunction(torch.autograd.Function):
         x_saved, weight, w_eff = ctx.saved_tensors
         u_out, r_mat = layer.u_out, layer.right_rotation()
         n_tokens = grad_y.shape[0]
-        grad_y = grad_y.contiguous()
+        # under autocast the output (hence dL/dY) may be in lower precision: compute in the weight's
+        grad_y = grad_y.to(weight.dtype).contiguous()
+        x_saved = x_saved.to(weight.dtype)
         rows = nonzero_rows(grad_y) if layer.sparse_by_dense else None
         g = grad_y if rows is None else grad_y.index_select(0, rows)
         xs = x_saved if rows is None else x_saved.index_select(0, rows)
@@ -101,6 +104,8 @@ class _SparseGradFunction(torch.autograd.Function):
             layer.updated_mask.view(-1)[grad_w.indices()[0] * layer.in_features + grad_w.indices()[1]] = True
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -344,6 +349,7 @@ class _MePropFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer):
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -352,7 +358,8 @@ class _MePropFunction(torch.autograd.Function):
         layer = ctx.layer
         x, weight = ctx.saved_tensors
         n_tokens = grad_y.shape[0]
-        grad_y = grad_y.contiguous()
+        grad_y = grad_y.to(weight.dtype).contiguous()
+        x = x.to(weight.dtype)
         if layer.mode == "output":
             grad_y = topk_rows(grad_y, layer.k)
         rows = nonzero_rows(grad_y) if layer.sparse_by_dense else None
@@ -360,7 +367,7 @@ class _MePropFunction(torch.autograd.Function):
         xs = x if rows is None else x.index_select(0, rows)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = scatter_rows(g @ weight, rows, n_tokens)
+            grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = g.t() @ xs
             if layer.mode == "weight":

@@ -107,3 +107,16 @@ def test_estimate_basis_explains_missing_loss():
     with pytest.raises(ValueError, match="no .loss"):
         estimate_basis(model, [batch], steps=1)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_targets_given_as_names_or_modules():
+    model = make_model("bert")
+    batches = make_batches("bert", n=1)
+    name = "bert.encoder.layer.1.output.dense"
+    by_name = estimate_basis(model, batches, targets=[name], steps=1, dtype=torch.float64)
+    by_module = estimate_basis(model, batches, targets={name: model.get_submodule(name)}, steps=1,
+                               dtype=torch.float64)  # fmt: skip
+    assert set(by_name.groups) == set(by_module.groups) == {"down"}
+    torch.testing.assert_close(by_name["down"].u_in, by_module["down"].u_in)
+    with pytest.raises(ValueError, match="not MLP linears"):
+        estimate_basis(model, batches, targets=["bert.pooler.dense"], steps=1)

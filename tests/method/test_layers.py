@@ -201,3 +201,20 @@ def test_meprop_output_mode_sparsifies_grad_output_per_row():
     torch.testing.assert_close(gb, gb_ref)
     full_gx = _reference(linear, x, grad_y)[1]
     assert not torch.allclose(gx, full_gx)  # genuinely sparsified
+
+
+@pytest.mark.parametrize("cls", ["sparsegrad", "meprop"])
+def test_backward_under_bfloat16_autocast(cls):
+    linear, u_in, u_out, x, grad_y = _setup(torch.float32)
+    if cls == "sparsegrad":
+        layer = SparseGradLinear.from_linear(linear, u_in, u_out, 20)
+    else:
+        layer = MePropLinear.from_linear(linear, 20)
+    xr = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xr)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(grad_y)
+    assert xr.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    _, gx_ref, _, _ = _reference(linear, x, grad_y)
+    assert (xr.grad - gx_ref).norm() / gx_ref.norm() < 2e-2
