@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_batches, make_model
+from method_fixtures import make_batches, make_model
 
 from sparsegrad import estimate_basis, find_targets
 from sparsegrad.basis import Basis, eigenbasis

@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from conftest import random_orthogonal
+from method_fixtures import random_orthogonal
 from torch import nn
 
 from sparsegrad import MePropLinear, SparseGradLinear

@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from conftest import make_batches, make_model
+from method_fixtures import make_batches, make_model
 from torch import nn
 
 import sparsegrad

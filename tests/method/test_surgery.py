@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_batches, make_model
+from method_fixtures import make_batches, make_model
 from torch import nn
 
 import sparsegrad
