@@ -281,14 +281,21 @@ def apply_leading_block(
     targets = find_targets(model, target_patterns, every_nth_block)
     for p in model.parameters():
         p.requires_grad_(train_non_mlp)
+    shared: dict[tuple, torch.Tensor] = {}  # layers of a group share one copy of their basis columns
     for t in targets:
         linear = model.get_submodule(t.name)
         linear.weight.requires_grad_(True)
         if linear.bias is not None:
             linear.bias.requires_grad_(True)
-        u_in, u_out = basis.for_layer(t.name, t.group)
+        group_basis = basis.for_layer(t.name, t.group)
+        u_in, u_out = group_basis
         layer = LeadingBlockLinear.from_linear(linear, u_in, u_out, k, block_factor=block_factor,
                                                orientation=orientation, sparse_by_dense=sparse_by_dense)  # fmt: skip
+        for name in ("u_in", "u_out"):
+            key = (id(group_basis), name, tuple(getattr(layer, name).shape), layer.weight.device, layer.weight.dtype)
+            if key not in shared:
+                shared[key] = getattr(layer, name)
+            setattr(layer, name, shared[key])
         set_submodule(model, t.name, layer)
     return model
 

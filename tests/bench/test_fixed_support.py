@@ -158,6 +158,8 @@ def test_model_surgery_trains_and_merges_to_a_plain_model():
     model = apply_leading_block(model, basis, k=0.05, block_factor=2.0)
     swapped = [m for m in model.modules() if isinstance(m, LeadingBlockLinear)]
     assert len(swapped) == 4 and all(m.sparse_block_grad for m in swapped)
+    ups = [m for m in swapped if m.out_features == 64]
+    assert ups[0].u_out.data_ptr() == ups[1].u_out.data_ptr()  # one copy of the basis per group
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batches[0]).logits, ref(**batches[0]).logits, rtol=1e-5, atol=1e-5)
