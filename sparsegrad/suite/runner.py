@@ -257,6 +257,7 @@ def finetune(settings: FinetuneSettings) -> dict:
                 state.eval_seconds += time.perf_counter() - t0
                 record["evaluations"].append({"step": state.step, "epoch": float(state.epoch), "split": split,
                                               "role": "report", "checkpoint": checkpoint, "metrics": results[split]})
+                tracker.summary({f"{checkpoint}/{split}/{k}": v for k, v in results[split].items()})
             return results
 
         report_split = record["main_metric"]["report_split"]
