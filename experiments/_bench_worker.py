@@ -177,7 +177,9 @@ def build_model(spec: Spec):
             config = AutoConfig.for_model(model_type, num_labels=2, **shape)
         auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
         with torch.device(spec.device):  # initialise on the device: a 7B-shaped layer stack in seconds
-            model = auto.from_config(config, dtype=dtype)
+            model = auto.from_config(config)
+        if dtype != torch.float32:
+            model = model.to(dtype)
     if causal and model.config.pad_token_id is None:
         model.config.pad_token_id = 0
     return model, source
