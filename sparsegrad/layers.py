@@ -161,8 +161,9 @@ class SparseGradLinear(nn.Module):
         self.full_refresh_every = full_refresh_every
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        # Stored in the layout that keeps the sparse products of note_sparse_update fast (see
-        # prepare_basis); load_state_dict copies into them and keeps it.
+        # Stored column-major where the sparse products of note_sparse_update need row-major
+        # transposes (see prepare_basis); load_state_dict copies into them and keeps the layout, and
+        # the state_dict holds ordinary contiguous copies (_save_to_state_dict).
         eye_in, eye_out = torch.eye(in_features, **factory), torch.eye(out_features, **factory)
         self.register_buffer("u_in", eye_in.t() if orientation == "hosvd" else eye_in)
         self.register_buffer("u_out", eye_out.t())
@@ -219,10 +220,11 @@ class SparseGradLinear(nn.Module):
     def prepare_basis(u_in: torch.Tensor, u_out: torch.Tensor, like: torch.Tensor, orientation: str = "hosvd"):
         """``(u_in, u_out)`` in ``like``'s dtype and device, laid out for fast sparse products.
 
-        ``note_sparse_update`` multiplies a sparse matrix by ``u_out^T`` and by ``R^T``; both must be
-        row-major, so ``u_out`` (and ``u_in`` in the hosvd orientation) are stored column-major.
-        Tensors already in that form are returned as they are, so layers of a group built from one
-        prepared pair share its memory (pass them to ``from_linear`` after moving the model).
+        ``note_sparse_update`` multiplies sparse matrices by ``u_out^T`` and by ``R^T``; those must be
+        row-major for torch's sparse kernels, so ``u_out`` (and ``u_in`` in the hosvd orientation)
+        are stored column-major. Tensors already in that form are returned as they are, so the layers
+        of a group built from one prepared pair share its memory (build them after moving the model
+        to its device: ``.to()`` copies buffers per module).
         """
 
         def arrange(u: torch.Tensor, column_major: bool) -> torch.Tensor:
@@ -232,6 +234,14 @@ class SparseGradLinear(nn.Module):
             return u.contiguous()
 
         return arrange(u_in, orientation == "hosvd"), arrange(u_out, True)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # ordinary contiguous tensors, one per layer: safetensors / save_pretrained accept them
+        for name in ("u_in", "u_out"):
+            key = prefix + name
+            if key in destination:
+                destination[key] = destination[key].contiguous().clone()
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the same function: W = u_out W~ R^T (computed in float64)."""
@@ -309,7 +319,7 @@ class SparseGradLinear(nn.Module):
             compact = torch.sparse_coo_tensor(
                 torch.stack([row_idx, cols_all]), delta, (n_rows, d_in), check_invariants=False
             )
-            # sparse.mm is fast only with a row-major dense operand; R^T and u_out^T are stored so
+            # sparse.mm is fast only with a row-major dense operand (a no-op .contiguous() here)
             change = left @ torch.sparse.mm(compact, r_mat.t().contiguous())
         else:
             n_cols = u_cols.numel()

@@ -159,3 +159,24 @@ def test_apply_method_can_estimate_the_basis_and_shares_it_per_group():
     assert up0.u_out.data_ptr() != layers[0].output.dense.u_in.data_ptr()
     eye = torch.eye(64)
     torch.testing.assert_close(up0.u_out.T @ up0.u_out, eye, atol=1e-5, rtol=0)
+
+
+def test_unmerged_sparsegrad_model_saves_with_save_pretrained(tmp_path):
+    from safetensors.torch import load_file
+
+    batches = make_batches("bert", n=2)
+    basis = sparsegrad.estimate_basis(make_model("bert"), batches[:1], steps=1)
+    model = sparsegrad.apply_method(make_model("bert"), {"name": "sparsegrad", "k": 40}, basis=basis)
+    opt = sparsegrad.build_optimizer(model, lr=1e-2, schedule="constant")
+    model(**batches[0]).loss.backward()
+    opt.step()
+    model.save_pretrained(tmp_path)  # shared, column-major basis buffers must not break safetensors
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert sum(key.endswith("u_out") for key in state) == 4
+    fresh = sparsegrad.apply_method(make_model("bert", seed=9), {"name": "sparsegrad", "k": 40}, basis=basis)
+    fresh.load_state_dict(state)
+    model.eval()
+    fresh.eval()
+    probe = {k: v for k, v in batches[1].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**probe).logits, model(**probe).logits)
