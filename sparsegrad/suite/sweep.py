@@ -301,10 +301,10 @@ class Driver:
             raise KeyboardInterrupt
         if proc.returncode != 0:
             reason = _last_error(log_path)
-            self.failures.append(f"{what}: exit {proc.returncode}: {reason} (log {log_path})")
-            self.say(f"{what}: FAILED after {seconds:.0f} s: {reason} (log {log_path})")
             if proc.returncode == EXIT_USAGE:  # a config / data / Hub problem repeats for every run
                 raise ReproduceError(f"{what}: {reason} (log {log_path})")
+            self.failures.append(f"{what}: exit {proc.returncode}: {reason} (log {log_path})")
+            self.say(f"{what}: FAILED after {seconds:.0f} s: {reason} (log {log_path})")
         else:
             self.say(f"{what}: done in {seconds:.0f} s")
         return proc.returncode
@@ -483,8 +483,8 @@ def _last_error(log_path: Path) -> str:
         return "no log"
     for ln in reversed(lines):
         if ln.startswith("error:") or "Error" in ln.split(":")[0]:
-            return ln[:300]
-    return lines[-1][:300] if lines else "no output"
+            return ln.removeprefix("error: ")[:600]
+    return lines[-1][:600] if lines else "no output"
 
 
 # ----------------------------------------------------------------------------------------- outputs
