@@ -206,3 +206,29 @@ def test_smoke_profile_end_to_end(tmp_path, asset):
     tables_only = subprocess.run([*cmd, "--tables-only"], capture_output=True, text=True, cwd=ROOT, env=env,
                                  timeout=300)
     assert tables_only.returncode == 0, tables_only.stdout
+
+
+def test_harvest_copies_finished_records_once_and_done_seeds_matches_the_setting(tmp_path):
+    import json
+
+    layout = sweep.Layout(results=tmp_path / "results", work=tmp_path / "work")
+
+    def write(folder, status, seed, lr, stage="seeds"):
+        d = layout.work / folder
+        d.mkdir(parents=True)
+        rec = {"run_id": folder, "model": "minilm", "method": "full", "task": "movie_score", "seed": seed,
+               "status": status, "config": {"trainer": {"lr": lr, "batch_size": 16},
+                                            "reproduce": {"stage": stage} if stage else {}}}
+        (d / "record.json").write_text(json.dumps(rec), encoding="utf-8")
+
+    write("a", "completed", 1, 1e-4)
+    write("b", "interrupted", 2, 1e-4)  # resumed later: not a finished run
+    write("c", "diverged", 3, 1e-4)
+    write("d", "completed", 2, 3e-4)  # another setting
+    write("e", "completed", 5, 1e-4, stage=None)  # not a reproduce-glue run
+    assert sweep.harvest(layout) == 3 and sweep.harvest(layout) == 0
+    records = sweep.load_records(layout.records)
+    assert sorted(r["run_id"] for r in records) == ["a", "c", "d"]
+    assert sweep.done_seeds(records, "seeds", "minilm", "full", "movie_score", 1e-4, 16) == {1, 3}
+    assert sweep.done_seeds(records, "seeds", "minilm", "full", "movie_score", 3e-4, 16) == {2}
+    assert sweep.done_seeds(records, "seeds", "minilm", "full", "movie_score", 1e-4, 8) == set()
