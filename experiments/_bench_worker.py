@@ -393,23 +393,27 @@ def run(spec: Spec) -> dict:
         return loss
 
     times = []
+    cpu_times = []  # process CPU time (all threads): robust to other processes time-slicing the cores
     losses = []
     with PeakMeter(device) as meter:
         for i in range(spec.warmup + spec.steps):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = step(batches[i % len(batches)])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             losses.append(float(loss.detach()))
             if i >= spec.warmup:
                 times.append(dt)
+                cpu_times.append(dc)
             print(f"    step {i + 1}/{spec.warmup + spec.steps}: {dt:.3f} s{' (warm-up)' if i < spec.warmup else ''}",
                   file=sys.stderr, flush=True)  # fmt: skip
     result["step_seconds"] = times
     result["steps_per_s"] = len(times) / sum(times) if times else None
+    result["cpu_seconds_per_step"] = cpu_times
+    result["cpu_s_per_step"] = sum(cpu_times) / len(cpu_times) if cpu_times else None
     result["losses"] = losses
     result["peak_train_bytes"] = int(meter.peak)
     result["peak_above_loaded_bytes"] = int(meter.peak - loaded)

@@ -18,6 +18,7 @@ def _record(shape, method, steps_per_s, peak_mb, opt_mb=1.0, repeat=0, basis=Non
         "optimizer_state_bytes": opt_mb * mb, "method_buffer_bytes": 0, "trainable_params": 10,
         "model_params": 100, "tokens_per_batch": [10, 20], "padded_tokens_per_batch": 64,
         "model_source": "random", "model_layers": 2, "k": 0.01, "basis": basis,
+        "cpu_s_per_step": 2.0 / steps_per_s,
     }  # fmt: skip
 
 
@@ -53,6 +54,7 @@ def test_summary_ratios_and_targets():
     assert t["sd_speedup_vs_regular"]["value"] == pytest.approx(5.0) and t["sd_speedup_vs_regular"]["met"]
     lb = summary["targets"]["leading_block"]
     assert lb["step_time_vs_lora"]["met"] and lb["step_time_vs_full"]["met"]
+    assert sg["cpu_time_vs_lora"] == pytest.approx(2.0) and t["cpu_time_vs_full"]["met"] is False
     # GPU figures use the allocator peak (model included)
     gpu = benchmark.summarize(recs, "cuda")["s"]["methods"]
     assert gpu["lora"]["peak_mb"] == pytest.approx(600)
