@@ -440,23 +440,34 @@ def macs_table(model: str, layers: int | None, tokens: int, rows_nonzero: float,
 
 
 def bytes_table(model: str, layers: int | None, block_factor: float, rank: int | None = None) -> list[dict]:
-    """Bytes per MLP matrix (float32) that each method keeps beyond the frozen/original weight."""
+    """Bytes (float32) each method keeps for the trained MLP matrices beyond their weights, per group.
+
+    Per matrix: full FT a gradient and two Adam moments; LoRA adapters + gradients + two moments;
+    exact SparseGrad now: the cached W_eff, the updated-coordinates mask (1 byte), the transient dense
+    dL/dW~ and 12 bytes of compact lazy-Adam state per touched coordinate (k after one step), plus one
+    shared copy of u_in, u_out per group; lean exact SparseGrad: no W_eff copy and no mask (W kept as
+    the master, W~ never stored: the k-sparse step applied as u_out dW~ R^T), i.e. the gradient's k
+    values and indices, the state and the shared basis; the leading block: B, its gradient, its
+    compact state, and one shared copy of the basis columns per group.
+    """
     info = mlp_shapes(model, layers)
     fam = info["family"]
     rank = rank or fam["lora_rank"]
+    n_mat = info["matrices_per_group"]
     out = []
     for group in ("up", "down"):
         d_in, d_out = info[group]
         n = d_in * d_out
         k = max(1, round(fam["k"] * n))
         r, c = leading_block_dims(d_in, d_out, k, block_factor)
+        basis = 4 * (d_in * d_in + d_out * d_out)
         out.append({
-            "group": group, "in": d_in, "out": d_out,
-            "full": 4 * n * 3,  # gradient + two Adam moments
-            "lora": 4 * rank * (d_in + d_out) * 4,  # adapters + gradient + two moments
-            "sparsegrad_now": 4 * n + 4 * (d_in * d_in + d_out * d_out) + n + 4 * n + 12 * k,
-            "sparsegrad_lean": 4 * k * 2 + 12 * k,
-            "leading_block": 4 * (d_in * c + d_out * r) + 4 * r * c * 2 + 12 * k,
+            "group": group, "in": d_in, "out": d_out, "matrices": n_mat,
+            "full": n_mat * 4 * n * 3,
+            "lora": n_mat * 4 * rank * (d_in + d_out) * 4,
+            "sparsegrad_now": n_mat * (4 * n + n + 4 * n + 12 * k) + basis,
+            "sparsegrad_lean": n_mat * (8 * k + 12 * k) + basis,
+            "leading_block": n_mat * (4 * r * c * 2 + 12 * k) + 4 * (d_in * c + d_out * r),
             "block": f"{r}x{c}",
         })  # fmt: skip
     return out
@@ -625,14 +636,16 @@ def analysis_markdown(report: dict) -> list[str]:
             )
     lines += [
         "",
-        "Bytes each method keeps per MLP matrix beyond the weight itself (float32; k-sparse Adam state in the compact "
-        "layout is 12 bytes per touched coordinate, shown for k coordinates, i.e. after one step — it grows to the "
-        "union of touched coordinates). `sparsegrad now` = the current layer: cached W_eff (out·in) + its own copy "
-        "of u_in and u_out (in² + out²) + the updated-coordinates mask (1 byte each) + the transient dense "
-        "dL/dW~ (out·in) + state; `sparsegrad lean` = what the exact method needs at minimum (k values and "
-        "indices of the gradient, state).",
+        "Bytes each method keeps for the trained MLP matrices of a group beyond their weights (float32; see "
+        "`bytes_table`): full FT a gradient and two Adam moments per weight; LoRA its adapters, their gradients "
+        "and moments; `sparsegrad now` = the current exact layer: a cached W_eff per matrix (out·in), the "
+        "updated-coordinates mask (1 byte per entry), the transient dense dL/dW~ (out·in), 12 bytes of compact "
+        "lazy-Adam state per touched coordinate (k after one step; it grows to the union of touched "
+        "coordinates) and one shared u_in, u_out per group; `sparsegrad lean` = the same method with W as the "
+        "only stored weight (no W_eff copy, no mask, W~ never stored; each k-sparse step applied as "
+        "u_out·ΔW~·Rᵀ, which the current incremental refresh already computes); `leading block` = the variant.",
         "",
-        "| model | matrix | full FT | LoRA | sparsegrad now | sparsegrad lean | leading block | block |",
+        "| model | group (matrices) | full FT | LoRA | sparsegrad now | sparsegrad lean | leading block | block |",
         "|---|---|---|---|---|---|---|---|",
     ]
     seen = set()
@@ -644,8 +657,9 @@ def analysis_markdown(report: dict) -> list[str]:
         for b in bytes_table(shape["model"], shape["layers"], report["block_factor"]):
             lines.append(
                 f"| {shape['model']}{' (' + str(shape['layers']) + ' layers)' if shape['layers'] else ''} | {b['group']} "
-                f"{b['out']}×{b['in']} | {b['full'] / MB:.1f} MB | {b['lora'] / MB:.2f} MB | {b['sparsegrad_now'] / MB:.1f} MB | "
-                f"{b['sparsegrad_lean'] / MB:.2f} MB | {b['leading_block'] / MB:.2f} MB | {b['block']} |"
+                f"{b['out']}×{b['in']} (×{b['matrices']}) | {b['full'] / MB:.0f} MB | {b['lora'] / MB:.1f} MB | "
+                f"{b['sparsegrad_now'] / MB:.0f} MB | {b['sparsegrad_lean'] / MB:.0f} MB | {b['leading_block'] / MB:.0f} MB | "
+                f"{b['block']} |"
             )
     lines.append("")
     return lines
@@ -743,11 +757,27 @@ def parse_args(argv=None):
     p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds before a run is abandoned")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="default: $OUT if set, else results/bench")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only rebuild the .md (and summary) of a saved report from its run records")
     return p.parse_args(argv)
+
+
+def render(path: str) -> Path:
+    """Rebuild a report's summary and markdown from its run records (a pure function of the records)."""
+    path = Path(path)
+    report = json.loads(path.read_text())
+    report["summary"] = summarize(report["records"], "cuda" if report["device"].startswith("cuda") else "cpu")
+    path.write_text(json.dumps(report, indent=1, default=str))
+    md_path = path.with_suffix(".md")
+    md_path.write_text(to_markdown(report))
+    return md_path
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(f"wrote {render(args.render)}")
+        return 0
     if args.device is None:
         try:
             import torch

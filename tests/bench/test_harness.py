@@ -131,3 +131,8 @@ def test_subprocess_worker_and_markdown(tmp_path):
     }  # fmt: skip
     md = benchmark.to_markdown(report)
     assert "| full |" in md and "Skipped runs" in md and "multiply-adds" in md
+    report["records"] = [res]
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(report, default=str))
+    assert benchmark.main(["--render", str(path)]) == 0
+    assert (tmp_path / "cpu.md").read_text() == md
