@@ -110,7 +110,7 @@ def test_gradient_accumulation_counts_micro_batches(run_tiny, glue_files):
     assert record["training"]["optimizer_steps"] == 3 and record["training"]["samples"] == 43
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", METHODS)
 def test_bf16_autocast(run_tiny, glue_files, method):
     record = run_tiny(["model=tiny_bert", f"method={method}", "task=sst2", "trainer.precision=bf16",
                        data_files_override(glue_files["sst2"])])
