@@ -148,7 +148,7 @@ def pareto(records: list[dict], out_dir: Path) -> list[Path]:
         ax.set_title(model, fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("Memory vs score per method (lower right is better)", fontsize=11)
+    fig.suptitle("Memory vs score per method (upper left is better)", fontsize=11)
     return _save(fig, out_dir, "pareto_memory_score")
 
 
