@@ -757,6 +757,7 @@ def parse_args(argv=None):
     p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds before a run is abandoned")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="default: $OUT if set, else results/bench")
+    p.add_argument("--tag", default=None, help="report name suffix: results/bench/<device>-<tag>.md")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rebuild the .md (and summary) of a saved report from its run records")
     return p.parse_args(argv)
@@ -789,7 +790,9 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir or os.environ.get("OUT") or ROOT / "results" / "bench")
     out_dir.mkdir(parents=True, exist_ok=True)
     slug, human = device_name(args.device)
-    if name != ("gpu" if args.device == "cuda" else "cpu") or args.models or args.methods:
+    if args.tag:
+        slug += f"-{_slug(args.tag)}"
+    elif name != ("gpu" if args.device == "cuda" else "cpu") or args.models or args.methods:
         slug += f"-{name}" if not (args.models or args.methods) else "-custom"  # keep the default report intact
     load_before = os.getloadavg()
     n_runs = len(plan(preset))
