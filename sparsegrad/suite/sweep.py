@@ -10,8 +10,8 @@ A profile (``conf/profile/<name>.yaml``) names the models, methods and tasks, th
    ``SPARSEGRAD_OPTUNA_STORAGE`` so that many machines share one study — and is named
    ``<model>-<method>-<task>``. A re-run counts the finished trials and asks only for the rest, with the
    TPE seed shifted by the number of trials already in the study (a fixed seed would re-sample the
-   same points). Trials left RUNNING by an interrupted local run are marked FAIL (user attribute
-   ``interrupted``) and do not count. Diverged or failed trials are told to Optuna as FAIL
+   same points). Trials left RUNNING by an interrupted local run are settled: COMPLETE from their run
+   record when the run had finished, else FAIL (user attribute ``interrupted``, not counted). Diverged or failed trials are told to Optuna as FAIL
    (``experiments/sweep_callbacks.py``) and the sweep goes on.
 2. re-runs the best setting over the profile's seeds, skipping seeds whose run record already
    exists with that setting;
@@ -207,8 +207,24 @@ def _task_direction(task: str) -> str:
     return "maximize" if get_task(task).higher_is_better else "minimize"
 
 
-def study_state(storage: str, name: str, direction: str, mark_stale: bool) -> dict:
-    """Trial counts of a study (created if missing); with ``mark_stale`` RUNNING trials become FAIL."""
+def _finished_record(records: Sequence[dict], name: str, params: dict) -> dict | None:
+    """The completed sweep record of study ``name`` run with exactly these trial params, if any."""
+    lr, bs = params.get("trainer.lr"), params.get("trainer.batch_size")
+    if lr is None or bs is None:
+        return None
+    for r in records:
+        if (r.get("_stage") == "sweep" and study_name(r["model"], r["method"], r["task"]) == name
+                and r.get("status") == "completed" and r.get("objective") is not None):
+            r_lr, r_bs = _setting(r)
+            if _same_lr(r_lr, float(lr)) and r_bs == int(bs):
+                return r
+    return None
+
+
+def study_state(storage: str, name: str, direction: str, mark_stale: bool, records: Sequence[dict] = ()) -> dict:
+    """Trial counts of a study (created if missing). With ``mark_stale``, trials left RUNNING by an
+    interrupted sweep are settled: COMPLETE with the run record's objective when the run finished
+    (the sweeper was stopped before telling Optuna), else FAIL with user attribute ``interrupted``."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -217,7 +233,14 @@ def study_state(storage: str, name: str, direction: str, mark_stale: bool) -> di
     stale = 0
     if mark_stale:
         for t in study.get_trials(deepcopy=False):
-            if t.state == state.RUNNING:
+            if t.state != state.RUNNING:
+                continue
+            done = _finished_record(records, name, t.params)
+            if done is not None:
+                study._storage.set_trial_user_attr(t._trial_id, "recovered_from_record", done["run_id"])
+                study._storage.set_trial_values(t._trial_id, [float(done["objective"])])
+                study._storage.set_trial_state(t._trial_id, state.COMPLETE)
+            else:
                 study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
                 study._storage.set_trial_state(t._trial_id, state.FAIL)
                 stale += 1
@@ -321,7 +344,9 @@ class Driver:
             remaining, seed = n_trials, int(sweep.get("seed", 34))
         else:
             self.layout.results.mkdir(parents=True, exist_ok=True)
-            state = study_state(storage, name, direction, mark_stale=not self.layout.shared_storage())
+            harvest(self.layout)
+            state = study_state(storage, name, direction, mark_stale=not self.layout.shared_storage(),
+                                records=load_records(self.layout.records))
             remaining = n_trials - state["finished"] - state["running"]
             worker = int(os.environ.get(WORKER_ENV, "0") or 0)
             seed = int(sweep.get("seed", 34)) + state["total"] + 1000 * worker

@@ -232,3 +232,22 @@ def test_harvest_copies_finished_records_once_and_done_seeds_matches_the_setting
     assert sweep.done_seeds(records, "seeds", "minilm", "full", "movie_score", 1e-4, 16) == {1, 3}
     assert sweep.done_seeds(records, "seeds", "minilm", "full", "movie_score", 3e-4, 16) == {2}
     assert sweep.done_seeds(records, "seeds", "minilm", "full", "movie_score", 1e-4, 8) == set()
+
+
+def test_stale_trials_are_settled_from_their_run_records(tmp_path):
+    import optuna
+    from optuna.distributions import CategoricalDistribution, LogUniformDistribution
+
+    storage, name = f"sqlite:///{tmp_path / 'optuna.db'}", "minilm-full-movie_score"
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    space = {"trainer.lr": LogUniformDistribution(1e-5, 1e-3), "trainer.batch_size": CategoricalDistribution([8, 16])}
+    finished, lost = study.ask(space), study.ask(space)  # both left RUNNING by a killed sweeper
+    rec = {"_stage": "sweep", "run_id": "r1", "model": "minilm", "method": "full", "task": "movie_score",
+           "status": "completed", "objective": 0.7,
+           "config": {"trainer": {"lr": finished.params["trainer.lr"], "batch_size": finished.params["trainer.batch_size"]}}}
+    state = sweep.study_state(storage, name, "maximize", mark_stale=True, records=[rec])
+    assert state["finished"] == 1 and state["marked_stale"] == 1 and state["running"] == 0
+    assert state["best"]["value"] == 0.7 and state["best"]["number"] == finished.number
+    trials = {t.number: t for t in optuna.load_study(study_name=name, storage=storage).trials}
+    assert trials[finished.number].user_attrs["recovered_from_record"] == "r1"
+    assert trials[lost.number].state == optuna.trial.TrialState.FAIL and trials[lost.number].user_attrs["interrupted"]
