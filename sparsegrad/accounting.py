@@ -6,9 +6,10 @@
 * ``trainable_dense`` — parameters with ``requires_grad`` whose gradient is dense (everything the
   dense AdamW trains: non-MLP parameters in the encoder setting, biases, LoRA adapters, meProp
   "output"-mode weights, full fine-tuning weights);
-* per sparse layer (SparseGradLinear, MePropLinear "weight" mode) its shape, the budget ``k`` of
-  gradient entries per step and ``updated`` = the size of the union of weight coordinates that have
-  received a gradient entry so far (the coordinates a lazy optimizer has moved);
+* per sparse layer (SparseGradLinear, MePropLinear "weight" mode, LeadingBlockLinear) its shape, the
+  budget ``k`` of gradient entries per step and ``updated`` = the size of the union of weight
+  coordinates that have received a gradient entry so far (the coordinates a lazy optimizer has moved;
+  LeadingBlockLinear: the entries of its block B that are non-zero, i.e. that have moved from 0);
 * ``trainable_per_step = trainable_dense + sum(k)`` — the paper's "#trainable params" comparison
   (LoRA r=7 on a BERT-base MLP pair is (768+3072)*7*2 = 53,760; SparseGrad k=28000 x 2 = 56,000).
 """
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .fixed_support import LeadingBlockLinear
 from .layers import MePropLinear, SparseGradLinear
 
 __all__ = ["LayerAccount", "MethodAccount", "account"]
@@ -73,6 +75,11 @@ def account(model: nn.Module) -> MethodAccount:
             sparse_layers.append(LayerAccount(name, kind, (m.out_features, m.in_features), m.k, m.num_updated()))
             if m.weight.requires_grad:
                 sparse_ids.add(id(m.weight))
+        elif isinstance(m, LeadingBlockLinear):
+            updated = int(m.block.detach().ne(0).sum())
+            sparse_layers.append(LayerAccount(name, "leading_block", (m.out_features, m.in_features), m.k, updated))
+            if m.block.requires_grad:
+                sparse_ids.add(id(m.block))
     total = trainable = lora = 0
     for name, p in model.named_parameters():
         total += p.numel()

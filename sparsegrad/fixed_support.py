@@ -47,7 +47,8 @@ from torch import nn
 
 from .kernels import nonzero_rows, resolve_k, scatter_rows, topk_coo
 from .layers import ORIENTATIONS
-from .optim import LazySparseAdam, SparseGradOptimizer
+from .optim import SparseGradOptimizer
+from .optim import build_optimizer as build_sparsegrad_optimizer
 from .surgery import set_submodule
 from .targets import find_targets
 
@@ -98,6 +99,7 @@ class _LeadingBlockFunction(torch.autograd.Function):
         weight = layer.weight
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -106,13 +108,15 @@ class _LeadingBlockFunction(torch.autograd.Function):
         layer = ctx.layer
         x, weight = ctx.saved_tensors
         n_tokens = grad_y.shape[0]
-        grad_y = grad_y.contiguous()
+        # under autocast the output (hence dL/dY) may be in lower precision: compute in the weight's
+        grad_y = grad_y.to(weight.dtype).contiguous()
+        x = x.to(weight.dtype)
         rows = nonzero_rows(grad_y) if layer.sparse_by_dense else None
         g = grad_y if rows is None else grad_y.index_select(0, rows)
         xs = x if rows is None else x.index_select(0, rows)
         grad_x = grad_block = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = scatter_rows(g @ weight, rows, n_tokens)
+            grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_block = block_gradient(g, xs, layer.u_out, layer.u_in)
             if layer.k < grad_block.numel():
@@ -223,11 +227,13 @@ class LeadingBlockLinear(nn.Module):
             return
         delta = self.block.detach() - self.block_applied
         if bool(delta.ne(0).any()):
-            # (U_r D) V_c^T costs out r c + out c in; U_r (D V_c^T) costs r c in + out r in.
-            if self.rows <= self.cols:
-                self.weight.addmm_(self.u_out, delta @ self.u_in.t())
-            else:
-                self.weight.addmm_(self.u_out @ delta, self.u_in.t())
+            # in the weight's precision, also when the forward runs under autocast
+            with torch.autocast(self.weight.device.type, enabled=False):
+                # (U_r D) V_c^T costs out r c + out c in; U_r (D V_c^T) costs r c in + out r in.
+                if self.rows <= self.cols:
+                    self.weight.addmm_(self.u_out, delta @ self.u_in.t())
+                else:
+                    self.weight.addmm_(self.u_out @ delta, self.u_in.t())
             self.block_applied.copy_(self.block.detach())
         self._applied_version = self.block._version
 
@@ -310,22 +316,11 @@ def merge_leading_block(model: nn.Module) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, **kwargs) -> SparseGradOptimizer:
-    """AdamW on dense parameters (dense blocks included) + compact LazySparseAdam on top-k blocks.
-
-    ``kwargs`` go to :class:`sparsegrad.SparseGradOptimizer` (schedule, warmup_steps, total_steps,
-    max_grad_norm). Weight decay applies to dense parameters with two or more dimensions.
+    """:func:`sparsegrad.build_optimizer` with this module's defaults: ``schedule="constant"`` and
+    ``sparse_state="compact"`` (AdamW on dense parameters, dense blocks included; LazySparseAdam on
+    top-k blocks). ``kwargs`` go to :func:`sparsegrad.build_optimizer`. Kept for existing callers;
+    ``sparsegrad.build_optimizer`` handles LeadingBlockLinear layers itself.
     """
-    sparse_ids = {id(m.block) for m in model.modules() if isinstance(m, LeadingBlockLinear) and m.sparse_block_grad}
-    decay, no_decay, sparse = [], [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in sparse_ids:
-            sparse.append(p)
-        else:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
-    dense_opt = torch.optim.AdamW(groups, lr=lr) if groups else None
-    sparse_opt = LazySparseAdam(sparse, lr=lr, weight_decay=weight_decay, state_layout="compact") if sparse else None
-    return SparseGradOptimizer(dense_opt, sparse_opt, **kwargs)
+    kwargs.setdefault("schedule", "constant")
+    kwargs.setdefault("sparse_state", "compact")
+    return build_sparsegrad_optimizer(model, lr=lr, weight_decay=weight_decay, **kwargs)

@@ -286,12 +286,23 @@ class SparseGradOptimizer:
 
 
 def sparse_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules whose weight gets a sparse COO gradient (SparseGradLinear, MePropLinear mode weight)."""
+    """Modules with a parameter that gets a sparse COO gradient (:func:`sparse_param`): SparseGradLinear,
+    MePropLinear mode weight, LeadingBlockLinear whose block has more than k entries (top-k)."""
+    from .fixed_support import LeadingBlockLinear  # fixed_support imports this module
+
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, SparseGradLinear) or (isinstance(m, MePropLinear) and m.sparse_weight_grad):
+        if (isinstance(m, SparseGradLinear) or (isinstance(m, MePropLinear) and m.sparse_weight_grad)
+                or (isinstance(m, LeadingBlockLinear) and m.sparse_block_grad)):  # fmt: skip
             out[name] = m
     return out
+
+
+def sparse_param(module: nn.Module) -> torch.Tensor:
+    """The sparse-gradient parameter of a module from :func:`sparse_weight_modules` (``block`` of a
+    LeadingBlockLinear, ``weight`` otherwise)."""
+    block = getattr(module, "block", None)
+    return block if isinstance(block, nn.Parameter) else module.weight
 
 
 def build_optimizer(
@@ -309,6 +320,9 @@ def build_optimizer(
 ) -> SparseGradOptimizer:
     """The optimizer of any method: sparse-gradient weights -> LazySparseAdam, the rest -> AdamW.
 
+    Sparse-gradient weights: SparseGradLinear and MePropLinear "weight" weights, and the top-k ``block``
+    of LeadingBlockLinear (a block of exactly k entries trains densely and goes to AdamW like any dense parameter).
+
     Only parameters with ``requires_grad`` are included. Weight decay (decoupled) applies to dense
     parameters with two or more dimensions (not to biases and norm weights) and, lazily, to the touched
     coordinates of the sparse weights. ``sparse_state``: "dense" (SparseAdam-like moments) or
@@ -316,7 +330,7 @@ def build_optimizer(
     to 0 at ``total_steps``) or "constant" (warmup then constant).
     """
     sparse_mods = sparse_weight_modules(model)
-    sparse_ids = {id(m.weight) for m in sparse_mods.values()}
+    sparse_ids = {id(sparse_param(m)) for m in sparse_mods.values()}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad or id(p) in sparse_ids:
@@ -325,7 +339,7 @@ def build_optimizer(
     dense_groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                                 {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
     dense = torch.optim.AdamW(dense_groups, lr=lr, betas=betas, eps=eps) if dense_groups else None
-    sparse_params = [m.weight for m in sparse_mods.values() if m.weight.requires_grad]
+    sparse_params = [sparse_param(m) for m in sparse_mods.values() if sparse_param(m).requires_grad]
     sparse = None
     if sparse_params:
         sparse = LazySparseAdam(

@@ -6,7 +6,9 @@
 * ``full``       — targets stay ``nn.Linear`` and train densely;
 * ``lora``       — peft LoRA adapters on the targets (the returned model is a ``PeftModel``);
 * ``meprop``     — :class:`~sparsegrad.layers.MePropLinear` (mode "weight" or "output");
-* ``sparsegrad`` — :class:`~sparsegrad.layers.SparseGradLinear` in a transition basis.
+* ``sparsegrad`` — :class:`~sparsegrad.layers.SparseGradLinear` in a transition basis;
+* ``leading_block`` — :class:`~sparsegrad.fixed_support.LeadingBlockLinear`: SparseGrad restricted to
+  the leading ``~block_factor * k`` entries of the transition basis (same basis as ``sparsegrad``).
 
 Settings: ``train_non_mlp=True`` (the paper's encoder setting) keeps every non-target parameter
 trainable in every method — embeddings, attention, LayerNorm, pooler and classifier head;
@@ -32,15 +34,17 @@ from .targets import Target, find_targets
 
 __all__ = ["METHODS", "MethodConfig", "apply_method", "merge", "set_submodule"]
 
-METHODS = ("full", "lora", "meprop", "sparsegrad")
+METHODS = ("full", "lora", "meprop", "sparsegrad", "leading_block")
 
 
 @dataclass
 class MethodConfig:
     """What :func:`apply_method` does. Also accepted as a plain dict with these keys.
 
-    k: gradient budget per MLP linear for sparsegrad / meprop "weight" (int count, or float fraction
-        of in*out; the paper keeps ~1%: 28000 of 768*3072 for BERT-base).
+    k: gradient budget per MLP linear for sparsegrad / leading_block / meprop "weight" (int count, or
+        float fraction of in*out; the paper keeps ~1%: 28000 of 768*3072 for BERT-base).
+    block_factor: leading_block only: the trained block is the leading block with at least
+        ``block_factor * k`` entries; the top-k of its gradient train (dense when it has exactly k).
     meprop_mode: "weight" (top-k of dL/dW, the paper's baseline) or "output" (top-k of dL/dY per row,
         Sun et al. 2017) with ``meprop_k_per_row`` entries kept per row (count or fraction of out).
     lora_rank / lora_alpha / lora_dropout: peft LoRA (paper: rank 7 base encoders, 10 large,
@@ -49,7 +53,8 @@ class MethodConfig:
         "regular"; sparse_by_dense: drop zero rows of dL/dY (paper §3.3).
     target_patterns: group -> regex (default by model_type); every_nth_block: keep blocks whose index
         is divisible by it (LLaMA setting: 3); train_non_mlp: see module docstring.
-    basis_steps / basis_per_layer: used when apply_method estimates the basis from ``batches``.
+    basis_steps / basis_per_layer: used when apply_method estimates the basis from ``batches``
+        (sparsegrad and leading_block).
     """
 
     name: str = "sparsegrad"
@@ -67,10 +72,13 @@ class MethodConfig:
     train_non_mlp: bool = True
     basis_steps: int | None = None
     basis_per_layer: bool = False
+    block_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
+        if not self.block_factor > 0:
+            raise ValueError(f"block_factor must be > 0, got {self.block_factor!r}")
         if self.meprop_mode not in MEPROP_MODES:
             raise ValueError(f"unknown meprop_mode {self.meprop_mode!r}; valid: {', '.join(MEPROP_MODES)}")
         if self.orientation not in ORIENTATIONS:
@@ -126,15 +134,15 @@ def apply_method(
 ) -> nn.Module:
     """Apply a method to ``model`` in place and return the model to train (a PeftModel for "lora").
 
-    For "sparsegrad" pass ``basis=estimate_basis(model, batches, ...)`` (estimated on the same
-    targets), or ``batches`` to let this call estimate it with ``cfg.basis_steps`` batches.
+    For "sparsegrad" and "leading_block" pass ``basis=estimate_basis(model, batches, ...)`` (estimated
+    on the same targets), or ``batches`` to let this call estimate it with ``cfg.basis_steps`` batches.
     """
     cfg = MethodConfig.from_any(cfg)
     targets = find_targets(model, cfg.target_patterns, cfg.every_nth_block)
-    if cfg.name == "sparsegrad" and basis is None:
+    if cfg.name in ("sparsegrad", "leading_block") and basis is None:
         if batches is None:
             raise ValueError(
-                "method 'sparsegrad' needs a transition basis: pass basis=sparsegrad.estimate_basis(model, "
+                f"method {cfg.name!r} needs a transition basis: pass basis=sparsegrad.estimate_basis(model, "
                 "batches, steps=...) or batches=... (dicts fed as model(**batch), with labels)"
             )
         basis = estimate_basis(
@@ -166,6 +174,14 @@ def apply_method(
                 sparse_by_dense=cfg.sparse_by_dense,
             )  # fmt: skip
             set_submodule(model, t.name, layer)
+    elif cfg.name == "leading_block":
+        from .fixed_support import apply_leading_block  # fixed_support imports this module
+
+        apply_leading_block(
+            model, basis, cfg.k, block_factor=cfg.block_factor, orientation=cfg.orientation,
+            sparse_by_dense=cfg.sparse_by_dense, target_patterns=cfg.target_patterns,
+            every_nth_block=cfg.every_nth_block, train_non_mlp=cfg.train_non_mlp,
+        )  # fmt: skip
     model.sparsegrad_method = cfg
     return model
 
@@ -196,12 +212,15 @@ def merge(model: nn.Module) -> nn.Module:
     """Turn every swapped layer back into a plain module; returns the plain model.
 
     LoRA: ``merge_and_unload()`` (returns the base transformers model). SparseGradLinear:
-    ``W = u_out W~ R^T``. MePropLinear: its weight as is.
+    ``W = u_out W~ R^T``. MePropLinear: its weight as is. LeadingBlockLinear: W with its block folded in.
     """
+    from .fixed_support import LeadingBlockLinear  # fixed_support imports this module
+
     peft = sys.modules.get("peft")
     if peft is not None and isinstance(model, peft.PeftModel):
         model = model.merge_and_unload()
-    swapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseGradLinear, MePropLinear))]
+    swapped = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, (SparseGradLinear, MePropLinear, LeadingBlockLinear))]  # fmt: skip
     for name, module in swapped:
         linear = module.to_linear()
         linear.train(module.training)

@@ -13,7 +13,8 @@ from typing import Any
 
 from sparsegrad.suite.errors import ConfigError
 
-METHOD_KINDS = ("full", "lora", "meprop", "sparsegrad")
+METHOD_KINDS = ("full", "lora", "meprop", "sparsegrad", "leading_block")
+BASIS_KINDS = ("sparsegrad", "leading_block")  # kinds that need the transition basis before training
 
 
 @dataclass
@@ -21,18 +22,18 @@ class MethodSettings:
     """What the Hydra ``method`` group says (see conf/method/*.yaml)."""
 
     name: str  # the config name recorded in run records: full, lora, meprop, meprop_output, ...
-    kind: str  # the method layer's name: full | lora | meprop | sparsegrad
+    kind: str  # the method layer's name: full | lora | meprop | sparsegrad | leading_block
     k: int | float | None = None  # sparse gradient budget per MLP linear (count or fraction)
     mode: str | None = None  # meprop: weight (top-k of dL/dW, the paper's baseline) | output (top-k of dL/dY)
     rank: int | None = None  # lora
     alpha: float | None = None  # lora
     dropout: float = 0.0  # lora
-    orientation: str | None = None  # sparsegrad: hosvd | official
+    orientation: str | None = None  # sparsegrad, leading_block: hosvd | official
     target_patterns: dict[str, str] | None = None  # group -> regex over module names (None: per architecture)
     every_nth_block: int | None = None
     train_non_mlp: bool = True  # train everything outside the MLPs densely (the paper's GLUE setting)
-    basis_steps: int = 8  # sparsegrad: backward passes for the transition basis
-    options: dict[str, Any] = field(default_factory=dict)  # passed through to the method layer
+    basis_steps: int = 8  # sparsegrad, leading_block: backward passes for the transition basis
+    options: dict[str, Any] = field(default_factory=dict)  # passed through to the method layer (e.g. block_factor)
 
     def __post_init__(self):
         if self.kind not in METHOD_KINDS:
@@ -46,7 +47,7 @@ def method_config(settings: MethodSettings) -> dict:
         cfg["target_patterns"] = dict(settings.target_patterns)
     if settings.every_nth_block and settings.every_nth_block > 1:
         cfg["every_nth_block"] = settings.every_nth_block
-    if settings.kind in ("meprop", "sparsegrad"):
+    if settings.kind in ("meprop", *BASIS_KINDS):
         cfg["k"] = settings.k
     if settings.kind == "meprop":
         cfg["meprop_mode"] = settings.mode or "weight"
@@ -55,7 +56,7 @@ def method_config(settings: MethodSettings) -> dict:
         if settings.alpha is not None:
             cfg["lora_alpha"] = settings.alpha
         cfg["lora_dropout"] = settings.dropout
-    if settings.kind == "sparsegrad":
+    if settings.kind in BASIS_KINDS:
         cfg["orientation"] = settings.orientation or "hosvd"
         cfg["basis_steps"] = settings.basis_steps
     cfg.update(settings.options or {})

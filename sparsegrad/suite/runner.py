@@ -192,7 +192,7 @@ def finetune(settings: FinetuneSettings) -> dict:
         # ------------------------------------------------------------------ method
         basis = None
         meter.start()
-        if settings.method.kind == "sparsegrad":
+        if settings.method.kind in methods.BASIS_KINDS:
             gen = torch.Generator().manual_seed(ts.seed + 1)
             idx_lists = data_lib.batch_indices(len(train_features), ts.batch_size, True, gen)
             basis_batches = (data_lib.collate([train_features[i] for i in idx], pad_id, spec.kind == "regression")

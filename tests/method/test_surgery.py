@@ -7,6 +7,7 @@ from torch import nn
 
 import sparsegrad
 from sparsegrad import MePropLinear, SparseGradLinear, account, find_targets
+from sparsegrad.fixed_support import LeadingBlockLinear
 
 METHOD_CFGS = {
     "full": {"name": "full"},
@@ -15,12 +16,13 @@ METHOD_CFGS = {
     "meprop_output": {"name": "meprop", "meprop_mode": "output", "meprop_k_per_row": 0.25},
     "sparsegrad": {"name": "sparsegrad", "k": 0.1},
     "sparsegrad_official": {"name": "sparsegrad", "k": 0.1, "orientation": "official"},
+    "leading_block": {"name": "leading_block", "k": 0.1, "block_factor": 2.0},
 }
 
 
 def _apply(model, kind, cfg):
     basis = None
-    if cfg["name"] == "sparsegrad":
+    if cfg["name"] in ("sparsegrad", "leading_block"):
         basis = sparsegrad.estimate_basis(model, make_batches(kind, n=2, seed=7), steps=2,
                                           every_nth_block=cfg.get("every_nth_block"))  # fmt: skip
     return sparsegrad.apply_method(model, cfg, basis=basis)
@@ -49,6 +51,10 @@ def test_errors_speak_to_the_user():
         sparsegrad.apply_method(make_model("bert"), {"name": "full", "target_patterns": {"up": "nomatch$"}})
     with pytest.raises(ValueError, match="needs a transition basis"):
         sparsegrad.apply_method(make_model("bert"), {"name": "sparsegrad"})
+    with pytest.raises(ValueError, match="'leading_block' needs a transition basis"):
+        sparsegrad.apply_method(make_model("bert"), {"name": "leading_block"})
+    with pytest.raises(ValueError, match="block_factor must be > 0"):
+        sparsegrad.MethodConfig(name="leading_block", block_factor=0)
     with pytest.raises(ValueError, match="no default MLP target patterns"):
         find_targets(nn.Sequential(nn.Linear(2, 2)))
 
@@ -69,7 +75,7 @@ def test_encoder_setting_keeps_non_mlp_trainable(method):
         assert any("lora_A" in n for n in flags)
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "meprop", "sparsegrad"])
+@pytest.mark.parametrize("method", ["full", "lora", "meprop", "sparsegrad", "leading_block"])
 def test_llama_setting_trains_only_selected_mlps(method):
     cfg = {**METHOD_CFGS[method], "every_nth_block": 3, "train_non_mlp": False}
     model = _apply(make_model("llama", n_layers=4), "llama", cfg)
@@ -100,7 +106,7 @@ def test_each_method_lowers_the_training_loss(kind, method):
     assert losses[-1] < (losses[0] - 0.01 if kind != "llama" else losses[0] * 0.97), losses
 
 
-@pytest.mark.parametrize("method", ["lora", "meprop", "sparsegrad", "sparsegrad_official"])
+@pytest.mark.parametrize("method", ["lora", "meprop", "sparsegrad", "sparsegrad_official", "leading_block"])
 def test_merge_round_trip_through_plain_transformers(method, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -117,7 +123,7 @@ def test_merge_round_trip_through_plain_transformers(method, tmp_path):
     with torch.no_grad():
         before = model(**probe).logits
     merged = sparsegrad.merge(model)
-    assert not any(isinstance(m, (SparseGradLinear, MePropLinear)) for m in merged.modules())
+    assert not any(isinstance(m, (SparseGradLinear, MePropLinear, LeadingBlockLinear)) for m in merged.modules())
     assert type(merged).__name__ == "RobertaForSequenceClassification"
     with torch.no_grad():
         after = merged(**probe).logits

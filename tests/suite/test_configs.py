@@ -21,7 +21,8 @@ TASK_NAMES = options("task")
 def test_config_groups_list_the_spec():
     assert set(MODELS) == {"bert_base", "roberta_base", "roberta_large", "llama2_7b", "minilm", "smollm2",
                            "tiny_bert", "tiny_roberta", "tiny_llama"}
-    assert set(METHODS) == {"full", "lora", "meprop", "meprop_output", "sparsegrad", "sparsegrad_official"}
+    assert set(METHODS) == {"full", "lora", "meprop", "meprop_output", "sparsegrad", "sparsegrad_official",
+                            "leading_block"}
     assert set(TASK_NAMES) == set(TASKS)
 
 
@@ -31,7 +32,7 @@ def _check(cfg, model, method, task, tmp_path):
     assert settings.model.name == model and settings.method.name == method and settings.task.name == task
     spec = get_task(task)
     assert resolved["task"]["direction"] == ("maximize" if spec.higher_is_better else "minimize")
-    if settings.method.kind in ("sparsegrad", "meprop"):
+    if settings.method.kind in ("sparsegrad", "meprop", "leading_block"):
         assert settings.method.k == settings.model.sparse_k > 0
     if settings.method.kind == "lora":
         assert settings.method.rank == settings.model.lora_rank
@@ -91,6 +92,19 @@ def test_default_is_minilm_sparsegrad_movie_sentiment(compose):
 def test_paper_trainer_takes_the_tasks_eval_interval(compose):
     cfg = compose(["trainer=paper", "task=cola"])
     assert cfg.trainer.eval_every == 50 and cfg.trainer.protocol == "official" and cfg.trainer.schedule == "constant"
+
+
+def test_leading_block_options_reach_the_method_layer(compose, tmp_path):
+    from sparsegrad import MethodConfig
+    from sparsegrad.suite.methods import BASIS_KINDS, method_config
+
+    for overrides, factor in (([], 2.0), (["method.options.block_factor=3.0"], 3.0)):
+        cfg = compose(["model=tiny_bert", "method=leading_block", *overrides])
+        settings = settings_from_config(OmegaConf.to_container(cfg, resolve=True), str(tmp_path))
+        assert settings.method.kind == "leading_block" and settings.method.kind in BASIS_KINDS
+        mc = MethodConfig.from_any(method_config(settings.method))
+        assert (mc.name, mc.block_factor, mc.k, mc.orientation) == ("leading_block", factor, settings.model.sparse_k,
+                                                                     "hosvd")
 
 
 def test_unknown_names_list_the_valid_ones():

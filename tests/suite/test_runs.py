@@ -9,8 +9,9 @@ from suite_fixtures import data_files_override
 from sparsegrad.suite import record as record_lib
 from sparsegrad.suite.errors import IncompatibleTaskError
 
-METHODS = ["full", "lora", "meprop", "meprop_output", "sparsegrad", "sparsegrad_official"]
-SPARSE = {"meprop", "sparsegrad", "sparsegrad_official"}
+METHODS = ["full", "lora", "meprop", "meprop_output", "sparsegrad", "sparsegrad_official", "leading_block"]
+SPARSE = {"meprop", "sparsegrad", "sparsegrad_official", "leading_block"}
+BASIS = {"sparsegrad", "sparsegrad_official", "leading_block"}
 
 
 def _assert_completed(record, method):
@@ -24,7 +25,7 @@ def _assert_completed(record, method):
     if method in SPARSE:
         assert params["sparse_matrices"] > 0 and params["sparse_budget_per_matrix"] == 384
         assert 0 < params["updated_coordinates_union"] <= params["sparse_matrices"] * 32 * 64
-    if method.startswith("sparsegrad"):
+    if method in BASIS:
         assert record["basis"]["seconds"] > 0 and record["basis"]["batches"] > 0
     else:
         assert record["basis"] is None
