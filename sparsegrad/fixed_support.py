@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import nonzero_rows, resolve_k, scatter_rows, topk_coo
+from .kernels import drop_zero_rows, resolve_k, scatter_rows, topk_coo
 from .layers import ORIENTATIONS
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
@@ -111,9 +111,7 @@ class _LeadingBlockFunction(torch.autograd.Function):
         # under autocast the output (hence dL/dY) may be in lower precision: compute in the weight's
         grad_y = grad_y.to(weight.dtype).contiguous()
         x = x.to(weight.dtype)
-        rows = nonzero_rows(grad_y) if layer.sparse_by_dense else None
-        g = grad_y if rows is None else grad_y.index_select(0, rows)
-        xs = x if rows is None else x.index_select(0, rows)
+        rows, g, xs = drop_zero_rows(grad_y, x, layer.sparse_by_dense)
         grad_x = grad_block = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)

@@ -23,6 +23,7 @@ __all__ = [
     "resolve_k",
     "topk_coo",
     "topk_rows",
+    "drop_zero_rows",
     "nonzero_rows",
     "scatter_rows",
     "cheapest_rotation_sides",
@@ -124,6 +125,20 @@ def nonzero_rows(mat: torch.Tensor) -> torch.Tensor | None:
     if rows.numel() == mat.shape[0]:
         return None
     return rows
+
+
+def drop_zero_rows(
+    grad_y: torch.Tensor, x: torch.Tensor, enabled: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Sparse-by-dense selection (paper §3.3, equation 1): ``(rows, grad_y[rows], x[rows])``.
+
+    ``rows`` are the rows of dL/dY holding a non-zero entry (``None`` when every row does, or when
+    ``enabled`` is false; then the inputs come back unchanged). :func:`scatter_rows` is the inverse.
+    """
+    rows = nonzero_rows(grad_y) if enabled else None
+    if rows is None:
+        return None, grad_y, x
+    return rows, grad_y.index_select(0, rows), x.index_select(0, rows)
 
 
 def scatter_rows(compact: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import cheapest_rotation_sides, nonzero_rows, resolve_k, scatter_rows, topk_coo, topk_rows
+from .kernels import cheapest_rotation_sides, drop_zero_rows, resolve_k, scatter_rows, topk_coo, topk_rows
 
 __all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "MEPROP_MODES"]
 
@@ -82,9 +82,7 @@ class _SparseGradFunction(torch.autograd.Function):
         # under autocast the output (hence dL/dY) may be in lower precision: compute in the weight's
         grad_y = grad_y.to(weight.dtype).contiguous()
         x_saved = x_saved.to(weight.dtype)
-        rows = nonzero_rows(grad_y) if layer.sparse_by_dense else None
-        g = grad_y if rows is None else grad_y.index_select(0, rows)
-        xs = x_saved if rows is None else x_saved.index_select(0, rows)
+        rows, g, xs = drop_zero_rows(grad_y, x_saved, layer.sparse_by_dense)
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None
 
@@ -372,9 +370,7 @@ class _MePropFunction(torch.autograd.Function):
         x = x.to(weight.dtype)
         if layer.mode == "output":
             grad_y = topk_rows(grad_y, layer.k)
-        rows = nonzero_rows(grad_y) if layer.sparse_by_dense else None
-        g = grad_y if rows is None else grad_y.index_select(0, rows)
-        xs = x if rows is None else x.index_select(0, rows)
+        rows, g, xs = drop_zero_rows(grad_y, x, layer.sparse_by_dense)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)
