@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import drop_zero_rows, resolve_k, scatter_rows, topk_coo
+from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, topk_coo
 from .layers import ORIENTATIONS
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
@@ -237,9 +237,7 @@ class LeadingBlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.fold()
-        lead = x.shape[:-1]
-        y = _LeadingBlockFunction.apply(x.reshape(-1, self.in_features), self.block, self.bias, self)
-        return y.reshape(*lead, self.out_features)
+        return apply_to_rows(_LeadingBlockFunction, x, self.out_features, self.block, self.bias, self)
 
     def effective_weight(self) -> torch.Tensor:
         self.fold()

@@ -23,6 +23,7 @@ __all__ = [
     "resolve_k",
     "topk_coo",
     "topk_rows",
+    "apply_to_rows",
     "drop_zero_rows",
     "nonzero_rows",
     "scatter_rows",
@@ -125,6 +126,17 @@ def nonzero_rows(mat: torch.Tensor) -> torch.Tensor | None:
     if rows.numel() == mat.shape[0]:
         return None
     return rows
+
+
+def apply_to_rows(function, x: torch.Tensor, out_features: int, *args) -> torch.Tensor:
+    """Run a row-wise autograd ``function`` on ``x`` (..., in) flattened to 2-D rows; reshape back.
+
+    The custom backward passes work on a (tokens x features) matrix of dL/dY, whose all-zero rows
+    sparse-by-dense drops.
+    """
+    lead = x.shape[:-1]
+    y = function.apply(x.reshape(-1, x.shape[-1]), *args)
+    return y.reshape(*lead, out_features)
 
 
 def drop_zero_rows(

@@ -41,7 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import cheapest_rotation_sides, drop_zero_rows, resolve_k, scatter_rows, topk_coo, topk_rows
+from .kernels import (
+    apply_to_rows,
+    cheapest_rotation_sides,
+    drop_zero_rows,
+    resolve_k,
+    scatter_rows,
+    topk_coo,
+    topk_rows,
+)
 
 __all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "MEPROP_MODES"]
 
@@ -336,9 +344,7 @@ class SparseGradLinear(nn.Module):
     # --------------------------------------------------------------------------------------- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_eff = self.current_effective_weight() if self.formulation == "auto" else None
-        lead = x.shape[:-1]
-        y = _SparseGradFunction.apply(x.reshape(-1, self.in_features), self.weight, self.bias, w_eff, self)
-        return y.reshape(*lead, self.out_features)
+        return apply_to_rows(_SparseGradFunction, x, self.out_features, self.weight, self.bias, w_eff, self)
 
     def num_updated(self) -> int:
         """Number of distinct W~ coordinates that have received a gradient entry so far."""
@@ -459,9 +465,7 @@ class MePropLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = _MePropFunction.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self)
-        return y.reshape(*lead, self.out_features)
+        return apply_to_rows(_MePropFunction, x, self.out_features, self.weight, self.bias, self)
 
     def num_updated(self) -> int:
         return int(self.updated_mask.sum())
