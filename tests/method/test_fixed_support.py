@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import padded_batches, random_orthogonal, tiny_bert
+from method_fixtures import make_batches, make_model, random_orthogonal
 from torch import nn
 
 import sparsegrad
@@ -150,10 +150,10 @@ def test_leading_block_shape_keeps_aspect_and_budget():
 
 
 def test_model_surgery_trains_and_merges_to_a_plain_model():
-    model = tiny_bert()
-    batches = padded_batches(n=6)
+    model = make_model("bert")
+    batches = make_batches("bert", n=6)
     basis = sparsegrad.estimate_basis(model, batches[:2], steps=2)
-    ref = tiny_bert()
+    ref = make_model("bert")
     ref.eval()
     model = apply_leading_block(model, basis, k=0.05, block_factor=2.0)
     swapped = [m for m in model.modules() if isinstance(m, LeadingBlockLinear)]
