@@ -22,6 +22,13 @@ A profile (``conf/profile/<name>.yaml``) names the models, methods and tasks, th
 Every run record is copied to ``results/<profile>/records/<stage>/<study>/<run_id>.json``; the Hydra
 run folders stay under ``outputs/reproduce/<profile>/``. Nothing here raises to the user: failures
 print one line and a non-zero exit code.
+
+Editing a profile whose results folder exists: adding a model, method or task (or more trials, seeds or
+kept fractions) resumes like an interruption — finished studies and run records are kept and only the
+new work runs. What a finished run was run with is not compared with the edited profile: after changing
+``overrides``, ``method_overrides`` or the search space, delete the affected studies from the study
+database and their ``records/*/<study>/`` folders (or the whole results folder), or they are reused as
+they are.
 """
 
 from __future__ import annotations

@@ -27,9 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PAPER_CSV = Path(__file__).resolve().parents[2] / "results" / "paper" / "paper_numbers.csv"
-METHOD_ORDER = ("full", "lora", "sparsegrad", "meprop", "sparsegrad_official", "meprop_output")
-METHOD_LABEL = {"full": "Regular FT", "lora": "LoRA", "sparsegrad": "SparseGrad", "meprop": "MeProp",
+# leading_block (sparsegrad.fixed_support) is our variant, not a method of the paper: it sits right after the
+# exact SparseGrad it approximates, and its paper columns stay "—" (no paper row names it).
+METHOD_ORDER = ("full", "lora", "sparsegrad", "leading_block", "meprop", "sparsegrad_official",
+                "meprop_output")
+METHOD_LABEL = {"full": "Regular FT", "lora": "LoRA", "sparsegrad": "SparseGrad",
+                "leading_block": "SparseGrad, leading block (variant)", "meprop": "MeProp",
                 "sparsegrad_official": "SparseGrad (authors' basis)", "meprop_output": "meProp (dL/dY)"}
+VARIANTS = ("leading_block",)  # ours, not the paper's: no paper number exists for them
 TASK_ORDER = ("stsb", "cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "wnli",
               "movie_sentiment", "movie_score", "oasst1", "chat")
 GLUE_TASKS = ("stsb", "cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
@@ -304,6 +309,17 @@ def _not_completed_note(cs: Mapping[tuple, Cell]) -> list[str]:
     return ["Runs that diverged or failed (left out of the means): " + ", ".join(bad) + "."] if bad else []
 
 
+def _variant_note(methods: Iterable[str]) -> list[str]:
+    """Says which rows are this repository's variants, so an empty paper column is not read as missing data."""
+    shown = [m for m in VARIANTS if m in set(methods)]
+    if not shown:
+        return []
+    return [", ".join(METHOD_LABEL[m] for m in shown) + ": this repository's variant of SparseGrad "
+            "(sparsegrad.fixed_support.LeadingBlockLinear: only the leading block of the rotated weight is "
+            "trained, with the same transition basis and budget k), not a method of the paper, so its paper "
+            "columns are empty."]
+
+
 # ------------------------------------------------------------------------------------- benchmarks
 def load_bench(bench_dir: Path | None) -> list[dict]:
     """CUDA benchmark entries from ``results/bench/cuda-*.json`` (``experiments/benchmark.py``'s report:
@@ -417,7 +433,7 @@ def table3(records: list[dict], paper: Paper, bench: list[dict]) -> Table:
                          fmt(sps, 2), fmt(p_sps, 2), fmt(rel_sps, 2), fmt(p_sps / p_full if p_sps else None, 2),
                          fmt(mem, 0), fmt(p_mem, 0), fmt(rel_mem, 2), fmt(p_mem / m_full if p_mem else None, 2),
                          str(max(len(v["sps"]), len(v["mem"])))])
-    notes = _memory_note(records)
+    notes = _memory_note(records) + _variant_note(m.split(" ")[0] for _d, _m, m, _s in agg)
     if bench:
         notes.append("Rows marked with a file name come from the CUDA benchmark records in results/bench/.")
     else:
@@ -442,6 +458,7 @@ def _per_task_speed(records, paper, analogue, quantity: str, key: str, title: st
         rows.append([model, METHOD_LABEL.get(method, method), task, ptask if p is not None else "—", device,
                      fmt(ours, digits), fmt(p, digits), str(len(values))])
     notes = _memory_note(records)[:1] + _analogue_note(analogue, [], [r[2] for r in rows])
+    notes += _variant_note(k[2] for k in src)
     col = "steps/s" if quantity == "steps_per_s" else "peak MB"
     return Table(key, title, ["model", "method", "task", "paper task", "device", col, f"paper {col}", "runs"],
                  rows, notes)
@@ -477,8 +494,9 @@ def table5(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
     notes = ["AVG: the mean over tasks of the per-task seed means (WNLI left out, as in the paper). The paper's "
              "AVG is over its eight GLUE tasks; ours over the tasks listed.",
              "Trainable parameters: parameters updated densely plus the sparse budget (k per MLP matrix x "
-             "matrices) for SparseGrad / MeProp; the paper counts them the same way."]
+             "matrices) for SparseGrad, its leading-block variant and MeProp; the paper counts them the same way."]
     notes += _analogue_note(analogue, [r[0] for r in rows], {t for _, _, t in cs})
+    notes += _variant_note(meth for _, meth, _ in cs)
     return Table("table05", "Table 5 — average score per model and method, with trainable parameters",
                  ["model", "method", "trainable", "paper trainable", "AVG", "paper AVG", "Δ", "tasks"], rows, notes)
 
@@ -510,6 +528,7 @@ def score_tables(records: list[dict], paper: Paper, analogue: Analogue) -> list[
         notes = ["Score: the main metric ×100 of the best checkpoint (selected on held-out data) on the reported "
                  "split; ± is the population std over seeds."]
         notes += _analogue_note(analogue, models, [r[2] for r in rows])
+        notes += _variant_note(meth for m, meth, _ in cs if m in models)
         notes += _not_completed_note({k: v for k, v in cs.items() if k[0] in models})
         out.append(Table(key, title + " (mean ± std over seeds)",
                          ["model", "method", "task", "paper task", "score", "seeds", "paper score", "Δ"], rows, notes))
@@ -543,6 +562,7 @@ def table_best(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
              "'not completed' counts diverged and failed trials, which Optuna records as FAIL.",
              "The paper publishes the best settings of SparseGrad only (Tables 13-15)."]
     notes += _analogue_note(analogue, [r[0] for r in rows], [r[2] for r in rows])
+    notes += _variant_note(meth for _, meth, _ in keys)
     return Table("table13_15", "Tables 13-15 — best batch size and learning rate found by the sweep",
                  ["model", "method", "task", "trials completed", "not completed", "best batch", "best lr",
                   "best objective", "paper batch", "paper lr"], rows, notes)
@@ -596,6 +616,7 @@ def table6(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
     notes = ["Validation loss: the assistant-token loss of the best checkpoint on the reported split; "
              "± is the population std over seeds."]
     notes += _analogue_note(analogue, [r[0] for r in rows], [r[2] for r in rows])
+    notes += _variant_note(meth for _, meth, _ in cs)
     notes += _not_completed_note(cs)
     return Table("table06", "Table 6 — LLaMA-style chat fine-tuning, validation loss",
                  ["model", "method", "task", "trainable", "paper trainable", "valid loss", "seeds",

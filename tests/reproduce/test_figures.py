@@ -45,3 +45,15 @@ def test_without_an_analysis_record_only_the_pareto_plot_is_drawn(tmp_path):
     written = figures.write_all(glue_like_records(), tmp_path, analysis=tmp_path / "missing.json")
     assert sorted(p.name for p in written) == ["pareto_memory_score.pdf", "pareto_memory_score.png"]
     assert figures.write_all([], tmp_path / "empty") == []
+
+
+def test_pareto_legend_follows_the_method_order_with_the_leading_block_variant(tmp_path, monkeypatch):
+    from tests.reproduce.fixture_records import record
+
+    lb = [record("seeds", "leading_block", "movie_sentiment", s, 0.77, lr=3e-4, bs=8, mem_mb=1250) for s in (1, 2)]
+    seen = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out_dir, stem: seen.append(fig) or [])
+    figures.pareto(glue_like_records() + lb, tmp_path)
+    labels = [t.get_text() for t in seen[0].axes[0].get_legend().get_texts()]
+    figures._plt().close(seen[0])
+    assert labels == ["Regular FT", "SparseGrad", "SparseGrad, leading block (variant)"]

@@ -198,10 +198,11 @@ def test_smoke_profile_end_to_end(tmp_path, asset):
                  "figures/pareto_memory_score.png", "analysis/sparsity.json", "optuna.db"):
         assert (out / name).stat().st_size > 0, name
     n_records = len(sweep.load_records(out / "records"))
-    assert n_records == 10  # 2 studies x (2 trials + 2 seeds) + 2 kept fractions
+    assert n_records == 14  # 3 studies (full, sparsegrad, leading_block) x (2 trials + 2 seeds) + 2 kept fractions
     # a second run finds everything done and only rebuilds the tables
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0 and "all 2 trials done" in proc.stdout and "all 2 seed runs done" in proc.stdout
+    assert "sweep tiny_bert-leading_block-movie_sentiment: all 2 trials done" in proc.stdout
     assert len(sweep.load_records(out / "records")) == n_records
     tables_only = subprocess.run([*cmd, "--tables-only"], capture_output=True, text=True, cwd=ROOT, env=env,
                                  timeout=300)
@@ -251,3 +252,77 @@ def test_stale_trials_are_settled_from_their_run_records(tmp_path):
     trials = {t.number: t for t in optuna.load_study(study_name=name, storage=storage).trials}
     assert trials[finished.number].user_attrs["recovered_from_record"] == "r1"
     assert trials[lost.number].state == optuna.trial.TrialState.FAIL and trials[lost.number].user_attrs["interrupted"]
+
+
+def _fake_runs(driver: sweep.Driver, calls: list[tuple[str, str]]) -> None:
+    """Stand in for the Hydra subprocess: a sweep adds its trials to the study (the highest lr wins), a seed
+    run writes its run record where harvest would put it. ``calls`` gets (stage, method) per launch."""
+    import json
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution, LogUniformDistribution
+
+    def run(overrides, what, log_name):
+        over = dict(o.split("=", 1) for o in overrides if "=" in o)
+        model, method, task, stage = over["model"], over["method"], over["task"], over["+reproduce.stage"]
+        calls.append((stage, method))
+        name = sweep.study_name(model, method, task)
+        folder = driver.layout.records / stage / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if stage == "sweep":
+            study = optuna.load_study(study_name=name, storage=over["hydra.sweeper.storage"])
+            space = {"trainer.lr": LogUniformDistribution(1e-6, 1e-1),
+                     "trainer.batch_size": CategoricalDistribution([8, 16, 32])}
+            for i in range(int(over["hydra.sweeper.n_trials"])):
+                params = {"trainer.lr": 1e-4 * (i + 1), "trainer.batch_size": 16}
+                study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=0.5 + i / 10))
+            return 0
+        for seed in over["seed"].split(","):
+            rec = {"run_id": f"{name}-{seed}", "model": model, "method": method, "task": task, "seed": int(seed),
+                   "status": "completed", "objective": 0.5,
+                   "config": {"trainer": {"lr": float(over["trainer.lr"]),
+                                          "batch_size": int(over["trainer.batch_size"])}}}
+            (folder / f"{rec['run_id']}.json").write_text(json.dumps(rec), encoding="utf-8")
+        return 0
+
+    driver.run = run
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # add_trial, create_trial
+def test_a_method_added_to_a_finished_profile_runs_only_its_own_studies(tmp_path):
+    """Editing a profile to add a method keeps every finished study and run record: only the new method's
+    sweeps and seed runs are launched, and a second run launches nothing."""
+    layout = sweep.Layout(results=tmp_path / "results", work=tmp_path / "work")
+
+    def driver(methods):
+        profile = sweep.Profile(name="t", models=["minilm"], methods=methods, tasks=["movie_sentiment", "movie_score"],
+                                seeds=[1, 2], sweep={"search": "lr_batch_cpu", "n_trials": 2, "seed": 34},
+                                method_overrides={"leading_block": ["method.basis_steps=3"]})
+        return sweep.Driver(profile, layout, sweep.Options(quiet=True))
+
+    calls: list[tuple[str, str]] = []
+    first = driver(["full", "sparsegrad"])
+    _fake_runs(first, calls)
+    first.train()
+    assert sorted(calls) == sorted([(s, m) for m in ("full", "sparsegrad") for s in ("sweep", "seeds")] * 2)
+    finished = {p: p.read_bytes() for p in layout.records.rglob("*.json")}
+    assert len(finished) == 2 * 2 * 2  # 2 methods x 2 tasks x 2 seeds
+
+    calls.clear()
+    added = driver(["full", "sparsegrad", "leading_block"])
+    _fake_runs(added, calls)
+    added.train()
+    assert calls == [("sweep", "leading_block"), ("seeds", "leading_block")] * 2 and not added.failures
+    assert {p: p.read_bytes() for p in finished} == finished  # the finished records are untouched
+    assert len(list(layout.records.rglob("*.json"))) == len(finished) + 2 * 2
+    storage = layout.storage()
+    for method in ("full", "sparsegrad", "leading_block"):
+        for task in ("movie_sentiment", "movie_score"):
+            state = sweep.study_state(storage, sweep.study_name("minilm", method, task), "maximize", mark_stale=False)
+            assert state["total"] == state["finished"] == 2, (method, task, state)
+
+    calls.clear()
+    again = driver(["full", "sparsegrad", "leading_block"])
+    _fake_runs(again, calls)
+    again.train()
+    assert calls == []

@@ -146,3 +146,27 @@ def test_cuda_benchmark_report_format_is_read(tmp_path):
         ["roberta_base", "SparseGrad (regular matmul)", device, "2.00", "0.90"],
     ]
     assert t.rows[1][5] == "0.90" and t.rows[1][9] == "0.75"
+
+
+def test_leading_block_variant_sits_after_sparsegrad_with_empty_paper_columns():
+    assert tables.METHOD_ORDER.index("leading_block") == tables.METHOD_ORDER.index("sparsegrad") + 1
+    assert tables.METHOD_LABEL["leading_block"] == "SparseGrad, leading block (variant)"
+    lb = [record("sweep", "leading_block", "movie_sentiment", 42, 0.77, lr=3e-4, bs=8, objective=0.78),
+          *[record("seeds", "leading_block", "movie_sentiment", s, v, lr=3e-4, bs=8, sps=1.5, mem_mb=1250,
+                   dense=15_600_000, budget=161_280, k=13440) for s, v in ((1, 0.76), (2, 0.78))]]
+    ts = {t.key: t for t in tables.build_all(glue_like_records() + lb, analogue=tables.Analogue(**ANALOGUE))}
+    label = "SparseGrad, leading block (variant)"
+    t9 = ts["table09"]
+    assert [r[1] for r in t9.rows] == ["Regular FT", "Regular FT", "SparseGrad", "SparseGrad", label]
+    assert t9.rows[-1] == ["minilm", label, "movie_sentiment", "—", "77.0 ± 1.0", "2", "—", "—"]
+    assert ts["table05"].rows[-1] == ["minilm", label, "15.8 M", "—", "77.0", "—", "—", "movie_sentiment"]
+    assert ts["table13_15"].rows[-1] == ["minilm", label, "movie_sentiment", "1", "0", "8", "3.00e-04", "78.0",
+                                         "—", "—"]
+    assert ts["table03"].rows[-1][:5] == ["minilm", label, "cpu x86_64", "1.50", "—"]
+    assert ts["table03"].rows[-1][6] == "—" and ts["table03"].rows[-1][10] == "—"
+    assert ts["table07"].rows[-1][1:7] == [label, "movie_sentiment", "—", "cpu x86_64", "1.50", "—"]
+    assert ts["table11_12"].csv() == TABLE11_CSV  # the kept-fraction table is SparseGrad's alone
+    for key in ("table03", "table07", "table08", "table05", "table09", "table13_15"):
+        assert any(n.startswith(label + ": this repository's variant") for n in ts[key].notes), key
+    assert not any("variant" in n for n in build()["table09"].notes)  # no variant row, no note
+    assert r"SparseGrad, leading block (variant) & movie\_sentiment" in t9.latex()
