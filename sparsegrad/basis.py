@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .kernels import drop_zero_rows
 from .targets import Target, find_targets
 
 __all__ = [
@@ -158,6 +159,103 @@ def _loss_of(output) -> torch.Tensor:
     return loss
 
 
+class _GramAccumulator:
+    """The Gram matrices of every key, folded one gradient slice at a time (the stack never exists).
+
+    A slice is the gradient of one call of a target linear, ``G = g^T x`` with ``g`` = dL/dY and ``x``
+    the input rows (tokens x features). Its contributions ``G G^T`` and ``G^T G`` are computed either
+    from G or, when fewer than ``in``/``out`` token rows hold gradient, in factored form
+    ``g^T (x x^T) g`` and ``x^T (g g^T) x`` — whichever costs fewer multiply-adds (``gram_macs``).
+    Rows of ``g`` that are entirely zero (padding, tokens outside the loss) are dropped first.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.gram_out: dict[str, torch.Tensor] = {}
+        self.gram_in: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def _grams(self, key: str, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self.gram_out:
+            self.gram_out[key] = torch.zeros(d_out, d_out, device=self.device, dtype=self.dtype)
+            self.gram_in[key] = torch.zeros(d_in, d_in, device=self.device, dtype=self.dtype)
+            self.counts[key] = 0
+        return self.gram_out[key], self.gram_in[key]
+
+    @torch.no_grad()
+    def add_weight_grad(self, key: str, grad: torch.Tensor) -> None:
+        """Fold one weight gradient G (out x in)."""
+        g = grad.detach().to(device=self.device, dtype=self.dtype)
+        gram_out, gram_in = self._grams(key, *g.shape)
+        gram_out.addmm_(g, g.t())
+        gram_in.addmm_(g.t(), g)
+        self.counts[key] += 1
+
+    @torch.no_grad()
+    def add_factors(self, key: str, grad_y: torch.Tensor, x: torch.Tensor) -> None:
+        """Fold the slice G = grad_y^T x of one linear call (grad_y: rows x out, x: rows x in)."""
+        g = grad_y.detach().reshape(-1, grad_y.shape[-1]).to(device=self.device, dtype=self.dtype)
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.device, dtype=self.dtype)
+        _, g, x = drop_zero_rows(g, x)
+        (n, d_out), d_in = g.shape, x.shape[1]
+        gram_out, gram_in = self._grams(key, d_out, d_in)
+        self.counts[key] += 1
+        if n == 0:
+            return
+        direct_out, direct_in = gram_macs(n, d_in, d_out)
+        if direct_out or direct_in:
+            weight_grad = g.t() @ x
+        if direct_out:
+            gram_out.addmm_(weight_grad, weight_grad.t())
+        else:
+            gram_out.addmm_(g.t(), (x @ x.t()) @ g)
+        if direct_in:
+            gram_in.addmm_(weight_grad.t(), weight_grad)
+        else:
+            gram_in.addmm_(x.t(), (g @ g.t()) @ x)
+
+
+def gram_macs(n_rows: int, d_in: int, d_out: int) -> tuple[bool, bool]:
+    """Whether to build ``G G^T`` / ``G^T G`` from G = g^T x (True) or in factored form (False).
+
+    From G: ``n d_in d_out`` to form it (once, shared) + ``d_out^2 d_in`` / ``d_in^2 d_out``.
+    Factored: ``n^2 d_in + n^2 d_out + d_out^2 n`` for ``g^T (x x^T) g`` (the small n x n products
+    included), ``n^2 d_out + n^2 d_in + d_in^2 n`` for ``x^T (g g^T) x``. Each Gram takes its cheaper
+    route; the product G is charged to the direct route of whichever Grams use it.
+    """
+    small = n_rows * n_rows * (d_in + d_out)
+    factored_out, factored_in = small + d_out * d_out * n_rows, small + d_in * d_in * n_rows
+    form = n_rows * d_in * d_out
+    direct_out, direct_in = d_out * d_out * d_in, d_in * d_in * d_out
+    options = {
+        (True, True): form + direct_out + direct_in,
+        (True, False): form + direct_out + factored_in,
+        (False, True): form + factored_out + direct_in,
+        (False, False): factored_out + factored_in,
+    }
+    return min(options, key=options.get)
+
+
+class _GramTap(torch.autograd.Function):
+    """Identity on a linear's output whose backward folds (dL/dY, X) into the accumulator.
+
+    ``anchor`` (a scalar that requires grad) makes the output require grad while every parameter is
+    frozen, so the backward pass runs and reaches every tap without computing any weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, anchor, accumulator, key):
+        ctx.save_for_backward(x)
+        ctx.accumulator, ctx.key = accumulator, key
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        ctx.accumulator.add_factors(ctx.key, grad_y, x)
+        return grad_y, None, None, None, None
+
+
 def estimate_basis(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -176,12 +274,19 @@ def estimate_basis(
 ) -> Basis:
     """Transition matrices from ``steps`` backward passes, without changing any weight.
 
+    Every parameter is frozen during the passes. For ``nn.Linear`` targets a tap on the output catches
+    dL/dY in the backward pass and folds the slice ``G = (dL/dY)^T X`` into the two Gram matrices at
+    once (:class:`_GramAccumulator`), so no weight gradient is ever computed or stored; other 2-D
+    weights (not ``y = x W^T + b``) fall back to their weight gradient, folded and freed by a
+    post-accumulate hook as soon as it exists. Either way at most one slice is alive at a time.
+    One slice per call of a target (the MLP linears run once per forward pass).
+
     Args:
         model: a model whose ``model(**batch)`` returns an output with ``.loss``.
         batches: iterable of dicts (moved to the model's device). Consumed up to ``steps`` batches
             (all of them when ``steps`` is None).
         targets: see :func:`resolve_targets` (default: the MLP linears found by ``patterns`` /
-            ``every_nth_block``). Only their weights require grad during the passes.
+            ``every_nth_block``).
         per_layer: one basis per layer instead of one per group (the paper shares one per group).
         dtype: precision of the Gram accumulation (float32 or float64).
         eigh_dtype: precision of the eigendecomposition; factor_dtype: dtype of the returned factors.
@@ -202,21 +307,37 @@ def estimate_basis(
     keys = {t.name: (t.name if per_layer else t.group) for t in resolved}
     params = list(model.parameters())
     model_device = params[0].device
-    acc_device = torch.device(device) if device is not None else model_device
+    acc = _GramAccumulator(dtype, torch.device(device) if device is not None else model_device)
+    anchor = torch.zeros((), device=model_device, requires_grad=True)
+
+    def tap(key):
+        def hook(module, args, output):
+            return _GramTap.apply(output, args[0], anchor, acc, key)
+
+        return hook
+
+    def fold(key):
+        def hook(weight):
+            acc.add_weight_grad(key, weight.grad)
+            weight.grad = None
+
+        return hook
 
     saved_flags = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in params]
     was_training = model.training
-    gram_out: dict[str, torch.Tensor] = {}
-    gram_in: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    handles = []
     n_steps = 0
     try:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        for module in modules.values():
-            module.weight.requires_grad_(True)
+        for name, module in modules.items():
+            if isinstance(module, nn.Linear):
+                handles.append(module.register_forward_hook(tap(keys[name])))
+            else:
+                module.weight.requires_grad_(True)
+                handles.append(module.weight.register_post_accumulate_grad_hook(fold(keys[name])))
         model.train(train_mode)
         iterator = iter(batches)
         bar = None
@@ -231,41 +352,30 @@ def estimate_basis(
                 except StopIteration:
                     break
                 loss = _loss_of(model(**_to_device(batch, model_device)))
-                loss.backward()
-                for name, module in modules.items():
-                    grad = module.weight.grad
-                    module.weight.grad = None
-                    if grad is None:
-                        continue
-                    g = grad.detach().to(device=acc_device, dtype=dtype)
-                    key = keys[name]
-                    if key not in gram_out:
-                        gram_out[key] = torch.zeros(g.shape[0], g.shape[0], device=acc_device, dtype=dtype)
-                        gram_in[key] = torch.zeros(g.shape[1], g.shape[1], device=acc_device, dtype=dtype)
-                        counts[key] = 0
-                    gram_out[key].addmm_(g, g.t())
-                    gram_in[key].addmm_(g.t(), g)
-                    counts[key] += 1
+                if loss.requires_grad:
+                    loss.backward()
                 n_steps += 1
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
             bar.close()
     finally:
+        for handle in handles:
+            handle.remove()
         for p, flag, grad in zip(params, saved_flags, saved_grads):
             p.requires_grad_(flag)
             p.grad = grad
         model.train(was_training)
-    if not gram_out:
+    if not acc.gram_out:
         raise ValueError("no gradient reached the target linears: batches was empty or steps=0")
     collected = time.perf_counter()
     groups: dict[str, GroupBasis] = {}
-    for key in gram_out:
-        u_out, e_out = eigenbasis(gram_out[key], eigh_dtype)
-        u_in, e_in = eigenbasis(gram_in[key], eigh_dtype)
+    for key in list(acc.gram_out):
+        u_out, e_out = eigenbasis(acc.gram_out.pop(key), eigh_dtype)
+        u_in, e_in = eigenbasis(acc.gram_in.pop(key), eigh_dtype)
         groups[key] = GroupBasis(
             u_in=u_in.to(factor_dtype), u_out=u_out.to(factor_dtype),
-            eig_in=e_in.to(factor_dtype), eig_out=e_out.to(factor_dtype), n_gradients=counts[key],
+            eig_in=e_in.to(factor_dtype), eig_out=e_out.to(factor_dtype), n_gradients=acc.counts[key],
         )  # fmt: skip
     end = time.perf_counter()
     stats = {
@@ -273,10 +383,10 @@ def estimate_basis(
         "seconds_backward": collected - start,
         "seconds_eigh": end - collected,
         "steps": n_steps,
-        "n_gradients": dict(counts),
+        "n_gradients": dict(acc.counts),
         "dtype": str(dtype).removeprefix("torch."),
         "eigh_dtype": str(eigh_dtype).removeprefix("torch."),
-        "device": str(acc_device),
+        "device": str(acc.device),
     }
     return Basis(groups=groups, layer_keys=keys, per_layer=per_layer, stats=stats)
 

@@ -9,6 +9,9 @@ Everything here is a pure tensor function; the layers in :mod:`sparsegrad.layers
   (equations 1-2): rows of dL/dY that are entirely zero (padding, tokens outside the loss) are dropped
   before the products, and the result rows are scattered back, with ``index_select``/``index_copy``
   instead of the authors' identity-matrix product.
+* :func:`new_bitmask` / :func:`mark_bits` / :func:`count_bits`: a packed bit set over the entries of a
+  weight (one bit per entry, 1/8 of a bool mask), recording which coordinates have received a
+  gradient entry so far.
 * :func:`resolve_k` turns a budget given as a count or a fraction into a count.
 * The ``macs_*`` functions count multiply-adds of one linear layer's forward + backward under each
   formulation; the layers use :func:`cheapest_rotation_sides` to pick the exact formulation with the
@@ -28,6 +31,9 @@ __all__ = [
     "nonzero_rows",
     "scatter_rows",
     "cheapest_rotation_sides",
+    "new_bitmask",
+    "mark_bits",
+    "count_bits",
     "macs_dense",
     "macs_regular",
     "macs_auto",
@@ -159,6 +165,29 @@ def scatter_rows(compact: torch.Tensor, rows: torch.Tensor | None, n_rows: int) 
         return compact
     out = compact.new_zeros((n_rows, compact.shape[1]))
     return out.index_copy_(0, rows, compact)
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def new_bitmask(n_bits: int, device=None) -> torch.Tensor:
+    """A zeroed packed bit set of ``n_bits`` bits (uint8, ``ceil(n_bits / 8)`` bytes)."""
+    return torch.zeros((n_bits + 7) // 8, dtype=torch.uint8, device=device)
+
+
+def mark_bits(bits: torch.Tensor, flat: torch.Tensor) -> None:
+    """Set the bits at the flat positions ``flat`` (duplicates allowed), in place."""
+    flat = torch.unique(flat)
+    byte, bit = flat // 8, (flat % 8).to(torch.uint8)
+    value = torch.ones_like(bit).bitwise_left_shift_(bit)
+    new = bits[byte].bitwise_and(value).eq(0)
+    # distinct (byte, bit) pairs whose bit is still clear: adding their values sets exactly them
+    bits.index_add_(0, byte[new], value[new])
+
+
+def count_bits(bits: torch.Tensor) -> int:
+    """Number of set bits."""
+    return int(_POPCOUNT.to(bits.device)[bits.long()].sum())
 
 
 def cheapest_rotation_sides(n_tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:

@@ -5,7 +5,7 @@ The transition matrices of a layer's group are ``u_in`` (in x in) and ``u_out`` 
 the HOSVD mode factors of the stacked weight gradients (:mod:`sparsegrad.basis`; columns ordered by
 decreasing gradient energy).
 
-SparseGradLinear stores the rotated weight and trains it::
+SparseGradLinear trains the rotated weight::
 
     W~ = u_out^T W R,          W = u_out W~ R^T,          dL/dW~ = u_out^T (dL/dW) R,
 
@@ -21,12 +21,22 @@ HOSVD matrices; transposed, ``W~ = V W U^T``. Taking the paper's ``U`` to be the
 core orientation used here by default corresponds to ``U = u_in^T``, ``V^T = u_out``. The paper's Table 2
 (x~ = x U^T ..., three products per token) is the ``formulation="regular"`` path below.
 
+Storage (what the layer keeps in memory; the trajectory is the same):
+
+* ``"weight"`` (default, except for the regular formulation) — only W, in the ``weight`` parameter; W~
+  is never materialised. The parameter's gradient is the k-sparse dL/dW~ (its indices are coordinates
+  of W~), and :func:`sparsegrad.build_optimizer` applies each k-sparse step ΔW~ as
+  ``W += u_out ΔW~ R^T`` (:meth:`SparseGradLinear.apply_rotated_step`). A generic optimizer would add
+  ΔW~ to W directly, which is wrong; the layer notices at the next forward and raises.
+* ``"rotated"`` — W~ in the ``weight`` parameter plus a cached W_eff: one more out x in matrix, but any
+  sparse optimizer (``torch.optim.SparseAdam``) can train it.
+
 Formulations (both exact; chosen per layer, see :mod:`sparsegrad.kernels` for multiply-add counts):
 
 * ``"regular"`` — the paper's 3-product layer: ``x~ = x R``, ``y = (x~ W~^T) u_out^T + b``; backward
   rotates dL/dY by ``u_out`` per token: ``tokens (in^2 + out^2)`` extra multiply-adds each way.
-* ``"auto"`` (default) — forward with a cached effective weight ``W_eff = u_out W~ R^T`` refreshed only
-  when W~ changes (tracked through ``W~._version``; an optimizer that reports its k-sparse update, as
+* ``"auto"`` (default) — forward with W itself (weight storage) or a cached effective weight
+  ``W_eff = u_out W~ R^T`` (rotated storage) refreshed only when W~ changes (tracked through ``W~._version``; an optimizer that reports its k-sparse update, as
   :func:`sparsegrad.build_optimizer` does, refreshes it incrementally), ``dL/dx = G W_eff`` and
   ``dL/dW~ = u_out^T (G^T X) R`` with each rotation applied per token or once per call, whichever is
   cheaper.
@@ -44,17 +54,21 @@ from torch import nn
 from .kernels import (
     apply_to_rows,
     cheapest_rotation_sides,
+    count_bits,
     drop_zero_rows,
+    mark_bits,
+    new_bitmask,
     resolve_k,
     scatter_rows,
     topk_coo,
     topk_rows,
 )
 
-__all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "MEPROP_MODES"]
+__all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES"]
 
 ORIENTATIONS = ("hosvd", "official")
 FORMULATIONS = ("auto", "regular")
+STORAGES = ("weight", "rotated")
 MEPROP_MODES = ("weight", "output")
 
 
@@ -107,7 +121,8 @@ class _SparseGradFunction(torch.autograd.Function):
                 grad_dense = _rotated_weight_grad(g, xs, u_out, r_mat)
         if need_w:
             grad_w = topk_coo(grad_dense, layer.k)
-            layer.updated_mask.view(-1)[grad_w.indices()[0] * layer.in_features + grad_w.indices()[1]] = True
+            mark_bits(layer.updated_mask, grad_w.indices()[0] * layer.in_features + grad_w.indices()[1])
+            layer.note_gradient()
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)
         if grad_x is not None:
@@ -135,9 +150,11 @@ def _rotated_weight_grad(g: torch.Tensor, x: torch.Tensor, u_out: torch.Tensor, 
 class SparseGradLinear(nn.Module):
     """A Linear layer trained in the transition basis with a k-sparse weight gradient (see module doc).
 
-    Parameters: ``weight`` = W~ (out x in), ``bias`` (unrotated). Buffers: ``u_in``, ``u_out`` (saved in
-    the state_dict, moved by ``.to()``) and ``updated_mask`` (bool, out x in: coordinates of W~ that
-    have received a gradient entry so far, i.e. those a lazy optimizer has updated).
+    Parameters: ``weight`` = W (storage "weight") or W~ (storage "rotated"), out x in; its gradient is
+    always the k-sparse dL/dW~. ``bias`` (unrotated). Buffers: ``u_in``, ``u_out`` (saved in the
+    state_dict, moved by ``.to()``) and ``updated_mask`` (a packed bit set over the out x in coordinates
+    of W~ that have received a gradient entry so far, i.e. those a lazy optimizer has updated; see
+    :func:`sparsegrad.kernels.mark_bits`).
     """
 
     def __init__(
@@ -151,13 +168,22 @@ class SparseGradLinear(nn.Module):
         formulation: str = "auto",
         sparse_by_dense: bool = True,
         full_refresh_every: int = 100,
+        storage: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         _check_choice("orientation", orientation, ORIENTATIONS)
         _check_choice("formulation", formulation, FORMULATIONS)
+        storage = storage or ("rotated" if formulation == "regular" else "weight")
+        _check_choice("storage", storage, STORAGES)
+        if formulation == "regular" and storage == "weight":
+            raise ValueError(
+                "formulation='regular' (the paper's 3-product layer) computes with W~ itself; "
+                "use storage='rotated' (or formulation='auto' to keep only W)"
+            )
         factory = {"device": device, "dtype": dtype}
+        self.storage = storage
         self.in_features = in_features
         self.out_features = out_features
         self.k = resolve_k(k, in_features * out_features)
@@ -173,12 +199,11 @@ class SparseGradLinear(nn.Module):
         eye_in, eye_out = torch.eye(in_features, **factory), torch.eye(out_features, **factory)
         self.register_buffer("u_in", eye_in.t() if orientation == "hosvd" else eye_in)
         self.register_buffer("u_out", eye_out.t())
-        self.register_buffer(
-            "updated_mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
-        )
+        self.register_buffer("updated_mask", new_bitmask(out_features * in_features, device))
         self.register_buffer("effective_weight", None, persistent=False)
         self._eff_key: tuple | None = None
         self._n_incremental = 0
+        self._pending_key: tuple | None = None  # storage "weight": W's (address, version) at the last backward
         nn.init.normal_(self.weight, std=0.02)
 
     # ----------------------------------------------------------------------------------- construction
@@ -194,7 +219,8 @@ class SparseGradLinear(nn.Module):
         """Wrap ``linear``: W~ = u_out^T W R (computed in float64), same bias, same function.
 
         ``k`` is the gradient budget, a count or a fraction of in*out. ``options``: orientation,
-        formulation, sparse_by_dense, full_refresh_every.
+        formulation, sparse_by_dense, full_refresh_every, storage. With storage "weight" the layer
+        keeps a copy of W and no rotation is computed here.
         """
         w = linear.weight
         out_f, in_f = w.shape
@@ -208,18 +234,23 @@ class SparseGradLinear(nn.Module):
         )
         with torch.no_grad():
             layer.u_in, layer.u_out = cls.prepare_basis(u_in, u_out, w, layer.orientation)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        layer.weight.requires_grad_(w.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        if layer.storage == "weight":
+            with torch.no_grad():
+                layer.weight.copy_(w.detach())
+            return layer
+        with torch.no_grad():
             u_in64 = u_in.detach().to(device=w.device, dtype=torch.float64)
             u_out64 = u_out.detach().to(device=w.device, dtype=torch.float64)
             r64 = u_in64 if layer.orientation == "hosvd" else u_in64.t()
             layer.weight.copy_(u_out64.t() @ w.detach().double() @ r64)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias.detach())
             # The original W is the most exact effective weight there is.
             layer.effective_weight = w.detach().clone()
             layer._eff_key = layer._cache_key()
-        layer.weight.requires_grad_(w.requires_grad)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
     @staticmethod
@@ -249,14 +280,19 @@ class SparseGradLinear(nn.Module):
             if key in destination:
                 destination[key] = destination[key].contiguous().clone()
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pending_key = None  # a loaded W is not an optimizer's step
+
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the same function: W = u_out W~ R^T (computed in float64)."""
+        """A plain ``nn.Linear`` with the same function: W (storage "weight"), or W = u_out W~ R^T
+        computed in float64 (storage "rotated")."""
         w = self.weight
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
         )
         with torch.no_grad():
-            linear.weight.copy_(self._compose(w, torch.float64))
+            linear.weight.copy_(w if self.storage == "weight" else self._compose(w, torch.float64))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -265,6 +301,14 @@ class SparseGradLinear(nn.Module):
     def right_rotation(self) -> torch.Tensor:
         """R with W~ = u_out^T W R: ``u_in`` (hosvd orientation) or ``u_in^T`` (official)."""
         return self.u_in if self.orientation == "hosvd" else self.u_in.t()
+
+    def rotated_weight(self, dtype=None) -> torch.Tensor:
+        """W~ = u_out^T W R (computed in ``dtype``, default the weight's; a copy in both storages)."""
+        w = self.weight.detach()
+        if self.storage == "rotated":
+            return w.to(dtype or w.dtype, copy=True)
+        dtype = dtype or w.dtype
+        return (self.u_out.to(dtype).t() @ w.to(dtype)) @ self.right_rotation().to(dtype)
 
     def _compose(self, w_tilde: torch.Tensor, dtype=None) -> torch.Tensor:
         dtype = dtype or w_tilde.dtype
@@ -293,18 +337,13 @@ class SparseGradLinear(nn.Module):
             self._n_incremental = 0
         return self.effective_weight
 
-    @torch.no_grad()
-    def note_sparse_update(self, flat_indices: torch.Tensor, delta: torch.Tensor, version_before: int) -> None:
-        """Fold a k-sparse change of W~ into the cached W_eff (called by the optimizer after its step).
+    def _rotate_back(self, flat_indices: torch.Tensor, delta: torch.Tensor, dtype) -> torch.Tensor:
+        """The dense change ``u_out ΔW~ R^T`` of a sparse ΔW~ (``delta`` at row-major ``flat_indices``).
 
-        ``flat_indices`` (row-major into W~) and ``delta`` describe the whole change the optimizer made;
-        ``version_before`` is ``W~._version`` before it. If the cache was not valid for that version, or
-        an incremental refresh would cost as much as a full one, the cache is left stale and the next
-        forward recomputes it. Cost: ``k max(in, out) + out in min(rows, cols touched)``.
+        The sparse factor is multiplied on the side with fewer touched rows/columns (cost
+        ``k max(in, out) + out in min(rows, cols touched)``); a ΔW~ touching nearly everything goes
+        through the dense product (``out in (in + out)``).
         """
-        key_before = (version_before,) + self._cache_key()[1:]
-        if self.effective_weight is None or self._eff_key != key_before:
-            return
         d_out, d_in = self.out_features, self.in_features
         rows_all, cols_all = flat_indices // d_in, flat_indices % d_in
         u_rows, inv_rows = torch.unique(rows_all, return_inverse=True)
@@ -312,10 +351,12 @@ class SparseGradLinear(nn.Module):
         n_idx = flat_indices.numel()
         cost_rows = n_idx * d_in + d_out * u_rows.numel() * d_in
         cost_cols = n_idx * d_out + d_in * u_cols.numel() * d_out
+        u_out, r_mat = self.u_out.to(dtype), self.right_rotation().to(dtype)
+        delta = delta.to(dtype)
         if min(cost_rows, cost_cols) >= d_out * d_in * (d_in + d_out):
-            return
-        u_out, r_mat = self.u_out, self.right_rotation()
-        delta = delta.to(self.effective_weight.dtype)
+            dense = torch.zeros(d_out * d_in, dtype=dtype, device=delta.device)
+            dense.index_add_(0, flat_indices, delta)
+            return (u_out @ dense.view(d_out, d_in)) @ r_mat.t()
         if cost_rows <= cost_cols:
             n_rows = u_rows.numel()
             if n_rows == d_out:  # every row touched: skip the gather of u_out's columns
@@ -326,35 +367,100 @@ class SparseGradLinear(nn.Module):
                 torch.stack([row_idx, cols_all]), delta, (n_rows, d_in), check_invariants=False
             )
             # sparse.mm is fast only with a row-major dense operand (a no-op .contiguous() here)
-            change = left @ torch.sparse.mm(compact, r_mat.t().contiguous())
+            return left @ torch.sparse.mm(compact, r_mat.t().contiguous())
+        n_cols = u_cols.numel()
+        if n_cols == d_in:
+            right, col_idx = r_mat, cols_all
         else:
-            n_cols = u_cols.numel()
-            if n_cols == d_in:
-                right, col_idx = r_mat, cols_all
-            else:
-                right, col_idx = r_mat.index_select(1, u_cols), inv_cols
-            compact_t = torch.sparse_coo_tensor(
-                torch.stack([col_idx, rows_all]), delta, (n_cols, d_out), check_invariants=False
-            )
-            change = (right @ torch.sparse.mm(compact_t, u_out.t().contiguous())).t()
-        self.effective_weight.add_(change)
+            right, col_idx = r_mat.index_select(1, u_cols), inv_cols
+        compact_t = torch.sparse_coo_tensor(
+            torch.stack([col_idx, rows_all]), delta, (n_cols, d_out), check_invariants=False
+        )
+        return (right @ torch.sparse.mm(compact_t, u_out.t().contiguous())).t()
+
+    @torch.no_grad()
+    def apply_rotated_step(self, flat_indices: torch.Tensor, delta: torch.Tensor, decay: float = 0.0) -> None:
+        """Storage "weight": apply a k-sparse step of W~ to W, ``W <- (1 - decay) W + u_out ΔW~ R^T``.
+
+        ``flat_indices`` (row-major into W~) and ``delta`` are the optimizer's step; ``decay`` is its
+        decoupled weight decay ``lr * weight_decay``, applied to the whole of W (rotation-invariant:
+        the same as decaying every coordinate of W~). Called by :func:`sparsegrad.build_optimizer`.
+        """
+        if self.storage != "weight":
+            raise RuntimeError("apply_rotated_step is for storage='weight'; a rotated layer's W~ is its parameter")
+        w = self.weight
+        if decay:
+            w.mul_(1.0 - decay)
+        if flat_indices.numel():
+            w.add_(self._rotate_back(flat_indices, delta, w.dtype))
+        self._pending_key = None
+
+    def note_gradient(self) -> None:
+        """Record W's state when a W~-space gradient was produced (storage "weight"; see forward)."""
+        if self.storage == "weight":
+            self._pending_key = (self.weight.data_ptr(), self.weight._version)
+
+    def _check_not_stepped_by_foreign_optimizer(self) -> None:
+        key = self._pending_key
+        if key is None or key[0] != self.weight.data_ptr() or key[1] == self.weight._version:
+            return
+        self._pending_key = None
+        raise RuntimeError(
+            "SparseGradLinear(storage='weight') holds W, but its gradient is dL/dW~ in the rotated basis, "
+            "and W changed after the backward pass without apply_rotated_step: an optimizer that adds "
+            "the gradient to the parameter directly (torch.optim.SparseAdam, SGD, ...) trains the wrong "
+            "coordinates. Use sparsegrad.build_optimizer(model, ...), or build the layers with "
+            "storage='rotated' (MethodConfig(storage='rotated')) to train W~ with any sparse optimizer. "
+            "If you changed W yourself on purpose after a backward pass, call "
+            "layer.discard_pending_gradient() before the next forward."
+        )
+
+    def discard_pending_gradient(self) -> None:
+        """Forget the last backward pass: the next forward accepts any change of W made since."""
+        self._pending_key = None
+
+    @torch.no_grad()
+    def note_sparse_update(self, flat_indices: torch.Tensor, delta: torch.Tensor, version_before: int) -> None:
+        """Storage "rotated": fold a k-sparse change of W~ into the cached W_eff (called by the optimizer
+        after its step).
+
+        ``flat_indices`` (row-major into W~) and ``delta`` describe the whole change the optimizer made;
+        ``version_before`` is ``W~._version`` before it. If the cache was not valid for that version, or
+        an incremental refresh would cost as much as a full one, the cache is left stale and the next
+        forward recomputes it. Cost: ``k max(in, out) + out in min(rows, cols touched)``.
+        """
+        key_before = (version_before,) + self._cache_key()[1:]
+        if self.effective_weight is None or self._eff_key != key_before:
+            return
+        d_out, d_in = self.out_features, self.in_features
+        n_rows = torch.unique(flat_indices // d_in).numel()
+        n_cols = torch.unique(flat_indices % d_in).numel()
+        n_idx = flat_indices.numel()
+        cost = min(n_idx * d_in + d_out * n_rows * d_in, n_idx * d_out + d_in * n_cols * d_out)
+        if cost >= d_out * d_in * (d_in + d_out):
+            return
+        self.effective_weight.add_(self._rotate_back(flat_indices, delta, self.effective_weight.dtype))
         self._eff_key = self._cache_key()
         self._n_incremental += 1
 
     # --------------------------------------------------------------------------------------- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_eff = self.current_effective_weight() if self.formulation == "auto" else None
+        if self.storage == "weight":
+            self._check_not_stepped_by_foreign_optimizer()
+            w_eff = self.weight
+        else:
+            w_eff = self.current_effective_weight() if self.formulation == "auto" else None
         return apply_to_rows(_SparseGradFunction, x, self.out_features, self.weight, self.bias, w_eff, self)
 
     def num_updated(self) -> int:
         """Number of distinct W~ coordinates that have received a gradient entry so far."""
-        return int(self.updated_mask.sum())
+        return count_bits(self.updated_mask)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
             f"bias={self.bias is not None}, orientation={self.orientation}, formulation={self.formulation}, "
-            f"sparse_by_dense={self.sparse_by_dense}"
+            f"storage={self.storage}, sparse_by_dense={self.sparse_by_dense}"
         )
 
 
@@ -385,9 +491,9 @@ class _MePropFunction(torch.autograd.Function):
             if layer.mode == "weight":
                 grad_w = topk_coo(grad_w, layer.k)
                 idx = grad_w.indices()
-                layer.updated_mask.view(-1)[idx[0] * layer.in_features + idx[1]] = True
+                mark_bits(layer.updated_mask, idx[0] * layer.in_features + idx[1])
             else:
-                layer.updated_mask |= grad_w.ne(0)
+                mark_bits(layer.updated_mask, grad_w.reshape(-1).ne(0).nonzero().squeeze(1))
         if ctx.needs_input_grad[2] and ctx.has_bias:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None
@@ -427,9 +533,7 @@ class MePropLinear(nn.Module):
         self.sparse_by_dense = sparse_by_dense
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        self.register_buffer(
-            "updated_mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
-        )
+        self.register_buffer("updated_mask", new_bitmask(out_features * in_features, device))
         nn.init.normal_(self.weight, std=0.02)
 
     @property
@@ -468,7 +572,7 @@ class MePropLinear(nn.Module):
         return apply_to_rows(_MePropFunction, x, self.out_features, self.weight, self.bias, self)
 
     def num_updated(self) -> int:
-        return int(self.updated_mask.sum())
+        return count_bits(self.updated_mask)
 
     def extra_repr(self) -> str:
         return (

@@ -12,8 +12,12 @@ It adds decoupled weight decay on the touched coordinates and two layouts of the
   12 bytes per touched coordinate instead of 8 bytes per coordinate of the matrix. Both layouts give
   the same trajectory.
 
-After each sparse step it tells the owning layer what changed (``note_sparse_update``), so a
-:class:`~sparsegrad.layers.SparseGradLinear` refreshes its cached effective weight incrementally.
+A parameter may have an *applier* (:meth:`LazySparseAdam.register_applier`): the optimizer then hands
+it the step (coordinates, change, ``lr * weight_decay``) instead of adding the change to the parameter
+itself. A :class:`~sparsegrad.layers.SparseGradLinear` with storage "weight" holds W and receives
+dL/dW~, so its applier adds ``u_out ΔW~ R^T`` to W (and decays W as a whole). Other parameters may have
+a listener that is told what changed after the step (``note_sparse_update``: a layer with storage
+"rotated" refreshes its cached effective weight incrementally).
 
 :func:`build_optimizer` wraps the two optimizers with a learning-rate schedule, global gradient-norm
 clipping over dense gradients and COO values, ``state_dict``/``load_state_dict`` for resume, and
@@ -57,10 +61,17 @@ class LazySparseAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.state_layout = state_layout
         self._listeners: dict[int, Callable] = {}
+        self._appliers: dict[int, Callable] = {}
 
     def register_update_listener(self, param: torch.Tensor, callback: Callable) -> None:
         """``callback(flat_indices, delta, version_before)`` is called after each update of ``param``."""
         self._listeners[id(param)] = callback
+
+    def register_applier(self, param: torch.Tensor, apply: Callable) -> None:
+        """``apply(flat_indices, delta, decay)`` makes each step of ``param`` instead of the optimizer:
+        ``delta`` is the Adam step at the coordinates ``flat_indices`` (no weight decay in it) and
+        ``decay = lr * weight_decay`` the decoupled decay the applier owns."""
+        self._appliers[id(param)] = apply
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -139,6 +150,10 @@ class LazySparseAdam(torch.optim.Optimizer):
                 bias_correction2 = 1 - beta2 ** state["step"]
                 step_size = lr * math.sqrt(bias_correction2) / bias_correction1
                 update = numer.div_(denom).mul_(-step_size)
+                applier = self._appliers.get(id(p))
+                if applier is not None:
+                    applier(flat, update, lr * wd)
+                    continue
                 p_flat = p.view(-1)
                 old_p = p_flat[flat]
                 if wd:
@@ -324,8 +339,9 @@ def build_optimizer(
     of LeadingBlockLinear (a block of exactly k entries trains densely and goes to AdamW like any dense parameter).
 
     Only parameters with ``requires_grad`` are included. Weight decay (decoupled) applies to dense
-    parameters with two or more dimensions (not to biases and norm weights) and, lazily, to the touched
-    coordinates of the sparse weights. ``sparse_state``: "dense" (SparseAdam-like moments) or
+    parameters with two or more dimensions (not to biases and norm weights), lazily to the touched
+    coordinates of the sparse weights, and to the whole W of a SparseGradLinear with storage "weight"
+    (the rotation-invariant form: decaying W decays every coordinate of W~). ``sparse_state``: "dense" (SparseAdam-like moments) or
     "compact" (moments only for touched coordinates). ``schedule``: "linear" (warmup then linear decay
     to 0 at ``total_steps``) or "constant" (warmup then constant).
     """
@@ -348,7 +364,10 @@ def build_optimizer(
         )  # fmt: skip
         for m in sparse_mods.values():
             if isinstance(m, SparseGradLinear) and m.weight.requires_grad:
-                sparse.register_update_listener(m.weight, m.note_sparse_update)
+                if m.storage == "weight":
+                    sparse.register_applier(m.weight, m.apply_rotated_step)
+                else:
+                    sparse.register_update_listener(m.weight, m.note_sparse_update)
     if dense is None and sparse is None:
         raise ValueError("the model has no parameter with requires_grad=True; was a method applied?")
     return SparseGradOptimizer(

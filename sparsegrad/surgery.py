@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .basis import Basis, estimate_basis
-from .layers import FORMULATIONS, MEPROP_MODES, ORIENTATIONS, MePropLinear, SparseGradLinear
+from .layers import FORMULATIONS, MEPROP_MODES, ORIENTATIONS, STORAGES, MePropLinear, SparseGradLinear
 from .targets import Target, find_targets
 
 __all__ = ["METHODS", "MethodConfig", "apply_method", "merge", "set_submodule"]
@@ -50,7 +50,9 @@ class MethodConfig:
     lora_rank / lora_alpha / lora_dropout: peft LoRA (paper: rank 7 base encoders, 10 large,
         32 LLaMA-2); ``lora_alpha=None`` means alpha = rank (scale 1).
     orientation: "hosvd" (Tucker core) or "official" (the authors' code); formulation: "auto" or
-        "regular"; sparse_by_dense: drop zero rows of dL/dY (paper §3.3).
+        "regular"; sparse_by_dense: drop zero rows of dL/dY (paper §3.3); storage: "weight" (keep only
+        W; the default except for the regular formulation; needs :func:`sparsegrad.build_optimizer`) or
+        "rotated" (keep W~ and a cached W; any sparse optimizer), see :class:`SparseGradLinear`.
     target_patterns: group -> regex (default by model_type); every_nth_block: keep blocks whose index
         is divisible by it (LLaMA setting: 3); train_non_mlp: see module docstring.
     basis_steps / basis_per_layer: used when apply_method estimates the basis from ``batches``
@@ -66,6 +68,7 @@ class MethodConfig:
     lora_dropout: float = 0.0
     orientation: str = "hosvd"
     formulation: str = "auto"
+    storage: str | None = None
     sparse_by_dense: bool = True
     target_patterns: dict[str, str] | None = None
     every_nth_block: int | None = None
@@ -85,6 +88,8 @@ class MethodConfig:
             raise ValueError(f"unknown orientation {self.orientation!r}; valid: {', '.join(ORIENTATIONS)}")
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"unknown formulation {self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
+        if self.storage is not None and self.storage not in STORAGES:
+            raise ValueError(f"unknown storage {self.storage!r}; valid: {', '.join(STORAGES)} (or null: automatic)")
 
     @classmethod
     def from_any(cls, cfg) -> MethodConfig:
@@ -171,7 +176,7 @@ def apply_method(
             u_in, u_out = prepared[id(group_basis)]
             layer = SparseGradLinear.from_linear(
                 linear, u_in, u_out, cfg.k, orientation=cfg.orientation, formulation=cfg.formulation,
-                sparse_by_dense=cfg.sparse_by_dense,
+                storage=cfg.storage, sparse_by_dense=cfg.sparse_by_dense,
             )  # fmt: skip
             set_submodule(model, t.name, layer)
     elif cfg.name == "leading_block":

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from method_fixtures import make_batches, make_model
+from torch import nn
 
 from sparsegrad import estimate_basis, find_targets
 from sparsegrad.basis import Basis, eigenbasis
@@ -120,3 +121,52 @@ def test_targets_given_as_names_or_modules():
     torch.testing.assert_close(by_name["down"].u_in, by_module["down"].u_in)
     with pytest.raises(ValueError, match="not MLP linears"):
         estimate_basis(model, batches, targets=["bert.pooler.dense"], steps=1)
+
+
+@pytest.mark.parametrize("n_rows", [5, 60])  # fewer token rows than features (factored) and more (direct)
+def test_gram_accumulator_routes_agree_with_the_weight_gradient(n_rows):
+    from sparsegrad.basis import _GramAccumulator, gram_macs
+
+    gen = torch.Generator().manual_seed(0)
+    d_in, d_out = 24, 40
+    g = torch.randn(n_rows + 3, d_out, generator=gen, dtype=torch.float64)
+    g[-3:] = 0  # padding rows: dropped before the products
+    x = torch.randn(n_rows + 3, d_in, generator=gen, dtype=torch.float64)
+    acc = _GramAccumulator(torch.float64, torch.device("cpu"))
+    acc.add_factors("k", g, x)
+    acc.add_factors("k", g[:2], x[:2])
+    w1, w2 = g.t() @ x, g[:2].t() @ x[:2]
+    torch.testing.assert_close(acc.gram_out["k"], w1 @ w1.t() + w2 @ w2.t(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(acc.gram_in["k"], w1.t() @ w1 + w2.t() @ w2, rtol=1e-12, atol=1e-10)
+    assert acc.counts["k"] == 2
+    assert gram_macs(n_rows, d_in, d_out) == ((False, False) if n_rows == 5 else (True, True))
+
+
+def test_non_linear_targets_use_their_weight_gradient():
+    """A target that is not an nn.Linear (here a linear with its own forward) falls back to folding
+    its weight gradient; the basis equals the one of the same model built from nn.Linear."""
+
+    class OwnLinear(nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.weight, self.bias = linear.weight, linear.bias
+
+        def forward(self, x):
+            return x @ self.weight.t() + self.bias
+
+    batches = make_batches("bert", n=2)
+    ref = estimate_basis(make_model("bert"), batches, steps=2, dtype=torch.float64)
+    model = make_model("bert")
+    for layer in model.bert.encoder.layer:
+        layer.intermediate.dense = OwnLinear(layer.intermediate.dense)
+        layer.output.dense = OwnLinear(layer.output.dense)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    targets = find_targets(make_model("bert"))  # the same names; find_targets itself looks for nn.Linear
+    ours = estimate_basis(model, batches, targets, steps=2, dtype=torch.float64)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    for group in ("up", "down"):
+        torch.testing.assert_close(ours[group].eig_out, ref[group].eig_out, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(ours[group].eig_in, ref[group].eig_in, rtol=1e-5, atol=1e-12)
+        for a, b in zip(ours[group], ref[group]):  # leading, well separated directions
+            torch.testing.assert_close(a[:, :4], b[:, :4], rtol=1e-4, atol=1e-5)

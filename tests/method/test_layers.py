@@ -43,18 +43,22 @@ def _run(layer, x, grad_y):
 
 
 @pytest.mark.parametrize("orientation", ["hosvd", "official"])
-@pytest.mark.parametrize("formulation", ["auto", "regular"])
+@pytest.mark.parametrize("formulation,storage", [("auto", "weight"), ("auto", "rotated"), ("regular", "rotated")])
 @pytest.mark.parametrize("sparse_by_dense", [True, False])
-def test_sparsegrad_linear_matches_float64_reference(orientation, formulation, sparse_by_dense):
+def test_sparsegrad_linear_matches_float64_reference(orientation, formulation, storage, sparse_by_dense):
     linear, u_in, u_out, x, grad_y = _setup()
     k = 37
     layer = SparseGradLinear.from_linear(
-        linear, u_in, u_out, k, orientation=orientation, formulation=formulation, sparse_by_dense=sparse_by_dense
-    )
+        linear, u_in, u_out, k, orientation=orientation, formulation=formulation, storage=storage,
+        sparse_by_dense=sparse_by_dense,
+    )  # fmt: skip
+    assert layer.storage == storage
     y_ref, gx_ref, gw_ref, gb_ref = _reference(linear, x, grad_y)
     y, gx, gw, gb = _run(layer, x, grad_y)
     r_mat = u_in if orientation == "hosvd" else u_in.t()
-    torch.testing.assert_close(layer.weight.detach(), u_out.t() @ linear.weight.detach() @ r_mat)
+    stored = linear.weight if storage == "weight" else u_out.t() @ linear.weight @ r_mat
+    torch.testing.assert_close(layer.weight.detach(), stored.detach())
+    torch.testing.assert_close(layer.rotated_weight(), u_out.t() @ linear.weight.detach() @ r_mat)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gb, gb_ref, rtol=1e-12, atol=1e-12)  # unrotated bias gradient
@@ -79,7 +83,7 @@ def test_fraction_budget_and_k_equal_to_all_entries():
 def test_float32_forward_relative_error_below_1e5():
     linear, u_in, u_out, x, grad_y = _setup(torch.float32, seed=3)
     for formulation in ("auto", "regular"):
-        layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10, formulation=formulation)
+        layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10, formulation=formulation, storage="rotated")
         layer.current_effective_weight()
         with torch.no_grad():
             layer.weight.add_(0.0)  # bump the version: the cache must be recomputed from W~
@@ -106,7 +110,7 @@ def test_sparse_by_dense_equals_dense_path_with_padding():
 
 def test_weight_change_invalidates_cached_effective_weight():
     linear, u_in, u_out, x, _ = _setup()
-    layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10)
+    layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10, storage="rotated")
     with torch.no_grad():
         layer.weight[3, 5] += 0.7
         torch.testing.assert_close(layer(x), layer.to_linear()(x))
@@ -122,7 +126,7 @@ def test_incremental_refresh_matches_recomputation():
         "everything": torch.arange(0, D_OUT * D_IN, 7),  # all rows and columns: no gather
     }
     for flat in cases.values():
-        layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10)
+        layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10, storage="rotated")
         layer.current_effective_weight()
         delta = torch.randn(flat.numel(), dtype=torch.float64)
         version = layer.weight._version
@@ -133,13 +137,60 @@ def test_incremental_refresh_matches_recomputation():
         torch.testing.assert_close(layer.effective_weight, layer.to_linear().weight, rtol=1e-12, atol=1e-12)
 
 
-def test_basis_buffers_follow_state_dict_and_to():
+@pytest.mark.parametrize("orientation", ["hosvd", "official"])
+def test_weight_storage_applies_sparse_steps_through_the_basis(orientation):
+    """storage "weight": W <- (1 - decay) W + u_out ΔW~ R^T, on every route (rows, columns, dense)."""
+    linear, u_in, u_out, x, _ = _setup()
+    r_mat = u_in if orientation == "hosvd" else u_in.t()
+    cases = {
+        "few rows": torch.arange(5),
+        "few columns": torch.arange(30) * D_IN + 3,
+        "spread": torch.arange(0, D_OUT * D_IN, 7),
+        "everything": torch.arange(D_OUT * D_IN),
+        "nothing": torch.arange(0),
+    }
+    for name, flat in cases.items():
+        layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10, orientation=orientation)
+        delta = torch.randn(flat.numel(), dtype=torch.float64)
+        expected_tilde = u_out.t() @ linear.weight.detach() @ r_mat * 0.9
+        expected_tilde.view(-1).index_add_(0, flat, delta)
+        layer.apply_rotated_step(flat, delta, decay=0.1)
+        torch.testing.assert_close(layer.rotated_weight(), expected_tilde, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(layer.weight.detach(), u_out @ expected_tilde @ r_mat.t(), rtol=1e-12,
+                                   atol=1e-12, msg=name)  # fmt: skip
+
+
+def test_weight_storage_refuses_a_foreign_optimizer_step():
+    linear, u_in, u_out, x, grad_y = _setup()
+    layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10)
+    _run(layer, x, grad_y)
+    torch.optim.SparseAdam([layer.weight], lr=1e-2).step()  # adds dL/dW~ to W: wrong coordinates
+    with pytest.raises(RuntimeError, match="build_optimizer"):
+        layer(x)
+    layer(x)  # reported once; the user decides
+    _run(layer, x, grad_y)
+    with torch.no_grad():
+        layer.weight.mul_(1.0)  # a deliberate change after a backward pass
+    layer.discard_pending_gradient()
+    layer(x)
+    rotated = SparseGradLinear.from_linear(linear, u_in, u_out, 10, storage="rotated")
+    _run(rotated, x, grad_y)
+    torch.optim.SparseAdam([rotated.weight], lr=1e-2).step()  # W~ is the parameter: fine
+    rotated(x)
+    with pytest.raises(ValueError, match="storage='rotated'"):
+        SparseGradLinear.from_linear(linear, u_in, u_out, 10, formulation="regular", storage="weight")
+
+
+@pytest.mark.parametrize("storage", ["weight", "rotated"])
+def test_basis_buffers_follow_state_dict_and_to(storage):
     linear, u_in, u_out, x, _ = _setup(torch.float32)
-    layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10, orientation="official")
+    layer = SparseGradLinear.from_linear(linear, u_in, u_out, 10, orientation="official", storage=storage)
     state = layer.state_dict()
     assert {"weight", "bias", "u_in", "u_out", "updated_mask"} <= set(state)
     assert "effective_weight" not in state
-    fresh = SparseGradLinear(D_IN, D_OUT, 10, orientation="official")
+    if storage == "weight":
+        assert torch.equal(state["weight"], linear.weight.detach())  # W itself: the plain Linear's key
+    fresh = SparseGradLinear(D_IN, D_OUT, 10, orientation="official", storage=storage)
     fresh.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), linear(x), rtol=1e-5, atol=1e-5)
