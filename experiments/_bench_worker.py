@@ -28,8 +28,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad_regular", "leading_block")
-BASIS_METHODS = ("sparsegrad", "sparsegrad_regular", "leading_block")
+METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad_rotated", "sparsegrad_regular", "leading_block")
+BASIS_METHODS = ("sparsegrad", "sparsegrad_rotated", "sparsegrad_regular", "leading_block")
 
 # Token counts of the 10,605 movie-review sentences under the MiniLM (bert-base-uncased) tokenizer,
 # [CLS] and [SEP] included: length -> number of sentences. Used when the asset is not available.
@@ -85,6 +85,7 @@ class Spec:
     threads: int | None = None
     seed: int = 0
     basis_steps: int = 8
+    basis_micro_batch: int | None = None  # estimate_basis(micro_batch=...): rows per backward pass
     basis_cache: str | None = None  # a file: load the basis if it exists, else estimate and save it
     block_factor: float = 2.0  # leading_block: block of block_factor * k entries, top-k inside
     sparse_state: str = "compact"  # LazySparseAdam layout for sparsegrad / meprop
@@ -269,7 +270,8 @@ def get_basis(spec: Spec, model, device, result: dict):
     before = current_bytes(device)
     with PeakMeter(device) as meter:
         start = time.perf_counter()
-        basis = sparsegrad.estimate_basis(model, batches, targets, steps=spec.basis_steps)
+        basis = sparsegrad.estimate_basis(model, batches, targets, steps=spec.basis_steps,
+                                          micro_batch=spec.basis_micro_batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -280,6 +282,8 @@ def get_basis(spec: Spec, model, device, result: dict):
         "seconds_eigh": basis.stats.get("seconds_eigh"),
         "extra_peak_bytes": int(meter.peak - before),
         "steps": spec.basis_steps,
+        "micro_batch": spec.basis_micro_batch,
+        "batch": spec.batch,
         "tokens_per_batch": [int(b["attention_mask"].sum()) for b in batches],
         "padded_width": [int(b["input_ids"].shape[1]) for b in batches],
     }
@@ -309,11 +313,13 @@ def apply(spec: Spec, model, device, result: dict):
         model = sparsegrad.apply_method(model, {"name": "lora", "lora_rank": int(spec.extra.get("lora_rank", fam["lora_rank"])), **common})
     elif spec.method == "meprop":
         model = sparsegrad.apply_method(model, {"name": "meprop", "k": k, **common})
-    elif spec.method in ("sparsegrad", "sparsegrad_regular"):
+    elif spec.method in ("sparsegrad", "sparsegrad_rotated", "sparsegrad_regular"):
         formulation = "regular" if spec.method == "sparsegrad_regular" else "auto"
-        sd = spec.method == "sparsegrad"  # the paper's "Reg" runs the 3-product layer with a dense backward
+        storage = "weight" if spec.method == "sparsegrad" else "rotated"
+        sd = spec.method != "sparsegrad_regular"  # the paper's "Reg" runs the 3-product layer with a dense backward
         model = sparsegrad.apply_method(model, {"name": "sparsegrad", "k": k, "formulation": formulation,
-                                                "sparse_by_dense": sd, **common}, basis=basis)  # fmt: skip
+                                                "storage": storage, "sparse_by_dense": sd, **common},
+                                        basis=basis)  # fmt: skip
     elif spec.method == "leading_block":
         from sparsegrad.fixed_support import apply_leading_block
 

@@ -53,7 +53,10 @@ METHOD_NOTES = {
     "full": "full fine-tuning, dense AdamW on every parameter",
     "lora": "peft LoRA on the MLP linears (rank 7 encoders, 32 LLaMA), non-MLP dense as in the paper",
     "meprop": "top-k of dL/dW in the original space (paper's MeProp), lazy Adam",
-    "sparsegrad": "exact SparseGrad, cached effective weight (formulation 'auto'), sparse-by-dense, lazy Adam",
+    "sparsegrad": "exact SparseGrad as the library builds it: only W stored (storage 'weight'; each k-sparse step "
+                  "applied as u_out·ΔW~·Rᵀ), formulation 'auto', sparse-by-dense, lazy Adam",
+    "sparsegrad_rotated": "the same exact method with storage 'rotated': W~ as the parameter plus a cached "
+                          "W_eff = u_out W~ Rᵀ (one more out×in matrix per layer; trainable by any sparse optimizer)",
     "sparsegrad_regular": "exact SparseGrad, the paper's 3-product layer ('regular'), dense backward (paper's 'Reg')",
     "leading_block": "variant: SparseGrad restricted to the leading block of W~ (sparsegrad.fixed_support)",
 }
@@ -84,6 +87,7 @@ class Preset:
     repeats: int
     budget_min: float
     basis_steps: int = 8
+    basis_micro_batch: int | None = 4
     energy: str = "auto"  # auto | run | cached | skip
     profile_method: str | None = None
     steps_override: dict = field(default_factory=dict)  # method -> timed steps
@@ -101,7 +105,7 @@ PRESETS = {
     "cpu": Preset(
         shapes=[Shape("bert-base", 16, 128, "movie", methods=ALL),
                 Shape("bert-base", 16, 128, "none", methods=["full", "lora", "leading_block", "sparsegrad"])],
-        steps=2, warmup=1, repeats=2, budget_min=21, energy="auto", profile_method="sparsegrad",
+        steps=2, warmup=1, repeats=2, budget_min=24, energy="auto", profile_method="sparsegrad",
         steps_override={"sparsegrad_regular": 1},
         notes=[
             "CPU preset (2 cores: a bert-base step takes seconds): bert-base bs16x128 only, 2 timed steps after "
@@ -258,6 +262,7 @@ def execute(preset: Preset, args, on_record=None) -> dict:
                 "padding": shape.padding, "method": method, "device": args.device,
                 "steps": preset.steps_override.get(method, preset.steps), "warmup": preset.warmup,
                 "threads": args.threads, "seed": args.seed, "basis_steps": preset.basis_steps,
+                "basis_micro_batch": preset.basis_micro_batch,
                 "basis_cache": os.path.join(cache_dir, f"basis-{cache_key}.pt"),
                 "pretrained": shape.pretrained, "block_factor": args.block_factor,
                 "profile": method == preset.profile_method and shape.key not in profiled,
@@ -443,12 +448,13 @@ def bytes_table(model: str, layers: int | None, block_factor: float, rank: int |
     """Bytes (float32) each method keeps for the trained MLP matrices beyond their weights, per group.
 
     Per matrix: full FT a gradient and two Adam moments; LoRA adapters + gradients + two moments;
-    exact SparseGrad now: the cached W_eff, the updated-coordinates mask (1 byte), the transient dense
-    dL/dW~ and 12 bytes of compact lazy-Adam state per touched coordinate (k after one step), plus one
-    shared copy of u_in, u_out per group; lean exact SparseGrad: no W_eff copy and no mask (W kept as
-    the master, W~ never stored: the k-sparse step applied as u_out dW~ R^T), i.e. the gradient's k
-    values and indices, the state and the shared basis; the leading block: B, its gradient, its
-    compact state, and one shared copy of the basis columns per group.
+    exact SparseGrad, storage "weight" (the library's default): W is the only weight (no W~, no cached
+    copy), the updated-coordinates bit set (1 bit per entry), the k-sparse gradient (values + int64
+    row/column indices: 20 bytes per entry) and 12 bytes of compact lazy-Adam state per touched
+    coordinate (k after one step), plus one shared copy of u_in, u_out per group; storage "rotated":
+    the same plus the cached W_eff (out·in floats); the leading block: B, its gradient, its compact
+    state, and one shared copy of the basis columns per group. Transients (one layer's dense dL/dW~
+    during its backward) are not counted.
     """
     info = mlp_shapes(model, layers)
     fam = info["family"]
@@ -465,8 +471,8 @@ def bytes_table(model: str, layers: int | None, block_factor: float, rank: int |
             "group": group, "in": d_in, "out": d_out, "matrices": n_mat,
             "full": n_mat * 4 * n * 3,
             "lora": n_mat * 4 * rank * (d_in + d_out) * 4,
-            "sparsegrad_now": n_mat * (4 * n + n + 4 * n + 12 * k) + basis,
-            "sparsegrad_lean": n_mat * (8 * k + 12 * k) + basis,
+            "sparsegrad": n_mat * (n // 8 + 20 * k + 12 * k) + basis,
+            "sparsegrad_rotated": n_mat * (4 * n + n // 8 + 20 * k + 12 * k) + basis,
             "leading_block": n_mat * (4 * r * c * 2 + 12 * k) + 4 * (d_in * c + d_out * r),
             "block": f"{r}x{c}",
         })  # fmt: skip
@@ -562,8 +568,11 @@ def to_markdown(report: dict) -> str:
             lines += ["Steps/s of each repeat (noise check): " + "; ".join(spread) + ".", ""]
         basis_rows = [(m_, r["basis"]) for m_, r in rows.items() if "error" not in r and r.get("basis")]
         for m_, b in basis_rows:
+            micro = b.get("micro_batch")
+            passes = (f"{b['steps']} batches of {b.get('batch', '?')} movie-length rows, one backward pass per "
+                      f"{micro} rows" if micro else f"{b['steps']} backward passes on movie-length batches")
             lines += [
-                f"Transition basis (estimated in the `{m_}` run, {b['steps']} backward passes on movie-length batches "
+                f"Transition basis (estimated in the `{m_}` run, {passes}, "
                 f"trimmed to their longest row, widths {min(b['padded_width'])}–{max(b['padded_width'])}): "
                 f"{b['seconds']:.1f} s ({b['seconds_backward']:.1f} s backward + Gram, {b['seconds_eigh']:.1f} s "
                 f"eigendecompositions), {b['extra_peak_bytes'] / MB:.0f} MB extra peak memory.",
@@ -610,9 +619,11 @@ def analysis_markdown(report: dict) -> list[str]:
         "model; T = tokens in the batch, T' = rows of dL/dY that are not entirely zero (padding and, in the last "
         "encoder layer, all but [CLS] are zero; the figure below uses the real-token count). Rotating per token "
         "costs T'(in² + out²); rotating the gradient once per step costs out·in·(in + out); the exact method's "
-        "`auto` formulation picks, per side, whichever is cheaper (`cheapest_rotation_sides`). After a k-sparse "
-        "update the cached W_eff = u_out W~ Rᵀ is refreshed incrementally (about k·max(in,out) + min(in,out)²·"
-        "max(in,out) when every row/column is touched) or fully (out·in·(in+out)).",
+        "`auto` formulation picks, per side, whichever is cheaper (`cheapest_rotation_sides`). Each k-sparse "
+        "step adds u_out·ΔW~·Rᵀ to W (storage 'weight') or to the cached W_eff (storage 'rotated'): about "
+        "k·max(in,out) + min(in,out)²·max(in,out) when every row/column is touched ('incr.'); the rotated "
+        "storage also recomputes W_eff = u_out W~ Rᵀ in full (out·in·(in+out), 'full refresh') every 100 steps "
+        "or when W~ changes outside the optimizer.",
         "",
         "| shape | matrix | T | T' | full | LoRA | 3-product, dense bwd | 3-product, SD | exact auto, incr. refresh | "
         "exact auto, full refresh | leading block | block | auto rotates |",
@@ -638,14 +649,15 @@ def analysis_markdown(report: dict) -> list[str]:
         "",
         "Bytes each method keeps for the trained MLP matrices of a group beyond their weights (float32; see "
         "`bytes_table`): full FT a gradient and two Adam moments per weight; LoRA its adapters, their gradients "
-        "and moments; `sparsegrad now` = the current exact layer: a cached W_eff per matrix (out·in), the "
-        "updated-coordinates mask (1 byte per entry), the transient dense dL/dW~ (out·in), 12 bytes of compact "
-        "lazy-Adam state per touched coordinate (k after one step; it grows to the union of touched "
-        "coordinates) and one shared u_in, u_out per group; `sparsegrad lean` = the same method with W as the "
-        "only stored weight (no W_eff copy, no mask, W~ never stored; each k-sparse step applied as "
-        "u_out·ΔW~·Rᵀ, which the current incremental refresh already computes); `leading block` = the variant.",
+        "and moments; `sparsegrad` = the exact layer as the library builds it (storage 'weight'): W is the only "
+        "stored weight (W~ never stored; each k-sparse step applied as u_out·ΔW~·Rᵀ), a bit per entry for the "
+        "updated-coordinates set, the k-sparse gradient (20 bytes per entry), 12 bytes of compact lazy-Adam "
+        "state per touched coordinate (k after one step; it grows to the union of touched coordinates) and one "
+        "shared u_in, u_out per group; `sparsegrad rotated` = storage 'rotated', the same plus a cached "
+        "W_eff per matrix (out·in); `leading block` = the variant. Transients (one layer's dense dL/dW~ "
+        "during its backward) are not counted.",
         "",
-        "| model | group (matrices) | full FT | LoRA | sparsegrad now | sparsegrad lean | leading block | block |",
+        "| model | group (matrices) | full FT | LoRA | sparsegrad | sparsegrad rotated | leading block | block |",
         "|---|---|---|---|---|---|---|---|",
     ]
     seen = set()
@@ -658,7 +670,7 @@ def analysis_markdown(report: dict) -> list[str]:
             lines.append(
                 f"| {shape['model']}{' (' + str(shape['layers']) + ' layers)' if shape['layers'] else ''} | {b['group']} "
                 f"{b['out']}×{b['in']} (×{b['matrices']}) | {b['full'] / MB:.0f} MB | {b['lora'] / MB:.1f} MB | "
-                f"{b['sparsegrad_now'] / MB:.0f} MB | {b['sparsegrad_lean'] / MB:.0f} MB | {b['leading_block'] / MB:.0f} MB | "
+                f"{b['sparsegrad'] / MB:.0f} MB | {b['sparsegrad_rotated'] / MB:.0f} MB | {b['leading_block'] / MB:.0f} MB | "
                 f"{b['block']} |"
             )
     lines.append("")
@@ -702,6 +714,7 @@ def build_preset(args) -> tuple[str, Preset]:
     base = PRESETS[name]
     preset = Preset(shapes=[Shape(**asdict(s)) for s in base.shapes], steps=base.steps, warmup=base.warmup,
                     repeats=base.repeats, budget_min=base.budget_min, basis_steps=base.basis_steps,
+                    basis_micro_batch=base.basis_micro_batch,
                     energy=base.energy, profile_method=base.profile_method,
                     steps_override=dict(base.steps_override), notes=list(base.notes))  # fmt: skip
     if args.models or args.batch_sizes or args.paddings or args.seq or args.layers:
@@ -720,6 +733,8 @@ def build_preset(args) -> tuple[str, Preset]:
             raise SystemExit(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
         for s in preset.shapes:
             s.methods = [m for m in methods]
+    if args.basis_micro_batch is not None:
+        preset.basis_micro_batch = args.basis_micro_batch or None
     for attr in ("steps", "warmup", "repeats", "basis_steps"):
         if getattr(args, attr) is not None:
             setattr(preset, attr, getattr(args, attr))
@@ -747,7 +762,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per run")
     p.add_argument("--repeats", type=int, default=None, help="alternating repeats of every method")
-    p.add_argument("--basis-steps", type=int, default=None, help="backward passes for the transition basis")
+    p.add_argument("--basis-steps", type=int, default=None, help="batches for the transition basis")
+    p.add_argument("--basis-micro-batch", type=int, default=None,
+                   help="rows per backward pass of the basis estimation (0: whole batches; default 4)")
     p.add_argument("--budget-min", type=float, default=None, help="skip runs that would end after this many minutes")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     p.add_argument("--block-factor", type=float, default=2.0, help="leading_block: block of factor*k entries")

@@ -55,7 +55,8 @@ class MethodConfig:
         "rotated" (keep W~ and a cached W; any sparse optimizer), see :class:`SparseGradLinear`.
     target_patterns: group -> regex (default by model_type); every_nth_block: keep blocks whose index
         is divisible by it (LLaMA setting: 3); train_non_mlp: see module docstring.
-    basis_steps / basis_per_layer: used when apply_method estimates the basis from ``batches``
+    basis_steps / basis_per_layer / basis_micro_batch: used when apply_method estimates the basis from
+        ``batches`` (see :func:`sparsegrad.estimate_basis`)
         (sparsegrad and leading_block).
     """
 
@@ -75,6 +76,7 @@ class MethodConfig:
     train_non_mlp: bool = True
     basis_steps: int | None = None
     basis_per_layer: bool = False
+    basis_micro_batch: int | None = None
     block_factor: float = 2.0
 
     def __post_init__(self) -> None:
@@ -151,7 +153,8 @@ def apply_method(
                 "batches, steps=...) or batches=... (dicts fed as model(**batch), with labels)"
             )
         basis = estimate_basis(
-            model, batches, targets, steps=cfg.basis_steps, per_layer=cfg.basis_per_layer
+            model, batches, targets, steps=cfg.basis_steps, per_layer=cfg.basis_per_layer,
+            micro_batch=cfg.basis_micro_batch,
         )
     _set_trainable(model, targets, cfg.train_non_mlp)
     if cfg.name == "lora":

@@ -33,6 +33,7 @@ class MethodSettings:
     every_nth_block: int | None = None
     train_non_mlp: bool = True  # train everything outside the MLPs densely (the paper's GLUE setting)
     basis_steps: int = 8  # sparsegrad, leading_block: backward passes for the transition basis
+    basis_micro_batch: int | None = None  # split each basis batch into chunks of this many rows (less memory)
     options: dict[str, Any] = field(default_factory=dict)  # passed through to the method layer (e.g. block_factor)
 
     def __post_init__(self):
@@ -69,7 +70,7 @@ def estimate_basis(model, settings: MethodSettings, batches: Iterable[dict]):
 
     start = time.perf_counter()
     basis = sparsegrad.estimate_basis(
-        model, batches, steps=settings.basis_steps,
+        model, batches, steps=settings.basis_steps, micro_batch=settings.basis_micro_batch,
         patterns=dict(settings.target_patterns) if settings.target_patterns else None,
         every_nth_block=settings.every_nth_block if (settings.every_nth_block or 1) > 1 else None,
     )

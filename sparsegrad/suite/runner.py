@@ -201,6 +201,7 @@ def finetune(settings: FinetuneSettings) -> dict:
                 basis, seconds = methods.estimate_basis(model, settings.method, basis_batches)
             record["basis"] = {"seconds": float(seconds), "peak_bytes": meter.peak("basis"),
                                "batches": int(getattr(basis, "stats", {}).get("steps", settings.method.basis_steps)),
+                               "micro_batch": settings.method.basis_micro_batch,
                                "orientation": settings.method.orientation or "hosvd"}
         seed_everything(ts.seed)
         model = methods.apply(model, settings.method, basis)

@@ -31,8 +31,8 @@ def test_gram_route_equals_tensorly_hosvd():
     grads = torch.from_numpy(stack)
     gram_out = sum(g @ g.T for g in grads)
     gram_in = sum(g.T @ g for g in grads)
-    u_out, e_out = eigenbasis(gram_out)
-    u_in, e_in = eigenbasis(gram_in)
+    u_out, e_out = eigenbasis(gram_out, torch.float64)
+    u_in, e_in = eigenbasis(gram_in, torch.float64)
     for ours, theirs in ((u_out.numpy(), ref.factors[1]), (u_in.numpy(), ref.factors[2])):
         np.testing.assert_allclose(_align_signs(theirs, ours), theirs, atol=1e-10)
         np.testing.assert_allclose(ours.T @ ours, np.eye(ours.shape[0]), atol=1e-12)
@@ -135,11 +135,26 @@ def test_gram_accumulator_routes_agree_with_the_weight_gradient(n_rows):
     acc = _GramAccumulator(torch.float64, torch.device("cpu"))
     acc.add_factors("k", g, x)
     acc.add_factors("k", g[:2], x[:2])
+    acc.finish()  # factored slices are buffered and folded together
     w1, w2 = g.t() @ x, g[:2].t() @ x[:2]
     torch.testing.assert_close(acc.gram_out["k"], w1 @ w1.t() + w2 @ w2.t(), rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(acc.gram_in["k"], w1.t() @ w1 + w2.t() @ w2, rtol=1e-12, atol=1e-10)
     assert acc.counts["k"] == 2
     assert gram_macs(n_rows, d_in, d_out) == ((False, False) if n_rows == 5 else (True, True))
+
+
+def test_symmetric_product_fills_the_upper_triangle():
+    from sparsegrad.basis import add_symmetric_product, upper_symmetric
+
+    gen = torch.Generator().manual_seed(1)
+    for n in (40, 1500):  # a full update, and the blocked upper-triangle update
+        z = torch.randn(n, 30, generator=gen, dtype=torch.float64)
+        c = torch.zeros(n, n, dtype=torch.float64)
+        add_symmetric_product(c, z, z.t())
+        add_symmetric_product(c, z[:, :3], z[:, :3].t())
+        ref = z @ z.t() + z[:, :3] @ z[:, :3].t()
+        torch.testing.assert_close(c.triu(), ref.triu(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(upper_symmetric(c), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_non_linear_targets_use_their_weight_gradient():
