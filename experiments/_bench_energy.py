@@ -79,6 +79,9 @@ def _batches(tokenizer, rows, batch_size: int, n: int, offset: int, max_len: int
     return out
 
 
+MICRO_BATCHES = (4, 2)  # estimate_basis(micro_batch=...): the same sentences, more and smaller slices
+
+
 def measure(basis_batches: int = 8, eval_batches: int = 4, batch_size: int = 16, seed: int = 0,
             progress: bool = True) -> dict:
     """Run the measurement on MiniLM + movie sentences; returns a JSON-able dict."""
@@ -99,6 +102,7 @@ def measure(basis_batches: int = 8, eval_batches: int = 4, batch_size: int = 16,
     b_eval = _batches(tokenizer, rows, batch_size, eval_batches, basis_batches * batch_size)
     targets = sparsegrad.find_targets(model)
     basis = sparsegrad.estimate_basis(model, b_basis, targets)
+    micro = {mb: sparsegrad.estimate_basis(model, b_basis, targets, micro_batch=mb) for mb in MICRO_BATCHES}
     modules = {t.name: model.get_submodule(t.name) for t in targets}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -131,6 +135,9 @@ def measure(basis_batches: int = 8, eval_batches: int = 4, batch_size: int = 16,
             g_official = u_out.t() @ g @ u_in.t()
             add(spaces, t.group, {"original": topk_energy(g, k), "hosvd": topk_energy(g_hosvd, k),
                                   "official": topk_energy(g_official, k)})  # fmt: skip
+            for mb, b_mb in micro.items():
+                m_in, m_out = b_mb.for_layer(t.name, t.group)
+                add(spaces, t.group, {f"hosvd_micro{mb}": topk_energy(m_out.double().t() @ g @ m_in.double(), k)})
             for fr, fc in BLOCK_FRACTIONS:
                 r, c = max(1, round(fr * out_f)), max(1, round(fc * in_f))
                 add(acc, (t.group, f"{r}x{c}"), block_shares(g_hosvd, k, r, c))
@@ -186,11 +193,13 @@ def to_markdown(res: dict) -> str:
         "",
         "Top-k energy (share of the gradient's squared norm carried by its k largest entries):",
         "",
-        "| group | original space | HOSVD orientation | official orientation |",
-        "|---|---|---|---|",
+        "| group | original space | HOSVD orientation | official orientation | HOSVD, basis from micro-batches |",
+        "|---|---|---|---|---|",
     ]
     for g, v in res["spaces_topk_energy"].items():
-        lines.append(f"| {g} | {v['original']:.3f} | {v['hosvd']:.3f} | {v['official']:.3f} |")
+        micro = ", ".join(f"{v[key]:.3f} ({key.removeprefix('hosvd_micro')} rows per slice)"
+                          for key in v if key.startswith("hosvd_micro")) or "–"  # fmt: skip
+        lines.append(f"| {g} | {v['original']:.3f} | {v['hosvd']:.3f} | {v['official']:.3f} | {micro} |")
     lines += [
         "",
         "Leading r x c block of dL/dW~ (HOSVD orientation): share of the global top-k entries, of their "

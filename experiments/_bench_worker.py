@@ -91,6 +91,7 @@ class Spec:
     sparse_state: str = "compact"  # LazySparseAdam layout for sparsegrad / meprop
     pretrained: bool = False  # minilm / smollm2: real weights from the asset cache when present
     profile: bool = False  # torch.profiler over one extra step; top ops in the result
+    basis_only: bool = False  # measure the basis estimation alone (no cache, no training)
     extra: dict = field(default_factory=dict)
 
 
@@ -383,6 +384,9 @@ def run(spec: Spec) -> dict:
     result["rss_start_bytes"] = rss_start
     result["loaded_bytes"] = loaded
     config = model.config
+    if spec.basis_only:
+        get_basis(Spec(**{**asdict(spec), "basis_cache": None}), model, device, result)
+        return result
     model, opt = apply(spec, model, device, result)
     model.train()
     batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(spec, config, 4, seed=spec.seed + 1)]

@@ -88,6 +88,7 @@ class Preset:
     budget_min: float
     basis_steps: int = 8
     basis_micro_batch: int | None = 4
+    basis_sweep: list = field(default_factory=list)  # micro-batch settings measured alone (0: whole batches)
     energy: str = "auto"  # auto | run | cached | skip
     profile_method: str | None = None
     steps_override: dict = field(default_factory=dict)  # method -> timed steps
@@ -106,6 +107,7 @@ PRESETS = {
         shapes=[Shape("bert-base", 16, 128, "movie", methods=ALL),
                 Shape("bert-base", 16, 128, "none", methods=["full", "lora", "leading_block", "sparsegrad"])],
         steps=2, warmup=1, repeats=2, budget_min=24, energy="auto", profile_method="sparsegrad",
+        basis_sweep=[0, 4, 3, 2],
         steps_override={"sparsegrad_regular": 1},
         notes=[
             "CPU preset (2 cores: a bert-base step takes seconds): bert-base bs16x128 only, 2 timed steps after "
@@ -123,7 +125,7 @@ PRESETS = {
                 Shape("roberta-base", 32, 128, "none", methods=[m for m in ALL if m != "sparsegrad_regular"]),
                 Shape("bert-base", 16, 128, "movie"),
                 Shape("roberta-base", 16, 128, "movie")],
-        steps=10, warmup=3, repeats=2, budget_min=6.5, energy="skip",
+        steps=10, warmup=3, repeats=2, budget_min=6.5, energy="skip", basis_sweep=[0, 4],
         notes=[
             "GPU preset, most important shapes first: roberta-base bs32x128 padded like a GLUE task (the paper's "
             "Table 3 setting), a LLaMA-2-7B-shaped model truncated to 4 layers (blocks 0 and 3 trained, the paper's "
@@ -246,6 +248,7 @@ def execute(preset: Preset, args, on_record=None) -> dict:
     skipped: list[dict] = []
     wall_by: dict = {}
     profiled: set = set()
+    sweep = basis_sweep(preset, args, start, budget_s)
     try:
         for i, (rep, shape, method) in enumerate(runs, 1):
             elapsed = time.perf_counter() - start
@@ -287,10 +290,37 @@ def execute(preset: Preset, args, on_record=None) -> dict:
                       f"{result['optimizer_state_bytes'] / MB:.1f} MB{extra} ({result['wall_s']:.0f} s, "
                       f"load {load_before[0]:.1f})", flush=True)  # fmt: skip
             if on_record is not None:
-                on_record({"records": records, "skipped": skipped, "seconds": time.perf_counter() - start})
+                on_record({"records": records, "skipped": skipped, "seconds": time.perf_counter() - start,
+                           "basis_sweep": sweep})  # fmt: skip
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    return {"records": records, "skipped": skipped, "seconds": time.perf_counter() - start}
+    return {"records": records, "skipped": skipped, "seconds": time.perf_counter() - start, "basis_sweep": sweep}
+
+
+def basis_sweep(preset: Preset, args, start: float, budget_s: float) -> list[dict]:
+    """The basis estimation alone, once per micro-batch setting, each in a fresh process (first shape)."""
+    shape = next((s for s in preset.shapes if any(m in ("sparsegrad", "leading_block") for m in s.methods)), None)
+    out: list[dict] = []
+    if shape is None:
+        return out
+    for micro in preset.basis_sweep:
+        if time.perf_counter() - start > budget_s / 4:
+            break
+        spec = {"model": shape.model, "layers": shape.layers, "batch": shape.batch, "seq": shape.seq,
+                "padding": shape.padding, "method": "sparsegrad", "device": args.device, "threads": args.threads,
+                "seed": args.seed, "basis_steps": preset.basis_steps, "basis_micro_batch": micro or None,
+                "pretrained": shape.pretrained, "basis_only": True}  # fmt: skip
+        print(f"[basis] {shape.key}: micro-batch {micro or 'none'} ...", end=" ", flush=True)
+        load = os.getloadavg()
+        result = run_worker(spec, args.run_timeout)
+        result.update(shape=shape.key, load=load)
+        out.append(result)
+        if "error" in result:
+            print(f"FAILED ({result['error'].splitlines()[0]})", flush=True)
+        else:
+            b = result["basis"]
+            print(f"{b['seconds']:.1f} s, {b['extra_peak_bytes'] / MB:.0f} MB", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -601,6 +631,7 @@ def to_markdown(report: dict) -> str:
                       "| operator | calls | self ms |", "|---|---|---|"]  # fmt: skip
             lines += [f"| `{p['op']}` | {p['calls']} | {p['self_ms']:.0f} |" for p in prof[:15]]
             lines.append("")
+    lines += basis_sweep_markdown(report.get("basis_sweep") or [], report["device"])
     lines += analysis_markdown(report)
     if report.get("energy_md"):
         lines += [report["energy_md"], ""]
@@ -609,6 +640,35 @@ def to_markdown(report: dict) -> str:
         lines += [f"- {s['shape']} / {s['method']} (repeat {s['repeat'] + 1}): {s['why']}" for s in report["skipped"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def basis_sweep_markdown(sweep: list[dict], device: str) -> list[str]:
+    ok = [r for r in sweep if "error" not in r and r.get("basis")]
+    if not ok:
+        return []
+    b0 = ok[0]["basis"]
+    lines = [
+        "## Basis estimation alone, by micro-batch",
+        "",
+        f"`{ok[0]['shape']}`: {b0['steps']} batches of {b0.get('batch', '?')} movie-length rows (trimmed to their "
+        f"longest row; a micro-batch also to its own), each setting in a fresh process, the basis estimated from "
+        f"scratch (`sparsegrad.estimate_basis(..., micro_batch=m)`: one backward pass and one gradient slice per "
+        f"m rows). Extra memory = " + ("CUDA allocator peak above the loaded model." if device.startswith("cuda")
+                                       else "peak resident memory above the loaded model.")
+        + f" Targets: ≤ {TARGETS['basis_seconds']:g} s and ≤ {TARGETS['basis_extra_mb']:g} MB.",
+        "",
+        "| micro-batch | seconds | backward + Gram s | eigh s | extra peak MB | load before |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in ok:
+        b = r["basis"]
+        lines.append(
+            f"| {b.get('micro_batch') or 'whole batch'} | {b['seconds']:.1f} | {b['seconds_backward']:.1f} | "
+            f"{b['seconds_eigh']:.1f} | {b['extra_peak_bytes'] / MB:.0f} | {r['load'][0]:.2f} |"
+        )
+    lines += ["", "The top-k energy each setting's basis captures on held-out gradients is in the MiniLM section "
+              "below (`HOSVD, basis from micro-batches`).", ""]  # fmt: skip
+    return lines
 
 
 def analysis_markdown(report: dict) -> list[str]:
@@ -714,7 +774,7 @@ def build_preset(args) -> tuple[str, Preset]:
     base = PRESETS[name]
     preset = Preset(shapes=[Shape(**asdict(s)) for s in base.shapes], steps=base.steps, warmup=base.warmup,
                     repeats=base.repeats, budget_min=base.budget_min, basis_steps=base.basis_steps,
-                    basis_micro_batch=base.basis_micro_batch,
+                    basis_micro_batch=base.basis_micro_batch, basis_sweep=list(base.basis_sweep),
                     energy=base.energy, profile_method=base.profile_method,
                     steps_override=dict(base.steps_override), notes=list(base.notes))  # fmt: skip
     if args.models or args.batch_sizes or args.paddings or args.seq or args.layers:
@@ -733,6 +793,8 @@ def build_preset(args) -> tuple[str, Preset]:
             raise SystemExit(f"unknown method(s) {bad}; valid: {', '.join(METHODS)}")
         for s in preset.shapes:
             s.methods = [m for m in methods]
+    if args.basis_sweep is not None:
+        preset.basis_sweep = [int(x) for x in args.basis_sweep.split(",") if x.strip()]
     if args.basis_micro_batch is not None:
         preset.basis_micro_batch = args.basis_micro_batch or None
     for attr in ("steps", "warmup", "repeats", "basis_steps"):
@@ -765,6 +827,9 @@ def parse_args(argv=None):
     p.add_argument("--basis-steps", type=int, default=None, help="batches for the transition basis")
     p.add_argument("--basis-micro-batch", type=int, default=None,
                    help="rows per backward pass of the basis estimation (0: whole batches; default 4)")
+    p.add_argument("--basis-sweep", default=None,
+                   help="comma list of micro-batch sizes to time the basis estimation alone with (0: whole "
+                        "batches; empty: none); default per preset")
     p.add_argument("--budget-min", type=float, default=None, help="skip runs that would end after this many minutes")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     p.add_argument("--block-factor", type=float, default=2.0, help="leading_block: block of factor*k entries")
@@ -837,6 +902,7 @@ def main(argv=None) -> int:
             "summary": summarize(outcome["records"], args.device),
             "records": outcome["records"],
             "skipped": outcome["skipped"],
+            "basis_sweep": outcome.get("basis_sweep", []),
             "seconds": outcome["seconds"],
             "energy": energy,
             "energy_md": energy_md,

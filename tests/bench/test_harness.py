@@ -107,6 +107,19 @@ def test_one_step_worker_run_every_method(method, tmp_path):
     json.dumps(result)
 
 
+def test_basis_only_runs_and_their_table():
+    rows = []
+    for micro in (None, 2):
+        spec = Spec(model="tiny-bert", batch=4, seq=16, method="sparsegrad", threads=1, basis_steps=2,
+                    basis_micro_batch=micro, basis_only=True)  # fmt: skip
+        result = run(spec)
+        assert "steps_per_s" not in result  # no training
+        assert result["basis"]["micro_batch"] == micro and result["basis"]["seconds"] > 0
+        rows.append({**result, "shape": "tiny", "load": (0.5, 0, 0)})
+    md = "\n".join(benchmark.basis_sweep_markdown(rows, "cpu"))
+    assert "| whole batch |" in md and "| 2 |" in md and "≤ 15 s" in md
+
+
 def test_llama_shape_trains_every_third_block_mlp_only(tmp_path):
     spec = Spec(model="tiny-llama", batch=2, seq=16, padding="none", method="sparsegrad", steps=1, warmup=0,
                 threads=1, basis_steps=1, basis_cache=str(tmp_path / "b.pt"))  # fmt: skip
