@@ -10,6 +10,11 @@ Typical use::
     ...  # any training loop: loss.backward(); opt.step(); opt.zero_grad()
     model = sparsegrad.merge(model)                                         # plain transformers model
 
+A SparseGradLinear keeps only W (``storage="weight"``): its gradient is the k-sparse dL/dW~ and
+``build_optimizer`` applies each step as ``u_out ΔW~ R^T``; pass ``"storage": "rotated"`` in the method
+config to train W~ itself with any sparse optimizer (one more out x in matrix per layer).
+``estimate_basis(..., micro_batch=4)`` runs one backward pass per 4 rows: a fraction of the activations.
+
 Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices),
 :mod:`~sparsegrad.layers` (SparseGradLinear, MePropLinear), :mod:`~sparsegrad.kernels` (top-k,
 sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mod:`~sparsegrad.surgery`

@@ -115,7 +115,7 @@ def test_basis_only_runs_and_their_table():
         result = run(spec)
         assert "steps_per_s" not in result  # no training
         assert result["basis"]["micro_batch"] == micro and result["basis"]["seconds"] > 0
-        rows.append({**result, "shape": "tiny", "load": (0.5, 0, 0)})
+        rows.append({**result, "shape": "tiny", "load": (0.5, 0, 0), "memory_run": result["basis"]})
     md = "\n".join(benchmark.basis_sweep_markdown(rows, "cpu"))
     assert "| whole batch |" in md and "| 2 |" in md and "≤ 15 s" in md
 
