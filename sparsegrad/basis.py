@@ -112,13 +112,20 @@ def eigenbasis(gram: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, t
 
     The sign of every column makes its largest-magnitude entry positive (the positive one on a tie).
     Memory: the matrix in ``dtype``, LAPACK's workspace and one reordered copy of the eigenvectors.
+    The eigenvectors come back column-major (each column contiguous, as LAPACK writes them), the
+    layout :meth:`SparseGradLinear.prepare_basis` wants, so layers built from them share their memory.
     """
     evals, evecs = torch.linalg.eigh(gram if gram.dtype == dtype else gram.to(dtype), UPLO="U")
     del gram  # the caller may have handed over its only reference: free it before the copy below
-    evals, evecs = evals.flip(0), evecs.flip(1)
+    evals = evals.flip(0)
+    evecs = evecs.t().flip(0).t()  # descending columns, column-major (flip makes one contiguous copy)
     flip = evecs.amax(dim=0) < -evecs.amin(dim=0)
     evecs.mul_(torch.where(flip, -1.0, 1.0).to(evecs.dtype))
     return evecs, evals
+
+
+def _column_major(u: torch.Tensor) -> torch.Tensor:
+    return u if u.stride() == (1, u.shape[0]) else u.t().contiguous().t()
 
 
 def resolve_targets(
@@ -506,7 +513,7 @@ def estimate_basis(
         u_out, e_out = eigenbasis(acc.gram_out.pop(key), eigh_dtype)
         u_in, e_in = eigenbasis(acc.gram_in.pop(key), eigh_dtype)
         groups[key] = GroupBasis(
-            u_in=u_in.to(factor_dtype), u_out=u_out.to(factor_dtype),
+            u_in=_column_major(u_in.to(factor_dtype)), u_out=_column_major(u_out.to(factor_dtype)),
             eig_in=e_in.to(factor_dtype), eig_out=e_out.to(factor_dtype), n_gradients=acc.counts[key],
         )  # fmt: skip
     end = time.perf_counter()

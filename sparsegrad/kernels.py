@@ -95,20 +95,30 @@ def _topk_flat_indices(flat_abs: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([strict, ties]).sort().values
 
 
-def topk_coo(dense: torch.Tensor, k: int) -> torch.Tensor:
+def topk_coo(dense: torch.Tensor, k: int, overwrite: bool = False) -> torch.Tensor:
     """Keep exactly ``k`` entries of a 2-D tensor with the largest magnitude, as coalesced COO.
 
     ``k`` is a count (see :func:`resolve_k`). Ties at the cut are broken by the lowest row-major index.
-    NaN entries are not expected (the gradients are finite).
+    NaN entries are not expected (the gradients are finite). ``overwrite``: ``dense`` (contiguous) is
+    a temporary the caller drops: take magnitudes in place (one bit per entry for the signs instead of
+    a full-size copy); ``dense`` holds |dense| afterwards.
     """
     if dense.dim() != 2:
         raise ValueError(f"topk_coo expects a matrix, got shape {tuple(dense.shape)}")
     n_cols = dense.shape[1]
-    flat = dense.reshape(-1)
-    idx = _topk_flat_indices(flat.abs(), k)
+    if overwrite and dense.is_contiguous():
+        flat = dense.view(-1)
+        negative = flat.signbit()
+        idx = _topk_flat_indices(flat.abs_(), k)
+        values = flat[idx]
+        values[negative[idx]] *= -1
+    else:
+        flat = dense.reshape(-1)
+        idx = _topk_flat_indices(flat.abs(), k)
+        values = flat[idx]
     indices = torch.stack([idx // n_cols, idx % n_cols])
     return torch.sparse_coo_tensor(
-        indices, flat[idx], dense.shape, dtype=dense.dtype, device=dense.device, is_coalesced=True,
+        indices, values, dense.shape, dtype=dense.dtype, device=dense.device, is_coalesced=True,
         check_invariants=False,
     )
 

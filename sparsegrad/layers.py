@@ -120,7 +120,8 @@ class _SparseGradFunction(torch.autograd.Function):
             if need_w:
                 grad_dense = _rotated_weight_grad(g, xs, u_out, r_mat)
         if need_w:
-            grad_w = topk_coo(grad_dense, layer.k)
+            grad_w = topk_coo(grad_dense, layer.k, overwrite=True)  # grad_dense is this call's temporary
+            del grad_dense
             mark_bits(layer.updated_mask, grad_w.indices()[0] * layer.in_features + grad_w.indices()[1])
             layer.note_gradient()
         if need_b and ctx.has_bias:

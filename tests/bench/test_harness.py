@@ -149,3 +149,18 @@ def test_subprocess_worker_and_markdown(tmp_path):
     path.write_text(json.dumps(report, default=str))
     assert benchmark.main(["--render", str(path)]) == 0
     assert (tmp_path / "cpu.md").read_text() == md
+
+
+def test_basis_targets_prefer_the_standalone_measurement():
+    run_basis = {"loaded_from_cache": False, "seconds": 20.0, "extra_peak_bytes": 290 * benchmark.MB, "micro_batch": 4}
+    rec = {"shape": "s", "method": "sparsegrad", "steps_per_s": 1.0, "cpu_s_per_step": 1.0, "peak_above_loaded_bytes": 1,
+           "peak_train_bytes": 1, "optimizer_state_bytes": 1, "method_buffer_bytes": 1, "trainable_params": 1,
+           "model_params": 1, "tokens_per_batch": [1], "padded_tokens_per_batch": 1, "model_source": "x",
+           "model_layers": 1, "basis": run_basis}  # fmt: skip
+    sweep = [{"shape": "s", "basis": {**run_basis, "micro_batch": None, "seconds": 9.0}, "memory_run": {"extra_peak_bytes": 1}},
+             {"shape": "s", "basis": {**run_basis, "seconds": 14.0}, "memory_run": {"extra_peak_bytes": 299 * benchmark.MB}}]  # fmt: skip
+    targets = benchmark.summarize([rec], "cpu", sweep)["s"]["targets"]["sparsegrad"]
+    assert targets["basis_seconds"]["value"] == 14.0 and targets["basis_seconds"]["met"]
+    assert round(targets["basis_extra_mb"]["value"]) == 299
+    alone = benchmark.summarize([rec], "cpu")["s"]["targets"]["sparsegrad"]
+    assert alone["basis_seconds"]["value"] == 20.0 and not alone["basis_seconds"]["met"]

@@ -185,3 +185,15 @@ def test_non_linear_targets_use_their_weight_gradient():
         torch.testing.assert_close(ours[group].eig_in, ref[group].eig_in, rtol=1e-5, atol=1e-12)
         for a, b in zip(ours[group], ref[group]):  # leading, well separated directions
             torch.testing.assert_close(a[:, :4], b[:, :4], rtol=1e-4, atol=1e-5)
+
+
+def test_factors_are_column_major_and_shared_by_the_layers():
+    import sparsegrad
+
+    batches = make_batches("bert", n=1)
+    basis = estimate_basis(make_model("bert"), batches, steps=1)
+    u_in, u_out = basis["up"]
+    assert u_out.stride() == (1, u_out.shape[0]) and u_in.stride() == (1, u_in.shape[0])
+    model = sparsegrad.apply_method(make_model("bert"), {"name": "sparsegrad", "k": 10}, basis=basis)
+    up = model.bert.encoder.layer[1].intermediate.dense
+    assert up.u_out.data_ptr() == u_out.data_ptr()  # no copy while the caller keeps the basis

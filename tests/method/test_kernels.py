@@ -105,3 +105,14 @@ def test_topk_coo_large_matrices_all_paths(case, k):
     coo = topk_coo(dense, k)
     flat_idx = coo.indices()[0] * dense.shape[1] + coo.indices()[1]
     assert torch.equal(flat_idx, _reference_topk_indices(dense, k))
+
+
+def test_topk_coo_overwrite_gives_the_same_entries():
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(50, 40, generator=gen, dtype=torch.float64)
+    dense[0, :5] = dense[0, 5]  # ties at some magnitudes
+    ref = topk_coo(dense, 77)
+    scratch = dense.clone()
+    ours = topk_coo(scratch, 77, overwrite=True)
+    assert torch.equal(ours.indices(), ref.indices()) and torch.equal(ours.values(), ref.values())
+    assert torch.equal(scratch, dense.abs())  # the documented side effect
