@@ -426,10 +426,11 @@ def check_targets(rows: dict, device: str, sweep_basis: dict | None = None) -> d
                 c[f"cpu_time_vs_{ref}"] = {"value": value, "bound": bound, "met": None if value is None else value <= bound}
         basis = (sweep_basis if method == "sparsegrad" and sweep_basis else None) or row.get("basis")
         if basis:
-            c["basis_seconds"] = {"value": basis["seconds"], "bound": TARGETS["basis_seconds"],
+            source = "standalone run" if basis.get("source") == "standalone" else "inside the training run"
+            c["basis_seconds"] = {"value": basis["seconds"], "bound": TARGETS["basis_seconds"], "source": source,
                                   "met": basis["seconds"] <= TARGETS["basis_seconds"]}  # fmt: skip
             extra = basis["extra_peak_bytes"] / MB
-            c["basis_extra_mb"] = {"value": extra, "bound": TARGETS["basis_extra_mb"],
+            c["basis_extra_mb"] = {"value": extra, "bound": TARGETS["basis_extra_mb"], "source": source,
                                    "met": extra <= TARGETS["basis_extra_mb"]}  # fmt: skip
         if method == "sparsegrad" and regular is not None and "error" not in regular:
             value = row["steps_per_s"] / regular["steps_per_s"]
@@ -640,7 +641,7 @@ def to_markdown(report: dict) -> str:
                 "step_time_vs_lora": "step time ≤ 1.1× LoRA", "step_time_vs_full": "step time ≤ 1.0× full FT",
                 "cpu_time_vs_lora": "step CPU time ≤ 1.1× LoRA", "cpu_time_vs_full": "step CPU time ≤ 1.0× full FT",
                 "peak_vs_lora": "peak memory ≤ 1.05× LoRA", "peak_vs_full": "peak memory ≤ 0.8× full FT",
-                "basis_seconds": "basis estimation ≤ 15 s (standalone run, default allocator, when measured)",
+                "basis_seconds": "basis estimation ≤ 15 s",
                 "basis_extra_mb": "basis extra memory ≤ 300 MB",
                 "sd_speedup_vs_regular": "sparse-by-dense ≥ 4× the 3-product layer",
             }  # fmt: skip
@@ -648,7 +649,8 @@ def to_markdown(report: dict) -> str:
                 cells = []
                 for method in ("sparsegrad", "leading_block"):
                     c = block["targets"].get(method, {}).get(key)
-                    cells.append("–" if c is None else f"{_f(c['value'])} ({_mark(c)})")
+                    where = f", {c['source']}" if c is not None and c.get("source") else ""
+                    cells.append("–" if c is None else f"{_f(c['value'])} ({_mark(c)}{where})")
                 if any(cell != "–" for cell in cells):
                     lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
             lines.append("")
