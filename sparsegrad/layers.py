@@ -11,7 +11,8 @@ SparseGradLinear trains the rotated weight::
 
 with ``R = u_in`` in the HOSVD orientation (the default; ``u_out^T G u_in`` is the Tucker core of a
 gradient slice G, where the gradient energy concentrates) and ``R = u_in^T`` in the orientation of the
-authors' code (``orientation="official"``). The layer computes exactly what the original computes; its
+authors' code (``orientation="official"``). The layer computes exactly what the original computes (in weight storage its forward is the
+original's own product; orthogonality of the basis matters only for which coordinates are trained); its
 dL/dx and bias gradient are the original's, unrotated; its weight gradient is a torch sparse COO tensor
 with exactly ``k`` entries: the largest-magnitude entries of dL/dW~.
 
@@ -36,10 +37,10 @@ Formulations (both exact; chosen per layer, see :mod:`sparsegrad.kernels` for mu
 * ``"regular"`` — the paper's 3-product layer: ``x~ = x R``, ``y = (x~ W~^T) u_out^T + b``; backward
   rotates dL/dY by ``u_out`` per token: ``tokens (in^2 + out^2)`` extra multiply-adds each way.
 * ``"auto"`` (default) — forward with W itself (weight storage) or a cached effective weight
-  ``W_eff = u_out W~ R^T`` (rotated storage) refreshed only when W~ changes (tracked through ``W~._version``; an optimizer that reports its k-sparse update, as
-  :func:`sparsegrad.build_optimizer` does, refreshes it incrementally), ``dL/dx = G W_eff`` and
-  ``dL/dW~ = u_out^T (G^T X) R`` with each rotation applied per token or once per call, whichever is
-  cheaper.
+  ``W_eff = u_out W~ R^T`` (rotated storage) refreshed only when W~ changes (tracked through
+  ``W~._version``; an optimizer that reports its k-sparse update, as :func:`sparsegrad.build_optimizer`
+  does, refreshes it incrementally), ``dL/dx = G W_eff`` and ``dL/dW~ = u_out^T (G^T X) R`` with each
+  rotation applied per token or once per call, whichever is cheaper.
 
 With ``sparse_by_dense=True`` (paper §3.3) the rows of dL/dY that are entirely zero — padding, tokens
 outside the loss — are dropped before every backward product and the dL/dx rows are scattered back.
