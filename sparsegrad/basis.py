@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .kernels import drop_zero_rows
+from .kernels import column_major_layout, drop_zero_rows
 from .targets import Target, find_targets
 
 __all__ = [
@@ -122,10 +122,6 @@ def eigenbasis(gram: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, t
     flip = evecs.amax(dim=0) < -evecs.amin(dim=0)
     evecs.mul_(torch.where(flip, -1.0, 1.0).to(evecs.dtype))
     return evecs, evals
-
-
-def _column_major(u: torch.Tensor) -> torch.Tensor:
-    return u if u.stride() == (1, u.shape[0]) else u.t().contiguous().t()
 
 
 def resolve_targets(
@@ -513,7 +509,7 @@ def estimate_basis(
         u_out, e_out = eigenbasis(acc.gram_out.pop(key), eigh_dtype)
         u_in, e_in = eigenbasis(acc.gram_in.pop(key), eigh_dtype)
         groups[key] = GroupBasis(
-            u_in=_column_major(u_in.to(factor_dtype)), u_out=_column_major(u_out.to(factor_dtype)),
+            u_in=column_major_layout(u_in.to(factor_dtype)), u_out=column_major_layout(u_out.to(factor_dtype)),
             eig_in=e_in.to(factor_dtype), eig_out=e_out.to(factor_dtype), n_gradients=acc.counts[key],
         )  # fmt: skip
     end = time.perf_counter()

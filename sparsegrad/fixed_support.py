@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, topk_coo
-from .layers import ORIENTATIONS
+from .layers import ORIENTATIONS, save_linear_context
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
 from .surgery import set_submodule
@@ -96,22 +96,15 @@ def block_gradient(g: torch.Tensor, x: torch.Tensor, u_out: torch.Tensor, u_in: 
 class _LeadingBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, block, bias, layer):
-        weight = layer.weight
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        save_linear_context(ctx, x, bias, layer, x, layer.weight)
+        return F.linear(x, layer.weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         layer = ctx.layer
         x, weight = ctx.saved_tensors
         n_tokens = grad_y.shape[0]
-        # under autocast the output (hence dL/dY) may be in lower precision: compute in the weight's
-        grad_y = grad_y.to(weight.dtype).contiguous()
-        x = x.to(weight.dtype)
-        rows, g, xs = drop_zero_rows(grad_y, x, layer.sparse_by_dense)
+        rows, g, xs = drop_zero_rows(grad_y, x, layer.sparse_by_dense, weight.dtype)
         grad_x = grad_block = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)

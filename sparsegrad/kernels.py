@@ -31,6 +31,7 @@ __all__ = [
     "nonzero_rows",
     "scatter_rows",
     "cheapest_rotation_sides",
+    "column_major_layout",
     "new_bitmask",
     "mark_bits",
     "count_bits",
@@ -156,13 +157,17 @@ def apply_to_rows(function, x: torch.Tensor, out_features: int, *args) -> torch.
 
 
 def drop_zero_rows(
-    grad_y: torch.Tensor, x: torch.Tensor, enabled: bool = True
+    grad_y: torch.Tensor, x: torch.Tensor, enabled: bool = True, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Sparse-by-dense selection (paper §3.3, equation 1): ``(rows, grad_y[rows], x[rows])``.
 
     ``rows`` are the rows of dL/dY holding a non-zero entry (``None`` when every row does, or when
     ``enabled`` is false; then the inputs come back unchanged). :func:`scatter_rows` is the inverse.
+    ``dtype``: cast both first (a custom backward computes in its weight's dtype; under autocast
+    dL/dY may arrive in lower precision), dL/dY made contiguous.
     """
+    if dtype is not None:
+        grad_y, x = grad_y.to(dtype).contiguous(), x.to(dtype)
     rows = nonzero_rows(grad_y) if enabled else None
     if rows is None:
         return None, grad_y, x
@@ -175,6 +180,14 @@ def scatter_rows(compact: torch.Tensor, rows: torch.Tensor | None, n_rows: int) 
         return compact
     out = compact.new_zeros((n_rows, compact.shape[1]))
     return out.index_copy_(0, rows, compact)
+
+
+def column_major_layout(u: torch.Tensor) -> torch.Tensor:
+    """``u`` with each column contiguous (strides ``(1, rows)``): itself if it already is, else a copy.
+
+    The layout of LAPACK's eigenvectors, and the one whose transpose torch's sparse products need.
+    """
+    return u if u.stride() == (1, u.shape[0]) else u.t().contiguous().t()
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)

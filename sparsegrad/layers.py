@@ -55,6 +55,7 @@ from torch import nn
 from .kernels import (
     apply_to_rows,
     cheapest_rotation_sides,
+    column_major_layout,
     count_bits,
     drop_zero_rows,
     mark_bits,
@@ -78,6 +79,15 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
+def save_linear_context(ctx, x: torch.Tensor, bias, layer, *saved: torch.Tensor) -> None:
+    """What the backward of a row-wise linear autograd function needs: the layer, whether there is a
+    bias, the input's dtype (dL/dx is returned in it) and the ``saved`` tensors."""
+    ctx.layer = layer
+    ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(*saved)
+
+
 class _SparseGradFunction(torch.autograd.Function):
     """Autograd of SparseGradLinear; ``layer`` supplies the basis, budget and formulation."""
 
@@ -90,10 +100,7 @@ class _SparseGradFunction(torch.autograd.Function):
         else:
             x_saved = x
             y = F.linear(x, w_eff, bias)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(x_saved, weight, w_eff)
+        save_linear_context(ctx, x, bias, layer, x_saved, weight, w_eff)
         return y
 
     @staticmethod
@@ -102,10 +109,7 @@ class _SparseGradFunction(torch.autograd.Function):
         x_saved, weight, w_eff = ctx.saved_tensors
         u_out, r_mat = layer.u_out, layer.right_rotation()
         n_tokens = grad_y.shape[0]
-        # under autocast the output (hence dL/dY) may be in lower precision: compute in the weight's
-        grad_y = grad_y.to(weight.dtype).contiguous()
-        x_saved = x_saved.to(weight.dtype)
-        rows, g, xs = drop_zero_rows(grad_y, x_saved, layer.sparse_by_dense)
+        rows, g, xs = drop_zero_rows(grad_y, x_saved, layer.sparse_by_dense, weight.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None
 
@@ -268,9 +272,7 @@ class SparseGradLinear(nn.Module):
 
         def arrange(u: torch.Tensor, column_major: bool) -> torch.Tensor:
             u = u.detach().to(device=like.device, dtype=like.dtype)
-            if column_major:
-                return u if u.stride() == (1, u.shape[0]) else u.t().contiguous().t()
-            return u.contiguous()
+            return column_major_layout(u) if column_major else u.contiguous()
 
         return arrange(u_in, orientation == "hosvd"), arrange(u_out, True)
 
@@ -339,12 +341,14 @@ class SparseGradLinear(nn.Module):
             self._n_incremental = 0
         return self.effective_weight
 
-    def _rotate_back(self, flat_indices: torch.Tensor, delta: torch.Tensor, dtype) -> torch.Tensor:
+    def _rotate_back(
+        self, flat_indices: torch.Tensor, delta: torch.Tensor, dtype, allow_dense: bool = True
+    ) -> torch.Tensor | None:
         """The dense change ``u_out ΔW~ R^T`` of a sparse ΔW~ (``delta`` at row-major ``flat_indices``).
 
         The sparse factor is multiplied on the side with fewer touched rows/columns (cost
         ``k max(in, out) + out in min(rows, cols touched)``); a ΔW~ touching nearly everything goes
-        through the dense product (``out in (in + out)``).
+        through the dense product (``out in (in + out)``), or, with ``allow_dense=False``, returns None.
         """
         d_out, d_in = self.out_features, self.in_features
         rows_all, cols_all = flat_indices // d_in, flat_indices % d_in
@@ -356,6 +360,8 @@ class SparseGradLinear(nn.Module):
         u_out, r_mat = self.u_out.to(dtype), self.right_rotation().to(dtype)
         delta = delta.to(dtype)
         if min(cost_rows, cost_cols) >= d_out * d_in * (d_in + d_out):
+            if not allow_dense:
+                return None
             dense = torch.zeros(d_out * d_in, dtype=dtype, device=delta.device)
             dense.index_add_(0, flat_indices, delta)
             return (u_out @ dense.view(d_out, d_in)) @ r_mat.t()
@@ -434,14 +440,10 @@ class SparseGradLinear(nn.Module):
         key_before = (version_before,) + self._cache_key()[1:]
         if self.effective_weight is None or self._eff_key != key_before:
             return
-        d_out, d_in = self.out_features, self.in_features
-        n_rows = torch.unique(flat_indices // d_in).numel()
-        n_cols = torch.unique(flat_indices % d_in).numel()
-        n_idx = flat_indices.numel()
-        cost = min(n_idx * d_in + d_out * n_rows * d_in, n_idx * d_out + d_in * n_cols * d_out)
-        if cost >= d_out * d_in * (d_in + d_out):
+        change = self._rotate_back(flat_indices, delta, self.effective_weight.dtype, allow_dense=False)
+        if change is None:
             return
-        self.effective_weight.add_(self._rotate_back(flat_indices, delta, self.effective_weight.dtype))
+        self.effective_weight.add_(change)
         self._eff_key = self._cache_key()
         self._n_incremental += 1
 
@@ -469,10 +471,7 @@ class SparseGradLinear(nn.Module):
 class _MePropFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(x, weight)
+        save_linear_context(ctx, x, bias, layer, x, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -480,11 +479,9 @@ class _MePropFunction(torch.autograd.Function):
         layer = ctx.layer
         x, weight = ctx.saved_tensors
         n_tokens = grad_y.shape[0]
-        grad_y = grad_y.to(weight.dtype).contiguous()
-        x = x.to(weight.dtype)
-        if layer.mode == "output":
-            grad_y = topk_rows(grad_y, layer.k)
-        rows, g, xs = drop_zero_rows(grad_y, x, layer.sparse_by_dense)
+        rows, g, xs = drop_zero_rows(grad_y, x, layer.sparse_by_dense, weight.dtype)
+        if layer.mode == "output":  # after the row drop: top-k keeps a non-zero row non-zero
+            g = topk_rows(g, layer.k)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)
