@@ -19,7 +19,6 @@ Everything a run measures:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import random
@@ -194,10 +193,9 @@ def _rss() -> int:
 
 
 def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    from sparsegrad.basis import release_freed_memory
+
+    release_freed_memory()
 
 
 class PeakMeter:

@@ -159,16 +159,21 @@ def _time_all(methods: list[str], args) -> dict[str, list[float]]:
     return times
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes, None if absent."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def _current_memory(device) -> int:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def _reset_peak(device) -> None:
@@ -189,11 +194,7 @@ def _peak_memory(device) -> int | None:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
+    return _proc_status_bytes("VmHWM")
 
 
 def _macs(args, n_rows: int) -> dict[str, int]:
