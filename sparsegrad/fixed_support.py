@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, topk_coo
-from .layers import ORIENTATIONS, save_linear_context
+from .layers import ORIENTATIONS, plain_linear, save_linear_context
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
 from .surgery import set_submodule
@@ -238,14 +238,7 @@ class LeadingBlockLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the same function (W with B folded in)."""
-        w = self.effective_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=w.device, dtype=w.dtype)  # fmt: skip
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return plain_linear(self.effective_weight(), self.bias)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -79,6 +79,17 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
+@torch.no_grad()
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (out x in) and ``bias``: what ``to_linear`` returns."""
+    out_f, in_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
+
+
 def save_linear_context(ctx, x: torch.Tensor, bias, layer, *saved: torch.Tensor) -> None:
     """What the backward of a row-wise linear autograd function needs: the layer, whether there is a
     bias, the input's dtype (dL/dx is returned in it) and the ``saved`` tensors."""
@@ -292,14 +303,7 @@ class SparseGradLinear(nn.Module):
         """A plain ``nn.Linear`` with the same function: W (storage "weight"), or W = u_out W~ R^T
         computed in float64 (storage "rotated")."""
         w = self.weight
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
-        )
-        with torch.no_grad():
-            linear.weight.copy_(w if self.storage == "weight" else self._compose(w, torch.float64))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return plain_linear(w if self.storage == "weight" else self._compose(w, torch.float64), self.bias)
 
     # ------------------------------------------------------------------------------------- the basis
     def right_rotation(self) -> torch.Tensor:
@@ -557,15 +561,7 @@ class MePropLinear(nn.Module):
         return layer
 
     def to_linear(self) -> nn.Linear:
-        w = self.weight
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
-        )
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return plain_linear(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_to_rows(_MePropFunction, x, self.out_features, self.weight, self.bias, self)
