@@ -248,13 +248,18 @@ class _GramAccumulator:
         if sum(p[0].shape[1] for p in pending) >= self.flush_rows:
             self._flush(key, side)
 
+    def _exact(self):
+        """The Grams accumulate in ``self.dtype`` also when the passes run under ``torch.autocast``."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def _flush(self, key: str, side: str) -> None:
         pending = self._pending.pop((key, side), [])
         if not pending:
             return
         a = torch.cat([p[0] for p in pending], dim=1) if len(pending) > 1 else pending[0][0]
         b = torch.cat([p[1] for p in pending], dim=0) if len(pending) > 1 else pending[0][1]
-        add_symmetric_product(self._target(key, side), a, b)
+        with self._exact():
+            add_symmetric_product(self._target(key, side), a, b)
 
     def finish(self) -> None:
         """Fold every buffered contribution (call before reading the Grams)."""
@@ -266,13 +271,18 @@ class _GramAccumulator:
         """Fold one weight gradient G (out x in)."""
         g = grad.detach().to(device=self.device, dtype=self.dtype)
         gram_out, gram_in = self._grams(key, *g.shape)
-        add_symmetric_product(gram_out, g, g.t())
-        add_symmetric_product(gram_in, g.t(), g)
+        with self._exact():
+            add_symmetric_product(gram_out, g, g.t())
+            add_symmetric_product(gram_in, g.t(), g)
         self.counts[key] += 1
 
     @torch.no_grad()
     def add_factors(self, key: str, grad_y: torch.Tensor, x: torch.Tensor) -> None:
         """Fold the slice G = grad_y^T x of one linear call (grad_y: rows x out, x: rows x in)."""
+        with self._exact():
+            self._add_factors(key, grad_y, x)
+
+    def _add_factors(self, key: str, grad_y: torch.Tensor, x: torch.Tensor) -> None:
         g = grad_y.detach().reshape(-1, grad_y.shape[-1]).to(device=self.device, dtype=self.dtype)
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self.device, dtype=self.dtype)
         _, g, x = drop_zero_rows(g, x)
@@ -506,8 +516,9 @@ def estimate_basis(
     eigh_dtype = eigh_dtype or dtype
     groups: dict[str, GroupBasis] = {}
     for key in list(acc.gram_out):
-        u_out, e_out = eigenbasis(acc.gram_out.pop(key), eigh_dtype)
-        u_in, e_in = eigenbasis(acc.gram_in.pop(key), eigh_dtype)
+        with acc._exact():
+            u_out, e_out = eigenbasis(acc.gram_out.pop(key), eigh_dtype)
+            u_in, e_in = eigenbasis(acc.gram_in.pop(key), eigh_dtype)
         groups[key] = GroupBasis(
             u_in=column_major_layout(u_in.to(factor_dtype)), u_out=column_major_layout(u_out.to(factor_dtype)),
             eig_in=e_in.to(factor_dtype), eig_out=e_out.to(factor_dtype), n_gradients=acc.counts[key],

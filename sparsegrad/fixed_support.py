@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, topk_coo
-from .layers import ORIENTATIONS, plain_linear, save_linear_context
+from .layers import ORIENTATIONS, TOPK_AT, check_data_parallel, plain_linear, save_linear_context
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
 from .surgery import set_submodule
@@ -110,7 +110,7 @@ class _LeadingBlockFunction(torch.autograd.Function):
             grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_block = block_gradient(g, xs, layer.u_out, layer.u_in)
-            if layer.k < grad_block.numel():
+            if layer.k < grad_block.numel() and layer.topk_at == "backward":
                 grad_block = topk_coo(grad_block, layer.k)
         if ctx.needs_input_grad[2] and ctx.has_bias:
             grad_b = g.sum(0)
@@ -135,10 +135,14 @@ class LeadingBlockLinear(nn.Module):
         bias: bool = True,
         *,
         sparse_by_dense: bool = True,
+        topk_at: str = "backward",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if topk_at not in TOPK_AT:
+            raise ValueError(f"unknown topk_at {topk_at!r}; valid: {', '.join(TOPK_AT)}")
+        self.topk_at = topk_at
         if not (1 <= rows <= out_features and 1 <= cols <= in_features):
             raise ValueError(f"block {rows}x{cols} does not fit a {out_features}x{in_features} weight")
         factory = {"device": device, "dtype": dtype}
@@ -173,6 +177,7 @@ class LeadingBlockLinear(nn.Module):
         block_factor: float = 1.0,
         orientation: str = "hosvd",
         sparse_by_dense: bool = True,
+        topk_at: str = "backward",
     ) -> LeadingBlockLinear:
         """Wrap ``linear`` (same function): W0 = its weight, B = 0.
 
@@ -181,7 +186,8 @@ class LeadingBlockLinear(nn.Module):
         SparseGradLinear). The block is ``rows x cols``; by default the leading block with about
         ``block_factor * k`` entries and the matrix's aspect ratio (``block_factor=1``: the block is
         trained densely; ``> 1``: top-k of dL/dB inside it). ``orientation``: "hosvd" (R = u_in) or
-        "official" (R = u_in^T).
+        "official" (R = u_in^T). ``topk_at``: "backward" (top-k of each backward pass's dL/dB) or
+        "step" (dL/dB dense until the optimizer step, which takes the top-k of the summed gradient).
         """
         if orientation not in ORIENTATIONS:
             raise ValueError(f"unknown orientation {orientation!r}; valid: {', '.join(ORIENTATIONS)}")
@@ -197,7 +203,7 @@ class LeadingBlockLinear(nn.Module):
             auto_r, auto_c = leading_block_shape(out_f, in_f, math.ceil(block_factor * k_count))
             rows, cols = rows or auto_r, cols or auto_c
         layer = cls(in_f, out_f, rows, cols, k=min(k_count, rows * cols), bias=linear.bias is not None,
-                    sparse_by_dense=sparse_by_dense, device=w.device, dtype=w.dtype)  # fmt: skip
+                    sparse_by_dense=sparse_by_dense, topk_at=topk_at, device=w.device, dtype=w.dtype)  # fmt: skip
         with torch.no_grad():
             r_mat = u_in if orientation == "hosvd" else u_in.t()
             layer.u_in.copy_(r_mat[:, :cols])
@@ -228,7 +234,14 @@ class LeadingBlockLinear(nn.Module):
             self.block_applied.copy_(self.block.detach())
         self._applied_version = self.block._version
 
+    @torch.no_grad()
+    def select_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """``topk_at="step"``: the top-k (COO) of the dense dL/dB summed over the step's backward passes."""
+        return topk_coo(grad, self.k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparse_block_grad:
+            check_data_parallel(self)
         self.fold()
         return apply_to_rows(_LeadingBlockFunction, x, self.out_features, self.block, self.bias, self)
 
@@ -240,13 +253,18 @@ class LeadingBlockLinear(nn.Module):
         """A plain ``nn.Linear`` with the same function (W with B folded in)."""
         return plain_linear(self.effective_weight(), self.bias)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.fold()  # "weight" is the effective W: plain transformers loads an unmerged checkpoint correctly
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._applied_version = None  # weight and block_applied come from the checkpoint, consistent
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.rows}x{self.cols}, "
-                f"k={self.k}, bias={self.bias is not None}, sparse_by_dense={self.sparse_by_dense}")  # fmt: skip
+                f"k={self.k}, bias={self.bias is not None}, sparse_by_dense={self.sparse_by_dense}, "
+                f"topk_at={self.topk_at}")  # fmt: skip
 
 
 def apply_leading_block(
@@ -260,6 +278,7 @@ def apply_leading_block(
     target_patterns: Mapping[str, str] | None = None,
     every_nth_block: int | None = None,
     train_non_mlp: bool = True,
+    topk_at: str = "backward",
 ) -> nn.Module:
     """Swap the MLP linears of ``model`` for :class:`LeadingBlockLinear` (in place; returns the model).
 
@@ -278,7 +297,8 @@ def apply_leading_block(
         group_basis = basis.for_layer(t.name, t.group)
         u_in, u_out = group_basis
         layer = LeadingBlockLinear.from_linear(linear, u_in, u_out, k, block_factor=block_factor,
-                                               orientation=orientation, sparse_by_dense=sparse_by_dense)  # fmt: skip
+                                               orientation=orientation, sparse_by_dense=sparse_by_dense,
+                                               topk_at=topk_at)  # fmt: skip
         for name in ("u_in", "u_out"):
             key = (id(group_basis), name, tuple(getattr(layer, name).shape), layer.weight.device, layer.weight.dtype)
             if key not in shared:

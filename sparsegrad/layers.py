@@ -66,12 +66,17 @@ from .kernels import (
     topk_rows,
 )
 
-__all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES"]
+__all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES",
+           "TOPK_AT"]  # fmt: skip
 
 ORIENTATIONS = ("hosvd", "official")
 FORMULATIONS = ("auto", "regular")
 STORAGES = ("weight", "rotated")
 MEPROP_MODES = ("weight", "output")
+# When the top-k of a weight gradient is taken: in every backward pass (the paper's; the gradient is
+# sparse COO from the start) or once per optimizer step, from the dense gradient summed over the
+# micro-batches and all-reduced by DistributedDataParallel (the optimizer takes it).
+TOPK_AT = ("backward", "step")
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -88,6 +93,22 @@ def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     if bias is not None:
         linear.bias.copy_(bias)
     return linear
+
+
+def check_data_parallel(layer: nn.Module) -> None:
+    """Refuse per-backward top-k when several processes train one model: DistributedDataParallel cannot
+    all-reduce a sparse gradient, and each replica's own top-k would not be the whole batch's."""
+    if layer.topk_at != "backward" or not (layer.training and torch.is_grad_enabled()):
+        return
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"{type(layer).__name__} takes the top-k of its weight gradient in every backward pass "
+            f"(topk_at='backward'), but {dist.get_world_size()} processes are training: data parallelism "
+            "(DistributedDataParallel, accelerate) needs topk_at='step', which keeps the gradient dense "
+            "for the all-reduce and takes the top-k of the whole batch's gradient in the optimizer step. "
+            "Apply the method with {'topk_at': 'step', ...} (conf: method.topk_at=step)."
+        )
 
 
 def save_linear_context(ctx, x: torch.Tensor, bias, layer, *saved: torch.Tensor) -> None:
@@ -124,6 +145,9 @@ class _SparseGradFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None
 
+        # topk_at "step" with storage "weight": the parameter is W and its gradient dL/dW, rotated and
+        # sparsified once per optimizer step (select_gradient); no rotation in the backward pass.
+        unrotated = layer.topk_at == "step" and layer.storage == "weight"
         if layer.formulation == "regular":
             g_rot = g @ u_out  # dL/dY~ = dL/dY u_out, per token
             if need_x:
@@ -134,11 +158,14 @@ class _SparseGradFunction(torch.autograd.Function):
             if need_x:
                 grad_x = scatter_rows(g @ w_eff, rows, n_tokens)
             if need_w:
-                grad_dense = _rotated_weight_grad(g, xs, u_out, r_mat)
+                grad_dense = g.t() @ xs if unrotated else _rotated_weight_grad(g, xs, u_out, r_mat)
         if need_w:
-            grad_w = topk_coo(grad_dense, layer.k, overwrite=True)  # grad_dense is this call's temporary
-            del grad_dense
-            mark_bits(layer.updated_mask, grad_w.indices()[0] * layer.in_features + grad_w.indices()[1])
+            if layer.topk_at == "step":
+                grad_w = grad_dense
+            else:
+                grad_w = topk_coo(grad_dense, layer.k, overwrite=True)  # grad_dense is this call's temporary
+                del grad_dense
+                mark_bits(layer.updated_mask, grad_w.indices()[0] * layer.in_features + grad_w.indices()[1])
             layer.note_gradient()
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)
@@ -186,12 +213,15 @@ class SparseGradLinear(nn.Module):
         sparse_by_dense: bool = True,
         full_refresh_every: int = 100,
         storage: str | None = None,
+        topk_at: str = "backward",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         _check_choice("orientation", orientation, ORIENTATIONS)
         _check_choice("formulation", formulation, FORMULATIONS)
+        _check_choice("topk_at", topk_at, TOPK_AT)
+        self.topk_at = topk_at
         storage = storage or ("rotated" if formulation == "regular" else "weight")
         _check_choice("storage", storage, STORAGES)
         if formulation == "regular" and storage == "weight":
@@ -236,7 +266,7 @@ class SparseGradLinear(nn.Module):
         """Wrap ``linear``: W~ = u_out^T W R (computed in float64), same bias, same function.
 
         ``k`` is the gradient budget, a count or a fraction of in*out. ``options``: orientation,
-        formulation, sparse_by_dense, full_refresh_every, storage. With storage "weight" the layer
+        formulation, sparse_by_dense, full_refresh_every, storage, topk_at. With storage "weight" the layer
         keeps a copy of W and no rotation is computed here.
         """
         w = linear.weight
@@ -294,9 +324,17 @@ class SparseGradLinear(nn.Module):
             key = prefix + name
             if key in destination:
                 destination[key] = destination[key].contiguous().clone()
+        if self.storage == "rotated" and prefix + "weight" in destination:
+            # "weight" is always W, what nn.Linear holds: plain transformers loads an unmerged checkpoint
+            # correctly (to_linear's W). W~ travels beside it, so this layer reloads it exactly.
+            destination[prefix + "rotated_weight"] = destination[prefix + "weight"]
+            destination[prefix + "weight"] = self._compose(self.weight, torch.float64)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        rotated = state_dict.pop(prefix + "rotated_weight", None)
+        if rotated is not None and self.storage == "rotated":
+            state_dict[prefix + "weight"] = rotated  # else "weight" is W: what storage "weight" holds
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._pending_key = None  # a loaded W is not an optimizer's step
 
     def to_linear(self) -> nn.Linear:
@@ -407,6 +445,22 @@ class SparseGradLinear(nn.Module):
             w.add_(self._rotate_back(flat_indices, delta, w.dtype))
         self._pending_key = None
 
+    @torch.no_grad()
+    def select_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """``topk_at="step"``: the k-sparse dL/dW~ (COO) from the dense gradient of the parameter, summed
+        over the step's backward passes (dL/dW for storage "weight", rotated here once per step; dL/dW~
+        for storage "rotated"). Called by the optimizer (:meth:`LazySparseAdam.select_gradients`)."""
+        if self.storage == "weight":
+            dtype = grad.dtype
+            grad = (self.u_out.to(dtype).t() @ grad) @ self.right_rotation().to(dtype)
+            overwrite = True
+        else:
+            overwrite = False
+        selected = topk_coo(grad, self.k, overwrite=overwrite)
+        idx = selected.indices()
+        mark_bits(self.updated_mask, idx[0] * self.in_features + idx[1])
+        return selected
+
     def note_gradient(self) -> None:
         """Record W's state when a W~-space gradient was produced (storage "weight"; see forward)."""
         if self.storage == "weight":
@@ -453,6 +507,7 @@ class SparseGradLinear(nn.Module):
 
     # --------------------------------------------------------------------------------------- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_data_parallel(self)
         if self.storage == "weight":
             self._check_not_stepped_by_foreign_optimizer()
             w_eff = self.weight
@@ -468,7 +523,7 @@ class SparseGradLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
             f"bias={self.bias is not None}, orientation={self.orientation}, formulation={self.formulation}, "
-            f"storage={self.storage}, sparse_by_dense={self.sparse_by_dense}"
+            f"storage={self.storage}, sparse_by_dense={self.sparse_by_dense}, topk_at={self.topk_at}"
         )
 
 
@@ -491,7 +546,9 @@ class _MePropFunction(torch.autograd.Function):
             grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = g.t() @ xs
-            if layer.mode == "weight":
+            if layer.mode == "weight" and layer.topk_at == "step":
+                pass  # dense until the optimizer step (select_gradient)
+            elif layer.mode == "weight":
                 grad_w = topk_coo(grad_w, layer.k)
                 idx = grad_w.indices()
                 mark_bits(layer.updated_mask, idx[0] * layer.in_features + idx[1])
@@ -512,6 +569,10 @@ class MePropLinear(nn.Module):
     ``mode="output"`` (meProp of Sun et al., 2017): each row of dL/dY keeps its top-``k`` entries
     (``k``: count or fraction of out per row); dL/dx, the dense dL/dW and the bias gradient are all
     computed from that sparsified dL/dY.
+
+    ``topk_at`` (mode "weight"): "backward" (top-k of each backward pass's dL/dW) or "step" (dL/dW kept
+    dense until the optimizer step, which takes the top-k of the summed gradient; see
+    :data:`TOPK_AT`).
     """
 
     def __init__(
@@ -523,11 +584,19 @@ class MePropLinear(nn.Module):
         bias: bool = True,
         *,
         sparse_by_dense: bool = True,
+        topk_at: str = "backward",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         _check_choice("meprop mode", mode, MEPROP_MODES)
+        _check_choice("topk_at", topk_at, TOPK_AT)
+        if mode == "output" and topk_at == "step":
+            raise ValueError(
+                "meprop mode 'output' sparsifies dL/dY in every backward pass (its weight gradient is dense); "
+                "topk_at='step' applies to mode 'weight'"
+            )
+        self.topk_at = topk_at
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -563,7 +632,17 @@ class MePropLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         return plain_linear(self.weight, self.bias)
 
+    @torch.no_grad()
+    def select_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """``topk_at="step"``: the top-k (COO) of the dense dL/dW summed over the step's backward passes."""
+        selected = topk_coo(grad, self.k)
+        idx = selected.indices()
+        mark_bits(self.updated_mask, idx[0] * self.in_features + idx[1])
+        return selected
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "weight":
+            check_data_parallel(self)
         return apply_to_rows(_MePropFunction, x, self.out_features, self.weight, self.bias, self)
 
     def num_updated(self) -> int:
@@ -572,5 +651,5 @@ class MePropLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
-            f"mode={self.mode}, bias={self.bias is not None}"
+            f"mode={self.mode}, bias={self.bias is not None}, topk_at={self.topk_at}"
         )

@@ -34,10 +34,9 @@ from torch import nn
 
 from .layers import MePropLinear, SparseGradLinear
 
-__all__ = ["LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm", "lr_factor"]
+__all__ = ["LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm", "make_schedule"]
 
 STATE_LAYOUTS = ("dense", "compact")
-SCHEDULES = ("linear", "constant")
 
 
 class LazySparseAdam(torch.optim.Optimizer):
@@ -62,6 +61,7 @@ class LazySparseAdam(torch.optim.Optimizer):
         self.state_layout = state_layout
         self._listeners: dict[int, Callable] = {}
         self._appliers: dict[int, Callable] = {}
+        self._selectors: dict[int, Callable] = {}
 
     def register_update_listener(self, param: torch.Tensor, callback: Callable) -> None:
         """``callback(flat_indices, delta, version_before)`` is called after each update of ``param``."""
@@ -72,6 +72,21 @@ class LazySparseAdam(torch.optim.Optimizer):
         ``delta`` is the Adam step at the coordinates ``flat_indices`` (no weight decay in it) and
         ``decay = lr * weight_decay`` the decoupled decay the applier owns."""
         self._appliers[id(param)] = apply
+
+    def register_gradient_selector(self, param: torch.Tensor, select: Callable) -> None:
+        """``select(dense_grad) -> sparse COO grad``: for a parameter whose layer keeps its gradient dense
+        until the optimizer step (``topk_at="step"``), the top-k taken once per step, from the whole
+        accumulated (and, under data parallelism, all-reduced) gradient."""
+        self._selectors[id(param)] = select
+
+    @torch.no_grad()
+    def select_gradients(self) -> None:
+        """Replace each dense gradient that has a selector by its selection (no-op once sparse)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                select = self._selectors.get(id(p))
+                if select is not None and p.grad is not None and not p.grad.is_sparse:
+                    p.grad = select(p.grad)
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -120,6 +135,7 @@ class LazySparseAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.select_gradients()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -203,52 +219,97 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     return total.float()
 
 
-def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
-    """Multiplier of the base learning rate before optimizer step number ``step`` (0-based).
+SCHEDULE_ALIASES = {"constant": "constant_with_warmup"}  # ours warms up too, as the linear one does
 
-    Same shapes as transformers' ``get_linear_schedule_with_warmup`` / ``..._constant_...``.
+
+def make_schedule(schedule: str, warmup_steps: int = 0, total_steps: int | None = None):
+    """transformers' learning-rate schedule ``schedule`` as a clock: a ``LambdaLR`` over a one-group
+    stand-in optimizer whose learning rate is the schedule's factor (1.0 = the base learning rate).
+
+    ``"linear"``: ``get_linear_schedule_with_warmup`` (warm-up, then linear decay to 0 at
+    ``total_steps``); ``"constant"``: ``get_constant_schedule_with_warmup``; any other name that
+    ``transformers.get_scheduler`` knows ("cosine", "polynomial", ...) works too.
     """
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    if schedule == "constant":
-        return 1.0
-    if total_steps is None:
-        raise ValueError("schedule='linear' needs total_steps")
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    from transformers import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+
+    name = SCHEDULE_ALIASES.get(schedule, schedule)
+    valid = sorted({"linear", "constant"} | {s.value for s in SchedulerType} - {"reduce_lr_on_plateau", "greedy"})
+    if name not in valid:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(valid)}, or None (no schedule: "
+                         "the learning rate stays where it is, e.g. for a scheduler of your own)")
+    if name not in ("constant_with_warmup",) and total_steps is None:
+        raise ValueError(f"schedule={schedule!r} needs total_steps (the number of optimizer steps)")
+    clock = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_scheduler(name, clock, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-class SparseGradOptimizer:
-    """Dense AdamW + :class:`LazySparseAdam` stepped together, with schedule and clipping."""
+class SparseGradOptimizer(torch.optim.Optimizer):
+    """Dense AdamW + :class:`LazySparseAdam` stepped together, with schedule and clipping.
+
+    A ``torch.optim.Optimizer``: its ``param_groups`` are the two optimizers' groups themselves, so a
+    learning-rate scheduler of any library (``transformers.Trainer``'s, ``torch.optim.lr_scheduler``)
+    drives it. Who owns the learning rate is never ambiguous: with ``schedule`` set, this optimizer
+    runs transformers' schedule itself (``self.lr_scheduler``, stepped inside :meth:`step`) and raises
+    if anything else changed the learning rate between two steps; with ``schedule=None`` it never
+    touches the learning rate.
+
+    ``max_grad_norm``: clip the global 2-norm of the gradients it applies (the k-sparse ones included);
+    ``None`` or ``0`` means no clipping, as in ``transformers.TrainingArguments``.
+    """
 
     def __init__(
         self,
         dense: torch.optim.Optimizer | None,
         sparse: LazySparseAdam | None,
         *,
-        schedule: str = "constant",
+        schedule: str | None = "constant",
         warmup_steps: int = 0,
         total_steps: int | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if schedule == "linear" and total_steps is None:
-            raise ValueError("schedule='linear' needs total_steps")
+        if max_grad_norm is not None and max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {max_grad_norm!r}")
         self.dense, self.sparse = dense, sparse
+        self.lr_scheduler = make_schedule(schedule, warmup_steps, total_steps) if schedule is not None else None
         self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = max_grad_norm or None
         self.step_count = 0
         self.last_grad_norm: float | None = None
+        groups = [g for o in self.optimizers for g in o.param_groups]
+        super().__init__(groups, {})
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])
+        self._apply_schedule()
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.dense, self.sparse) if o is not None]
 
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for o in self.optimizers for g in o.param_groups]
+    def _apply_schedule(self) -> None:
+        """Set every group's learning rate to the schedule's current value (no-op without a schedule)."""
+        if self.lr_scheduler is None:
+            return
+        factor = self.lr_scheduler.get_last_lr()[0]
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        self._scheduled_lrs = [group["lr"] for group in self.param_groups]
+
+    def _check_schedule_owner(self) -> None:
+        if self.lr_scheduler is None:
+            return
+        found = [group["lr"] for group in self.param_groups]
+        if found != self._scheduled_lrs:
+            raise RuntimeError(
+                f"this optimizer runs its own learning-rate schedule (schedule={self.schedule!r}, "
+                f"warmup_steps={self.warmup_steps}, total_steps={self.total_steps}), and something else changed "
+                f"the learning rate since its last step (expected {self._scheduled_lrs}, found {found}): most "
+                "likely a second scheduler, such as the one transformers.Trainer builds when given "
+                "optimizers=(optimizer, None). Keep one schedule: build the optimizer with schedule=None to "
+                "let the other scheduler drive it (with Trainer: TrainingArguments' lr_scheduler_type and "
+                "warmup_steps), or give Trainer the same schedule (lr_scheduler_type='linear', warmup and "
+                "max_steps equal to this optimizer's)."
+            )
 
     def get_last_lr(self) -> list[float]:
         return [g["lr"] for g in self.param_groups]
@@ -261,21 +322,31 @@ class SparseGradOptimizer:
             o.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_schedule_owner()
+        if self.sparse is not None:
+            self.sparse.select_gradients()  # top-k of gradients kept dense until this step
         if self.max_grad_norm is not None:
             self.last_grad_norm = float(clip_grad_norm(self.params(), self.max_grad_norm))
-        factor = lr_factor(self.step_count, self.schedule, self.warmup_steps, self.total_steps)
-        for group in self.param_groups:
-            group["lr"] = group["initial_lr"] * factor
         for o in self.optimizers:
             o.step()
         self.step_count += 1
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.optimizer.step()  # the stand-in has no gradient; keeps torch's order check quiet
+            self.lr_scheduler.step()
+            self._apply_schedule()
+        return loss
 
     def state_dict(self) -> dict:
         return {
             "step_count": self.step_count,
             "dense": self.dense.state_dict() if self.dense is not None else None,
             "sparse": self.sparse.state_dict() if self.sparse is not None else None,
+            "schedule": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -284,6 +355,15 @@ class SparseGradOptimizer:
             self.dense.load_state_dict(state["dense"])
         if self.sparse is not None:
             self.sparse.load_state_dict(state["sparse"])
+        # torch's load_state_dict gives the optimizers new group dicts: share them again
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+        if self.lr_scheduler is not None:
+            if state.get("schedule") is not None:
+                self.lr_scheduler.load_state_dict(state["schedule"])
+            else:  # a state saved before the schedule was recorded: its position is the step count
+                for _ in range(self.step_count - self.lr_scheduler.last_epoch):
+                    self.lr_scheduler.step()
+            self._apply_schedule()
 
     def state_bytes_by_part(self) -> dict[str, int]:
         """Bytes of optimizer state (moments, index arrays, step tensors) per part."""
@@ -326,7 +406,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    schedule: str = "linear",
+    schedule: str | None = "linear",
     warmup_steps: int = 0,
     total_steps: int | None = None,
     max_grad_norm: float | None = None,
@@ -342,8 +422,15 @@ def build_optimizer(
     parameters with two or more dimensions (not to biases and norm weights), lazily to the touched
     coordinates of the sparse weights, and to the whole W of a SparseGradLinear with storage "weight"
     (the rotation-invariant form: decaying W decays every coordinate of W~). ``sparse_state``: "dense" (SparseAdam-like moments) or
-    "compact" (moments only for touched coordinates). ``schedule``: "linear" (warmup then linear decay
-    to 0 at ``total_steps``) or "constant" (warmup then constant).
+    "compact" (moments only for touched coordinates). ``schedule``: transformers' schedule run by the
+    optimizer itself (:func:`make_schedule`): "linear" (warmup then linear decay to 0 at ``total_steps``),
+    "constant" (warmup then constant), any other ``transformers.get_scheduler`` name, or None to leave
+    the learning rate to a scheduler of your own (``transformers.Trainer``'s). ``max_grad_norm``: clip
+    the global norm of the applied gradients; None or 0: no clipping.
+
+    A layer built with ``topk_at="step"`` keeps its gradient dense through the backward passes (so
+    gradient accumulation and DistributedDataParallel's all-reduce see the whole batch's gradient);
+    the optimizer takes its top-k at the start of :meth:`SparseGradOptimizer.step`.
     """
     sparse_mods = sparse_weight_modules(model)
     sparse_ids = {id(sparse_param(m)) for m in sparse_mods.values()}
@@ -363,6 +450,8 @@ def build_optimizer(
             weight_decay=weight_decay, state_layout=sparse_state,
         )  # fmt: skip
         for m in sparse_mods.values():
+            if getattr(m, "topk_at", "backward") == "step" and sparse_param(m).requires_grad:
+                sparse.register_gradient_selector(sparse_param(m), m.select_gradient)
             if isinstance(m, SparseGradLinear) and m.weight.requires_grad:
                 if m.storage == "weight":
                     sparse.register_applier(m.weight, m.apply_rotated_step)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .basis import Basis, estimate_basis
-from .layers import FORMULATIONS, MEPROP_MODES, ORIENTATIONS, STORAGES, MePropLinear, SparseGradLinear
+from .layers import FORMULATIONS, MEPROP_MODES, ORIENTATIONS, STORAGES, TOPK_AT, MePropLinear, SparseGradLinear
 from .targets import Target, find_targets
 
 __all__ = ["METHODS", "MethodConfig", "apply_method", "merge", "set_submodule"]
@@ -53,6 +53,10 @@ class MethodConfig:
         "regular"; sparse_by_dense: drop zero rows of dL/dY (paper §3.3); storage: "weight" (keep only
         W; the default except for the regular formulation; needs :func:`sparsegrad.build_optimizer`) or
         "rotated" (keep W~ and a cached W; any sparse optimizer), see :class:`SparseGradLinear`.
+    topk_at: when the top-k of a sparse weight gradient is taken (sparsegrad, leading_block, meprop
+        "weight"): "backward" (every backward pass, the paper's) or "step" (once per optimizer step, from
+        the dense gradient summed over gradient accumulation and all-reduced across data-parallel
+        processes: required under DistributedDataParallel / accelerate; the optimizer takes it).
     target_patterns: group -> regex (default by model_type); every_nth_block: keep blocks whose index
         is divisible by it (LLaMA setting: 3); train_non_mlp: see module docstring.
     basis_steps / basis_per_layer / basis_micro_batch: used when apply_method estimates the basis from
@@ -78,6 +82,7 @@ class MethodConfig:
     basis_per_layer: bool = False
     basis_micro_batch: int | None = None
     block_factor: float = 2.0
+    topk_at: str = "backward"
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -90,6 +95,8 @@ class MethodConfig:
             raise ValueError(f"unknown orientation {self.orientation!r}; valid: {', '.join(ORIENTATIONS)}")
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"unknown formulation {self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
+        if self.topk_at not in TOPK_AT:
+            raise ValueError(f"unknown topk_at {self.topk_at!r}; valid: {', '.join(TOPK_AT)}")
         if self.storage is not None and self.storage not in STORAGES:
             raise ValueError(f"unknown storage {self.storage!r}; valid: {', '.join(STORAGES)} (or null: automatic)")
 
@@ -165,7 +172,8 @@ def apply_method(
             linear = model.get_submodule(t.name)
             set_submodule(
                 model, t.name,
-                MePropLinear.from_linear(linear, k, cfg.meprop_mode, sparse_by_dense=cfg.sparse_by_dense),
+                MePropLinear.from_linear(linear, k, cfg.meprop_mode, sparse_by_dense=cfg.sparse_by_dense,
+                                         topk_at=cfg.topk_at if cfg.meprop_mode == "weight" else "backward"),
             )  # fmt: skip
     elif cfg.name == "sparsegrad":
         prepared: dict[int, tuple] = {}  # one converted copy per basis, shared by the group's layers
@@ -179,7 +187,7 @@ def apply_method(
             u_in, u_out = prepared[id(group_basis)]
             layer = SparseGradLinear.from_linear(
                 linear, u_in, u_out, cfg.k, orientation=cfg.orientation, formulation=cfg.formulation,
-                storage=cfg.storage, sparse_by_dense=cfg.sparse_by_dense,
+                storage=cfg.storage, sparse_by_dense=cfg.sparse_by_dense, topk_at=cfg.topk_at,
             )  # fmt: skip
             set_submodule(model, t.name, layer)
     elif cfg.name == "leading_block":
@@ -188,7 +196,7 @@ def apply_method(
         apply_leading_block(
             model, basis, cfg.k, block_factor=cfg.block_factor, orientation=cfg.orientation,
             sparse_by_dense=cfg.sparse_by_dense, target_patterns=cfg.target_patterns,
-            every_nth_block=cfg.every_nth_block, train_non_mlp=cfg.train_non_mlp,
+            every_nth_block=cfg.every_nth_block, train_non_mlp=cfg.train_non_mlp, topk_at=cfg.topk_at,
         )  # fmt: skip
     model.sparsegrad_method = cfg
     return model
@@ -198,12 +206,23 @@ def _apply_lora(model: nn.Module, cfg: MethodConfig, targets: list[Target]) -> n
     from peft import LoraConfig, get_peft_model  # peft is only needed on this path
 
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
+    target_names = {t.name for t in targets}
+    # The other trainable modules (the paper's encoder setting trains them all) go to peft's
+    # modules_to_save, so PeftModel.save_pretrained writes them beside the adapters; bias="lora_only":
+    # the target biases (trained densely in every method) are saved too.
+    others = [name for name, m in model.named_modules()
+              if name and name not in target_names and any(p.requires_grad for p in m.parameters(recurse=False))]  # fmt: skip
+    listed = [id(p) for name in others for p in model.get_submodule(name).parameters(recurse=False)]
+    tied = len(set(listed)) < len(listed)  # e.g. tied input and output embeddings
     lora_cfg = LoraConfig(
         r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=[t.name for t in targets], bias="none",
+        target_modules=sorted(target_names), bias="lora_only", modules_to_save=others or None,
+        ensure_weight_tying=tied,
     )  # fmt: skip
     flags = {id(p): p.requires_grad for p in model.parameters()}
     peft_model = get_peft_model(model, lora_cfg)
+    if not tied:  # tied modules keep peft's own copies, tied to each other
+        _train_modules_in_place(peft_model)
     # peft freezes every non-adapter parameter; restore our setting, with the target weights frozen.
     target_weights = {id(model.get_submodule(t.name).base_layer.weight) for t in targets}
     for name, p in peft_model.named_parameters():
@@ -214,6 +233,20 @@ def _apply_lora(model: nn.Module, cfg: MethodConfig, targets: list[Target]) -> n
         elif id(p) in flags:
             p.requires_grad_(flags[id(p)])
     return peft_model
+
+
+def _train_modules_in_place(peft_model: nn.Module) -> None:
+    """peft trains a copy of each module in modules_to_save and keeps the original frozen beside it;
+    here the original is the trained one (no second copy of embeddings and attention in memory).
+    PeftModel.save_pretrained and merge_and_unload see the same modules as with the copy;
+    ``disable_adapter()`` keeps these modules' trained values (the paper setting has no frozen
+    version of them)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for module in list(peft_model.modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            for adapter in list(module.modules_to_save):
+                module.modules_to_save[adapter] = module.original_module
 
 
 def merge(model: nn.Module) -> nn.Module:

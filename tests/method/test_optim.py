@@ -8,7 +8,7 @@ from method_fixtures import make_batches, make_model
 from torch import nn
 
 import sparsegrad
-from sparsegrad.optim import LazySparseAdam, clip_grad_norm, lr_factor
+from sparsegrad.optim import LazySparseAdam, clip_grad_norm, make_schedule
 
 
 def _sparse_grads(shape, steps, nnz, seed=0):
@@ -75,14 +75,62 @@ def test_clipping_with_sparse_grads_matches_dense_reference():
     torch.testing.assert_close(sparse_p.grad.to_dense(), ref_b_p.grad)
 
 
+def _factors(schedule, warmup, total, n):
+    clock = make_schedule(schedule, warmup, total)
+    out = []
+    for _ in range(n):
+        out.append(clock.get_last_lr()[0])
+        clock.optimizer.step()
+        clock.step()
+    return out
+
+
 def test_schedules():
-    assert lr_factor(0, "linear", 0, 10) == 1.0
-    assert lr_factor(5, "linear", 0, 10) == 0.5
-    assert lr_factor(1, "linear", 4, 12) == 0.25
-    assert lr_factor(8, "linear", 4, 12) == 0.5
-    assert lr_factor(3, "constant", 2, None) == 1.0
+    assert _factors("linear", 0, 10, 6)[0] == 1.0 and _factors("linear", 0, 10, 6)[5] == 0.5
+    assert _factors("linear", 4, 12, 9)[1] == 0.25 and _factors("linear", 4, 12, 9)[8] == 0.5
+    assert _factors("constant", 2, None, 4) == [0.0, 0.5, 1.0, 1.0]
     with pytest.raises(ValueError, match="total_steps"):
         sparsegrad.build_optimizer(make_model("bert"), schedule="linear")
+    with pytest.raises(ValueError, match="unknown schedule 'linar'.*valid: .*constant.*linear"):
+        sparsegrad.build_optimizer(make_model("bert"), schedule="linar", total_steps=3)
+
+
+def test_optimizer_learning_rates_follow_the_schedule_and_refuse_a_second_scheduler():
+    model = make_model("bert")
+    opt = sparsegrad.build_optimizer(model, lr=1.0, schedule="linear", warmup_steps=2, total_steps=6)
+    assert isinstance(opt, torch.optim.Optimizer)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.get_last_lr()[0])
+        opt.step()
+    assert seen == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]
+    # a scheduler of another library writes the learning rate too: refused at the next step
+    opt = sparsegrad.build_optimizer(model, lr=1.0, schedule="linear", total_steps=6)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    with pytest.raises(RuntimeError, match="schedule=None"):
+        opt.step()
+    # schedule=None: the other scheduler drives it
+    opt = sparsegrad.build_optimizer(model, lr=1.0, schedule=None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for step in range(3):
+        assert [g["lr"] for g in opt.dense.param_groups] == [0.5**step] * len(opt.dense.param_groups)
+        opt.step()
+        sched.step()
+
+
+def test_max_grad_norm_zero_means_no_clipping():
+    batches = make_batches("bert", n=1, seed=5)
+    runs = {}
+    for norm in (0.0, None, 1e-3):
+        model = make_model("bert")
+        opt = sparsegrad.build_optimizer(model, lr=1e-2, schedule="constant", max_grad_norm=norm)
+        model(**batches[0]).loss.backward()
+        opt.step()
+        runs[norm] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(runs[0.0], runs[None], rtol=0, atol=0)
+    assert not torch.equal(runs[0.0], runs[1e-3])
+    with pytest.raises(ValueError, match="max_grad_norm must be >= 0"):
+        sparsegrad.build_optimizer(make_model("bert"), schedule="constant", max_grad_norm=-1.0)
 
 
 def _train(model, opt, batches):
