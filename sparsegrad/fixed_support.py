@@ -256,6 +256,9 @@ class LeadingBlockLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.fold()  # "weight" is the effective W: plain transformers loads an unmerged checkpoint correctly
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("u_in", "u_out"):  # shared by a group's layers; safetensors wants one tensor per key
+            if prefix + name in destination:
+                destination[prefix + name] = destination[prefix + name].clone()
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from torch import nn
 
 from .basis import Basis, estimate_basis
-from .layers import FORMULATIONS, MEPROP_MODES, ORIENTATIONS, STORAGES, TOPK_AT, MePropLinear, SparseGradLinear
+from .layers import (
+    FORMULATIONS,
+    MEPROP_MODES,
+    ORIENTATIONS,
+    STORAGES,
+    TOPK_AT,
+    MePropLinear,
+    SparseGradLinear,
+)
 from .targets import Target, find_targets
 
 __all__ = ["METHODS", "MethodConfig", "apply_method", "merge", "set_submodule"]
