@@ -95,6 +95,11 @@ def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
+def check_topk_at(topk_at: str) -> None:
+    if topk_at not in TOPK_AT:
+        raise ValueError(f"unknown topk_at {topk_at!r}; valid: {', '.join(TOPK_AT)}")
+
+
 def check_data_parallel(layer: nn.Module) -> None:
     """Refuse per-backward top-k when several processes train one model: DistributedDataParallel cannot
     all-reduce a sparse gradient, and each replica's own top-k would not be the whole batch's."""
