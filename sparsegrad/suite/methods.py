@@ -38,7 +38,8 @@ BASIS_KINDS = _BasisKinds()
 
 # MethodSettings field -> MethodConfig option; passed when the method reads that option (and it is set).
 SETTING_OPTIONS = {"k": "k", "mode": "meprop_mode", "rank": "lora_rank", "alpha": "lora_alpha",
-                   "dropout": "lora_dropout", "orientation": "orientation", "basis_steps": "basis_steps"}  # fmt: skip
+                   "dropout": "lora_dropout", "orientation": "orientation", "basis_steps": "basis_steps",
+                   "topk_at": "topk_at"}  # fmt: skip
 
 
 @dataclass
@@ -58,6 +59,7 @@ class MethodSettings:
     train_non_mlp: bool = True  # train everything outside the MLPs densely (the paper's GLUE setting)
     basis_steps: int = 8  # sparsegrad, leading_block: backward passes for the transition basis
     basis_micro_batch: int | None = None  # split each basis batch into chunks of this many rows (less memory)
+    topk_at: str | None = None  # sparsegrad, leading_block, meprop weight: backward (the paper's) | step
     options: dict[str, Any] = field(default_factory=dict)  # passed through to the method layer (e.g. block_factor)
 
     def __post_init__(self):
