@@ -55,10 +55,10 @@ tables: $(STAMP)
 	$(PY) -m scripts.reproduce_glue --profile $(PROFILE) --tables-only
 
 bench: assets
-	$(PY) -m experiments.benchmark
+	$(PY) -m benchmarks
 
 bench-layer: $(STAMP)
-	$(PY) -m experiments.bench_layer
+	$(PY) -m benchmarks.layer
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

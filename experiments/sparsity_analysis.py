@@ -97,16 +97,16 @@ def random_orthogonal(n: int, gen):
 
 def analyse(args) -> dict:
     import torch
+    from transformers import set_seed
 
     from sparsegrad.suite import data as data_lib
     from sparsegrad.suite import methods, models, tasks
-    from sparsegrad.suite.runner import seed_everything
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, args.threads or torch.get_num_threads()))
     settings = compose_settings(args.model, args.task, args.override)
     spec = tasks.get_task(settings.task.name)
-    seed_everything(args.seed)
+    set_seed(args.seed)
     raw = tasks.load_raw_splits(spec, settings.task)
     split = tasks.arrange_splits(spec, settings.task, raw, "heldout", 0.1, 2000)
     texts = [t for e in split.train for t in e.get("texts", ()) if t]
