@@ -75,23 +75,23 @@ def current_bytes(device) -> int:
 
 
 def method_buffer_bytes(model) -> int:
-    """Bytes of buffers the method adds to the swapped layers (basis, caches, masks), shared ones once."""
-    from sparsegrad.fixed_support import LeadingBlockLinear
-    from sparsegrad.layers import MePropLinear, SparseGradLinear
+    """Bytes of buffers the method adds to the swapped layers (basis, caches, masks), shared ones once.
+
+    A buffer named ``weight`` is the frozen original weight (the leading-block variant keeps W so), which
+    the original layer held too: not counted."""
+    from sparsegrad.registry import swapped_modules
 
     seen, total = set(), 0
-    for m in model.modules():
-        if isinstance(m, (SparseGradLinear, MePropLinear, LeadingBlockLinear)):
-            for name, b in m.named_buffers(recurse=False):
-                if b is None or (isinstance(m, LeadingBlockLinear) and name == "weight"):
-                    continue  # the variant's weight buffer replaces the original weight
-                key = (b.untyped_storage().data_ptr(), b.dtype)
-                if key in seen:
-                    continue
-                seen.add(key)
-                total += b.numel() * b.element_size()
+    for _, module, _ in swapped_modules(model):
+        for name, b in module.named_buffers(recurse=False):
+            if b is None or name == "weight":
+                continue
+            key = (b.untyped_storage().data_ptr(), b.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += b.numel() * b.element_size()
     return total
-
 
 
 def profile_step(step, batch, device, top: int = 25) -> list[dict]:

@@ -75,19 +75,6 @@ def _sparsegrad(formulation: str, storage: str, sparse_by_dense: bool):
                                                "storage": storage, "sparse_by_dense": sparse_by_dense})
 
 
-def _apply_leading_block(model, basis, k, fam, spec):
-    from sparsegrad.fixed_support import apply_leading_block
-
-    return apply_leading_block(model, basis, k, block_factor=spec.block_factor,
-                               every_nth_block=fam["every_nth_block"], train_non_mlp=fam["train_non_mlp"])
-
-
-def _leading_block_optimizer(model, spec):
-    from sparsegrad.fixed_support import build_optimizer
-
-    return build_optimizer(model, lr=LR, schedule="constant")
-
-
 register(BenchMethod("full", "full fine-tuning, dense AdamW on every parameter",
                      _apply_config(lambda k, fam, spec: {"name": "full"})))
 register(BenchMethod(
@@ -110,6 +97,7 @@ register(BenchMethod(
     _sparsegrad("regular", "rotated", False), needs_basis=True))
 register(BenchMethod(
     "leading_block", "variant: SparseGrad restricted to the leading block of W~ (sparsegrad.fixed_support)",
-    _apply_leading_block, needs_basis=True, optimizer=_leading_block_optimizer))
+    _apply_config(lambda k, fam, spec: {"name": "leading_block", "k": k, "block_factor": spec.block_factor}),
+    needs_basis=True))
 
 METHODS = tuple(ROWS)  # the rows registered here (code that runs later reads ROWS, which may have grown)
