@@ -55,10 +55,10 @@ tables: $(STAMP)
 	$(PY) -m scripts.reproduce_glue --profile $(PROFILE) --tables-only
 
 bench: assets
-	$(PY) -m benchmarks
+	$(PY) -m experiments.benchmark
 
 bench-layer: $(STAMP)
-	$(PY) -m benchmarks.layer
+	$(PY) -m experiments.bench_layer
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

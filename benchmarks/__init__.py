@@ -2,7 +2,7 @@
 
 Not part of the method layer: it measures :mod:`sparsegrad` from outside, one fresh process per run.
 
-Whole-model benchmark (``python -m benchmarks``), one job per module:
+Whole-model benchmark (``make bench``, ``python -m experiments.benchmark``), one job per module:
 
 * :mod:`benchmarks.methods`: the rows, one registered :class:`~benchmarks.methods.BenchMethod` per method
   or variant (how to apply it, which optimizer); add a row there.
@@ -16,8 +16,8 @@ Whole-model benchmark (``python -m benchmarks``), one job per module:
 * :mod:`benchmarks.energy`: where the top-k of the rotated gradient sits, on real MiniLM gradients.
 * :mod:`benchmarks.report`: the Markdown report, a list of sections; add a section there.
 * :mod:`benchmarks.machine`: device, CPU, versions and commit of the machine.
-* :mod:`benchmarks.cli`: the command line.
+* :mod:`benchmarks.cli`: the command line (run as ``experiments.benchmark``).
 
-Layer benchmark (``python -m benchmarks.layer``): one BERT-base MLP pair per method
+Layer benchmark (``make bench-layer``, ``python -m experiments.bench_layer``): one BERT-base MLP pair per method
 (:mod:`benchmarks.layer`, written up by :mod:`benchmarks.layer_report`).
 """

@@ -1,11 +1,11 @@
-"""``make bench`` / ``python -m benchmarks``: training speed and memory of every method, side by side.
+"""The command line of the whole-model benchmark (``make bench``, ``python -m experiments.benchmark``).
 
-    python -m benchmarks                      # --preset cpu on a CPU machine, gpu with CUDA
-    python -m benchmarks --preset quick       # MiniLM, a few minutes
-    python -m benchmarks --preset gpu --device cuda --out-dir "$OUT"
-    python -m benchmarks --models bert-base --batch-sizes 16 --paddings movie \
+    python -m experiments.benchmark                      # --preset cpu on a CPU machine, gpu with CUDA
+    python -m experiments.benchmark --preset quick       # MiniLM, a few minutes
+    python -m experiments.benchmark --preset gpu --device cuda --out-dir "$OUT"
+    python -m experiments.benchmark --models bert-base --batch-sizes 16 --paddings movie \
         --methods full,lora,sparsegrad --steps 3 --repeats 2
-    python -m benchmarks --render results/bench/cpu.json   # rebuild the .md from its run records
+    python -m experiments.benchmark --render results/bench/cpu.json   # rebuild the .md from its records
 
 Every run is a fresh process (:mod:`benchmarks.worker`) for one method on one shape (model, batch,
 sequence length, padding); the runs of a shape alternate methods (A B C A B C ...) so a noisy machine
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
             "device": name_slug,
             "device_name": human,
             "preset": name,
-            "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(args.device, args.threads),
             "load_before": list(load_before),

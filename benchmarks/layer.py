@@ -8,8 +8,10 @@ after a warm-up; memory is the peak resident set size (CPU: VmHWM after resettin
 layers, inputs and optimizer — i.e. what the training steps add (activations, gradients, optimizer
 state, temporaries). Everything is also given as a ratio to the dense Linear measured in the same run.
 
-    python -m benchmarks.layer            # writes results/bench/layer.md and layer.json (make bench-layer)
-    python -m benchmarks.layer --quick    # a smoke run (fewer steps, smaller batch)
+    python -m experiments.bench_layer            # writes results/bench/layer.md and layer.json (make bench-layer)
+    python -m experiments.bench_layer --quick    # a smoke run (fewer steps, smaller batch)
+
+Each memory measurement is a ``python -m benchmarks.layer --worker METHOD`` process.
 """
 
 from __future__ import annotations

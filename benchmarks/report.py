@@ -4,7 +4,7 @@ A report is a list of sections, each a function ``report -> list of lines`` (:da
 model shape gets a block of parts, each ``(shape key, summary block, report) -> lines``
 (:data:`SHAPE_PARTS`). Adding a section (a DDP comparison, a precision table) is one function appended
 to the right list; adding a method row needs no change here (:mod:`benchmarks.methods`). Everything
-is a pure function of the report dict, so ``python -m benchmarks --render FILE.json`` rebuilds it.
+is a pure function of the report dict, so ``python -m experiments.benchmark --render FILE.json`` rebuilds it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """From run records to figures: medians over repeats, ratios to full fine-tuning and LoRA, target checks.
 
 A pure function of the records (:func:`summarize`), so a saved report can be re-rendered from its
-``records`` alone (``python -m benchmarks --render FILE.json``).
+``records`` alone (``python -m experiments.benchmark --render FILE.json``).
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def run(spec: Spec) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="one benchmark run (used by python -m benchmarks)")
+    parser = argparse.ArgumentParser(description="one benchmark run (used by benchmarks.runner)")
     parser.add_argument("--spec", required=True, help="JSON of a Spec")
     parser.add_argument("--out", required=True, help="file to write the JSON result to")
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark: `python -m benchmarks --preset gpu --device cuda`, about 7-8 minutes
+# The GPU benchmark: `python -m experiments.benchmark --preset gpu --device cuda`, about 7-8 minutes
 # of wall time on one H100 (the preset skips runs that would overrun its 6.5-minute budget and rewrites its
 # report after every run, so a stopped run still leaves one).
 #
@@ -32,7 +32,7 @@ print(f"python {torch.__file__.split('/lib/')[0]}: torch {torch.__version__} (CU
       f"transformers {transformers.__version__}, peft {peft.__version__}, GPU {torch.cuda.get_device_name(0)}")
 PYEOF
 # The preset's own budget ends the runs after ~6.5 min; the timeout only guards against a hang.
-timeout 560 "$PY" -m benchmarks --preset gpu --device cuda --out-dir "$OUT_DIR" --run-timeout 150 \
+timeout 560 "$PY" -m experiments.benchmark --preset gpu --device cuda --out-dir "$OUT_DIR" --run-timeout 150 \
   2>&1 | tee "$OUT_DIR/device_bench.log"
 status=${PIPESTATUS[0]}
 ls -l "$OUT_DIR"

@@ -193,7 +193,7 @@ def cells(runs: list[dict]) -> dict[tuple[str, str, str], Cell]:
 
 # ------------------------------------------------------------------------------------- benchmarks
 def load_bench(bench_dir: Path | None) -> list[dict]:
-    """CUDA benchmark entries from ``results/bench/cuda-*.json`` (the report of ``python -m benchmarks``:
+    """CUDA benchmark entries from ``results/bench/cuda-*.json`` (the report of ``python -m experiments.benchmark``:
     ``machine`` and ``summary`` {shape: {"methods": {method: {steps_per_s, peak_mb}}}}, with ``shape_defs``
     naming each shape's model), as {device, model, method, task, setting, steps_per_second, peak_memory_mb,
     source}. A plain list of such entries (or {"device", "results": [...]}) is read too."""
