@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from sparsegrad.suite import tables
 from tests.reproduce.fixture_records import ANALOGUE, glue_like_records, record
 
@@ -170,3 +172,25 @@ def test_leading_block_variant_sits_after_sparsegrad_with_empty_paper_columns():
         assert any(n.startswith(label + ": this repository's variant") for n in ts[key].notes), key
     assert not any("variant" in n for n in build()["table09"].notes)  # no variant row, no note
     assert r"SparseGrad, leading block (variant) & movie\_sentiment" in t9.latex()
+
+
+COMMITTED = sorted(p.parent.name for p in (Path(__file__).resolve().parents[2] / "results").glob("*/tables.md"))
+
+
+def test_committed_profiles_are_found():
+    assert {"default", "smoke"} <= set(COMMITTED)
+
+
+@pytest.mark.parametrize("profile", COMMITTED)
+def test_committed_tables_rebuild_byte_for_byte(profile, tmp_path):
+    """What `make tables PROFILE=<profile>` writes equals the committed tables, byte for byte."""
+    from scripts import build_tables
+
+    results = Path(__file__).resolve().parents[2] / "results" / profile
+    out = tmp_path / profile
+    assert build_tables.main(["--records", str(results / "records"), "--out", str(out), "--analogue", profile]) == 0
+    committed = sorted(p.relative_to(results) for p in [results / "tables.md", *(results / "tables").iterdir()])
+    rebuilt = sorted(p.relative_to(out) for p in [out / "tables.md", *(out / "tables").iterdir()])
+    assert rebuilt == committed
+    for rel in committed:
+        assert (out / rel).read_bytes() == (results / rel).read_bytes(), rel
