@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -83,16 +82,18 @@ def latex_escape(text: str) -> str:
     return text
 
 
-@dataclass
 class Table:
-    key: str  # file stem, e.g. "table09"
-    title: str
-    frame: pd.DataFrame  # formatted cells (strings), columns as shown
-    notes: list[str] = field(default_factory=list)
+    """One table: a pandas DataFrame of formatted cells (strings, columns as shown), a title and notes.
 
-    @classmethod
-    def of(cls, key: str, title: str, columns: list[str], rows: list[list[str]], notes: list[str] | None = None) -> Table:
-        return cls(key, title, pd.DataFrame(rows, columns=columns, dtype=object), list(notes or []))
+    ``Table(key, title, columns, rows, notes)`` builds the frame from rows of cells; ``columns`` and
+    ``rows`` read it back."""
+
+    def __init__(self, key: str, title: str, columns: list[str], rows: list[list[str]],
+                 notes: list[str] | None = None):
+        self.key = key  # file stem, e.g. "table09"
+        self.title = title
+        self.frame = pd.DataFrame(rows, columns=columns, dtype=object)
+        self.notes = list(notes or [])
 
     @property
     def columns(self) -> list[str]:
@@ -261,7 +262,7 @@ def table3(records: list[dict], paper: Paper, bench: list[dict]) -> Table:
     else:
         notes.append("No CUDA benchmark record (results/bench/cuda-*.json) was found: every number is from the "
                      "training runs on the device named in each row.")
-    return Table.of("table03", "Table 3 — training speed and peak memory per method, averaged over tasks",
+    return Table("table03", "Table 3 — training speed and peak memory per method, averaged over tasks",
                  ["model", "method", "device", "steps/s", "paper steps/s", "steps/s ÷ FT", "paper ÷ FT",
                   "peak MB", "paper peak MB", "memory ÷ FT", "paper ÷ FT", "runs"], rows, notes)
 
@@ -282,7 +283,7 @@ def _per_task_speed(records, paper, analogue, quantity: str, key: str, title: st
     notes = _memory_note(records)[:1] + _analogue_note(analogue, [], [r[2] for r in rows])
     notes += _variant_note(k[2] for k in src)
     col = "steps/s" if quantity == "steps_per_s" else "peak MB"
-    return Table.of(key, title, ["model", "method", "task", "paper task", "device", col, f"paper {col}", "runs"],
+    return Table(key, title, ["model", "method", "task", "paper task", "device", col, f"paper {col}", "runs"],
                  rows, notes)
 
 
@@ -319,7 +320,7 @@ def table5(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
              "matrices) for SparseGrad, its leading-block variant and MeProp; the paper counts them the same way."]
     notes += _analogue_note(analogue, [r[0] for r in rows], {t for _, _, t in cs})
     notes += _variant_note(meth for _, meth, _ in cs)
-    return Table.of("table05", "Table 5 — average score per model and method, with trainable parameters",
+    return Table("table05", "Table 5 — average score per model and method, with trainable parameters",
                  ["model", "method", "trainable", "paper trainable", "AVG", "paper AVG", "Δ", "tasks"], rows, notes)
 
 
@@ -352,7 +353,7 @@ def score_tables(records: list[dict], paper: Paper, analogue: Analogue) -> list[
         notes += _analogue_note(analogue, models, [r[2] for r in rows])
         notes += _variant_note(meth for m, meth, _ in cs if m in models)
         notes += _not_completed_note({k: v for k, v in cs.items() if k[0] in models})
-        out.append(Table.of(key, title + " (mean ± std over seeds)",
+        out.append(Table(key, title + " (mean ± std over seeds)",
                          ["model", "method", "task", "paper task", "score", "seeds", "paper score", "Δ"], rows, notes))
     return out
 
@@ -385,7 +386,7 @@ def table_best(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
              "The paper publishes the best settings of SparseGrad only (Tables 13-15)."]
     notes += _analogue_note(analogue, [r[0] for r in rows], [r[2] for r in rows])
     notes += _variant_note(meth for _, meth, _ in keys)
-    return Table.of("table13_15", "Tables 13-15 — best batch size and learning rate found by the sweep",
+    return Table("table13_15", "Tables 13-15 — best batch size and learning rate found by the sweep",
                  ["model", "method", "task", "trials completed", "not completed", "best batch", "best lr",
                   "best objective", "paper batch", "paper lr"], rows, notes)
 
@@ -418,7 +419,7 @@ def table_kept(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
              "model's default budget comes from the seed re-runs. Paper numbers are shown where the paper has a "
              "row at the same share."]
     notes += _analogue_note(analogue, [r[0] for r in rows], [r[1] for r in rows])
-    return Table.of("table11_12", "Tables 11-12 — SparseGrad score vs the share of gradient entries kept",
+    return Table("table11_12", "Tables 11-12 — SparseGrad score vs the share of gradient entries kept",
                  ["model", "task", "paper task", "% kept", "score", "runs", "paper score", "Δ"], rows, notes)
 
 
@@ -440,7 +441,7 @@ def table6(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
     notes += _analogue_note(analogue, [r[0] for r in rows], [r[2] for r in rows])
     notes += _variant_note(meth for _, meth, _ in cs)
     notes += _not_completed_note(cs)
-    return Table.of("table06", "Table 6 — LLaMA-style chat fine-tuning, validation loss",
+    return Table("table06", "Table 6 — LLaMA-style chat fine-tuning, validation loss",
                  ["model", "method", "task", "trainable", "paper trainable", "valid loss", "seeds",
                   "paper valid loss", "Δ"], rows, notes)
 
