@@ -194,3 +194,39 @@ def test_committed_tables_rebuild_byte_for_byte(profile, tmp_path):
     assert rebuilt == committed
     for rel in committed:
         assert (out / rel).read_bytes() == (results / rel).read_bytes(), rel
+
+
+def _reference_markdown(columns, rows):
+    """The Markdown the tables promise: one space around each cell, no column padding."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _reference_latex(columns, rows):
+    esc = tables.latex_escape
+    lines = [r"\begin{tabular}{" + "l" * len(columns) + "}", r"\toprule", " & ".join(map(esc, columns)) + r" \\",
+             r"\midrule", *(" & ".join(map(esc, r)) + r" \\" for r in rows), r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_pandas_writers_keep_the_plain_formats_on_random_tables():
+    import csv
+    import io
+    import random
+
+    rng = random.Random(0)
+    pieces = ["a", " ", "±", "Δ", "÷", "~", "_", "&", "%", "#", "\\", ",", '"', "—", "1", ".", "-", "e", "x y", ""]
+
+    def text(n):
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, n)))
+
+    for _ in range(300):
+        columns = [text(3) for _ in range(rng.randint(1, 5))]
+        rows = [[text(4) for _ in columns] for _ in range(rng.randint(1, 4))]
+        t = tables.Table("k", "title", columns, rows, ["a note"])
+        assert t.markdown() == f"### title\n\n{_reference_markdown(columns, rows)}\n\n- a note\n"
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([columns, *rows])
+        assert t.csv() == buf.getvalue()
+        assert t.latex() == "% title\n" + _reference_latex(columns, rows) + "% a note\n"
+        assert t.rows == rows and t.columns == columns
