@@ -6,7 +6,9 @@ row, and the report (:mod:`benchmarks.report`) lists the rows in registration or
 :func:`register` call here: a name, a one-line note for the report, ``apply`` and, when it needs one,
 its own ``optimizer`` or ``spec`` overrides (fields of :class:`benchmarks.worker.Spec`, e.g.
 ``{"dtype": "bfloat16"}`` for a reduced-precision row). Then ``--methods <name>`` runs it and a preset
-lists it where it belongs (:mod:`benchmarks.grid`).
+lists it where it belongs (:mod:`benchmarks.grid`). Every row runs in one worker process today; a row
+measured across processes (data parallel) also needs :func:`benchmarks.runner.run_worker` to start its
+worker under a launcher such as ``torch.distributed.run``.
 """
 
 from __future__ import annotations
