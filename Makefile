@@ -56,6 +56,7 @@ tables: $(STAMP)
 
 bench: assets
 	$(PY) -m experiments.benchmark
+	$(PY) -m benchmarks.ddp
 
 bench-layer: $(STAMP)
 	$(PY) -m experiments.bench_layer
