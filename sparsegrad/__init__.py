@@ -21,12 +21,33 @@ sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mo
 (apply / merge), :mod:`~sparsegrad.accounting` (trainable and updated parameters).
 """
 
-from .accounting import LayerAccount, MethodAccount, account
-from .basis import Basis, GroupBasis, estimate_basis, random_basis, spectrum_concentration
-from .layers import MePropLinear, SparseGradLinear
-from .optim import LazySparseAdam, SparseGradOptimizer, build_optimizer, clip_grad_norm
-from .surgery import METHODS, MethodConfig, apply_method, merge
-from .targets import DEFAULT_PATTERNS, Target, find_targets
+# Names are imported from their modules on first use (PEP 562), so that ``import sparsegrad.suite.settings``
+# (a config check that must fail fast) does not pay for importing torch.
+_EXPORTS = {
+    "accounting": ("LayerAccount", "MethodAccount", "account"),
+    "basis": ("Basis", "GroupBasis", "estimate_basis", "random_basis", "spectrum_concentration"),
+    "layers": ("MePropLinear", "SparseGradLinear"),
+    "optim": ("LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm"),
+    "surgery": ("METHODS", "MethodConfig", "apply_method", "merge"),
+    "targets": ("DEFAULT_PATTERNS", "Target", "find_targets"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparsegrad' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
+
 
 __all__ = [
     "DEFAULT_PATTERNS",

@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Interval
 
 from sparsegrad.suite.errors import ConfigError
 
@@ -23,22 +25,23 @@ class MethodSettings:
 
     name: str  # the config name recorded in run records: full, lora, meprop, meprop_output, ...
     kind: str  # the method layer's name: full | lora | meprop | sparsegrad | leading_block
-    k: int | float | None = None  # sparse gradient budget per MLP linear (count or fraction)
-    mode: str | None = None  # meprop: weight (top-k of dL/dW, the paper's baseline) | output (top-k of dL/dY)
-    rank: int | None = None  # lora
+    k: int | float | None = None  # sparse gradient budget per MLP linear (count >= 1 or fraction in (0, 1])
+    allow_dense: bool = False  # a count k above a matrix's size means dense training: refused unless true
+    mode: Literal["weight", "output"] | None = None  # meprop: weight (top-k of dL/dW, the paper's) | output (dL/dY)
+    rank: Annotated[int, Ge(1)] | None = None  # lora
     alpha: float | None = None  # lora
-    dropout: float = 0.0  # lora
-    orientation: str | None = None  # sparsegrad, leading_block: hosvd | official
-    target_patterns: dict[str, str] | None = None  # group -> regex over module names (None: per architecture)
-    every_nth_block: int | None = None
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0  # lora
+    orientation: Literal["hosvd", "official"] | None = None  # sparsegrad, leading_block
+    target_patterns: dict[str, str] | list[str] | None = None  # group -> regex over module names (None: per architecture)
+    every_nth_block: Annotated[int, Ge(1)] | None = None
     train_non_mlp: bool = True  # train everything outside the MLPs densely (the paper's GLUE setting)
-    basis_steps: int = 8  # sparsegrad, leading_block: backward passes for the transition basis
-    basis_micro_batch: int | None = None  # split each basis batch into chunks of this many rows (less memory)
+    basis_steps: Annotated[int, Ge(1)] = 8  # sparsegrad, leading_block: backward passes for the transition basis
+    basis_micro_batch: Annotated[int, Ge(1)] | None = None  # split each basis batch into chunks of this many rows
     options: dict[str, Any] = field(default_factory=dict)  # passed through to the method layer (e.g. block_factor)
 
     def __post_init__(self):
         if self.kind not in METHOD_KINDS:
-            raise ConfigError(f"method.kind={self.kind!r}; the method layer knows {', '.join(METHOD_KINDS)}")
+            raise ConfigError(f"method.kind={self.kind}: must be one of {', '.join(METHOD_KINDS)}")
 
 
 def method_config(settings: MethodSettings) -> dict:

@@ -3,9 +3,10 @@
 One optimizer step = ``grad_accum`` micro-batches. Every ``eval_every`` steps (and after the last)
 the model is evaluated on the selection split; the best weights are kept in memory and patience
 counts evaluations without improvement. Throughput counts training steps only (evaluation is timed
-separately) and skips the first ``timing_warmup_steps``. A non-finite loss stops the run as
-diverged; Ctrl-C stops it as interrupted; either way the state so far is returned to the caller,
-which writes the run record.
+separately) and skips the first ``timing_warmup_steps``. A non-finite loss, or a step loss above
+``divergence_factor`` times the first step's, stops the run as diverged (:func:`divergence`); Ctrl-C
+stops it as interrupted; either way the state so far is returned to the caller, which writes the
+run record.
 """
 
 from __future__ import annotations
@@ -20,37 +21,10 @@ import torch
 
 from sparsegrad.suite import data as data_lib
 from sparsegrad.suite import metrics as metrics_lib
+from sparsegrad.suite.settings import TrainerSettings
 from sparsegrad.suite.tasks import CAUSAL_LM, REGRESSION, TaskSpec
 
-
-@dataclass
-class TrainerSettings:
-    """What the Hydra ``trainer`` group may change (see conf/trainer/default.yaml)."""
-
-    seed: int = 42
-    epochs: float = 3.0
-    max_steps: int | None = None  # optimizer steps; stops before the epochs run out
-    batch_size: int = 16  # per micro-batch
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    schedule: str = "linear"  # linear | constant (after warm-up)
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    max_grad_norm: float | None = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    eval_every: int | None = 50  # optimizer steps; None: once per epoch
-    patience: int | None = 5  # evaluations without improvement; None: never stop early
-    protocol: str = "heldout"  # heldout | official (select and report on dev)
-    heldout_fraction: float = 0.1
-    heldout_max: int | None = 2000
-    objective: str = "selection"  # what finetune returns: the best checkpoint's main metric on selection | report
-    timing_warmup_steps: int = 3
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None  # torch CPU threads (None: torch's default)
-    progress: bool = True
-    log_every: int = 10
+__all__ = ["TrainState", "TrainerSettings", "evaluate", "planned_steps", "restore", "snapshot", "train"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,6 +95,7 @@ class TrainState:
     timed_samples: int = 0
     eval_seconds: float = 0.0
     last_loss: float | None = None
+    initial_loss: float | None = None  # the first optimizer step's loss: the divergence reference
     stop_reason: str = "not started"
     status: str = "completed"
     best_value: float | None = None
@@ -240,9 +215,9 @@ def train(
                         out = model(**batch)
                     loss = out.loss.float()
                     loss_value = float(loss.detach())
-                    if not torch.isfinite(loss):
+                    if not math.isfinite(loss_value):  # before backward: no NaN reaches the weights
                         state.last_loss = loss_value
-                        state.status, state.stop_reason = "diverged", f"non-finite loss ({loss_value}) at step {state.step}"
+                        state.status, state.stop_reason = "diverged", divergence(loss_value, None, None, state.step + 1)
                         stop = True
                         break
                     (loss / settings.grad_accum).backward()
@@ -267,6 +242,13 @@ def train(
                     state.timed_steps += 1
                     state.timed_samples += step_samples
                 state.last_loss = step_loss
+                if state.initial_loss is None:
+                    state.initial_loss = step_loss
+                diverged = divergence(step_loss, state.initial_loss, settings.divergence_factor, state.step)
+                if diverged:
+                    state.status, state.stop_reason = "diverged", diverged
+                    stop = True
+                    break
                 if tracker is not None and (state.step % max(1, settings.log_every) == 0 or state.step == 1):
                     tracker.log({"train/loss": step_loss, "train/epoch": state.epoch}, step=state.step)
                 if bar is not None:
@@ -293,6 +275,16 @@ def train(
         if bar is not None:
             bar.close()
     return state
+
+
+def divergence(loss: float, initial: float | None, factor: float | None, step: int) -> str | None:
+    """Why the run diverged at ``step`` (with the hint to lower the learning rate), or None."""
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss}) at step {step}; lower trainer.lr"
+    if factor and initial is not None and initial > 0 and loss > factor * initial:
+        return (f"loss {loss:.4g} at step {step} is above {factor:g} x the first step's {initial:.4g} "
+                "(trainer.divergence_factor); lower trainer.lr")
+    return None
 
 
 def planned_steps(n_examples: int, settings: TrainerSettings) -> int:
