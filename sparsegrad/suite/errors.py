@@ -59,3 +59,21 @@ def _hub_state(*variables: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
+
+
+def signal_message(returncode: int) -> str | None:
+    """What a child's negative return code (killed by a signal) means, in words; None for a normal exit."""
+    import signal
+
+    if returncode >= 0:
+        return None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if name == "SIGKILL":
+        return ("killed by SIGKILL; the likely cause is the system running out of memory (the OOM killer: see "
+                "`dmesg` or `journalctl -k`); try a smaller trainer.batch_size or fewer parallel jobs")
+    if name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        return f"stopped by {name} (interrupted)"
+    return f"killed by {name}"

@@ -415,7 +415,7 @@ def write_record(run: Run) -> str | None:
         except Exception as exc:  # logging must never hide the run's own outcome
             _print(f"[finetune] W&B finish failed: {exc}")
     if path is not None:
-        _print(f"[finetune] {record['status']}: record written to {path}")
+        _print(f"[finetune] record ({record['status']}) written to {path}")
     else:
         _print(summary_line(record, None))
     return problem

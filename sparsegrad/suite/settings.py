@@ -194,6 +194,8 @@ def check_override_keys(argv: list[str]) -> list[str]:
         if top in OTHER_GROUPS:
             continue
         if top not in TOP_LEVEL_KEYS:
+            if arg.startswith("+"):
+                continue  # a new top-level node, added on purpose (e.g. the reproduction's bookkeeping)
             problems.append(_unknown_key(top, top, (*TOP_LEVEL_KEYS, *OTHER_GROUPS[:-1]), arg.split("=", 1)[1]
                                          if len(parts) == 1 else None, len(parts) == 1))
             continue
