@@ -38,7 +38,7 @@ def hub_model_message(name: str, cause: BaseException) -> str:
 def hub_dataset_message(name: str, cause: BaseException) -> str:
     return (
         f"Could not load the data set {name!r}: {_hub_state('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE')}. "
-        "Use an offline task ({OFFLINE_TASKS}; "
+        f"Use an offline task ({OFFLINE_TASKS}; "
         "fetch them with `make assets`), or give local files per split, e.g. "
         "task.data_files='{train: /data/train.csv, validation: /data/dev.csv}' (csv, json or jsonl). "
         f"Cause: {type(cause).__name__}: {_first_line(cause)}"
