@@ -376,10 +376,12 @@ def _cross_checks(model, method, task, trainer) -> list[str]:
 # ---------------------------------------------------------------------------------------- entry
 
 
-def settings_from_config(cfg: dict, output_dir: str) -> FinetuneSettings:
+def settings_from_config(cfg: dict, output_dir: str, check_files: bool = True) -> FinetuneSettings:
     """Checked settings from a resolved config dict (the shape of conf/config.yaml).
 
-    Raises :class:`ConfigError` listing every problem, one line each.
+    Raises :class:`ConfigError` listing every problem, one line each. ``check_files=False`` checks the
+    fields only, without a look at the disk (data files, model folders, assets): for configs meant for
+    another machine.
     """
     problems = [f"the config has no {g!r} group" for g in ("model", "method", "task", "trainer")
                 if not isinstance(cfg.get(g), dict)]
@@ -394,7 +396,8 @@ def settings_from_config(cfg: dict, output_dir: str) -> FinetuneSettings:
     for group, cls in GROUPS.items():
         built[group], found = check_group(group, cls, dict(values[group]))
         problems += found
-    problems += _cross_checks(built["model"], built["method"], built["task"], built["trainer"])
+    if check_files:
+        problems += _cross_checks(built["model"], built["method"], built["task"], built["trainer"])
     if problems:
         raise ConfigError("\n".join(problems))
     paths = cfg.get("paths") or {}
