@@ -55,6 +55,45 @@ def check_choices(argv: list[str]) -> str | None:
     return None
 
 
+OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.output_root")
+
+
+def check_output_location(argv: list[str]) -> list[str]:
+    """One line per run-folder location (from the command line, or the default output root) that cannot
+    be written: Hydra itself writes there before the run starts."""
+    import os
+
+    values = {key: arg.split("=", 1)[1] for arg in argv for key in OUTPUT_KEYS if arg.startswith(key + "=")}
+    if not values:
+        values["paths.output_root"] = os.environ.get("SPARSEGRAD_OUTPUTS") or "outputs"
+    problems = []
+    for key, value in values.items():
+        path = Path(os.path.expanduser(value.split("${", 1)[0] or "."))
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir():
+            problems.append(f"{key}={value}: {path} is a file, not a folder; choose a writable folder with "
+                            "paths.output_root=/some/folder")
+        else:
+            reason = _cannot_write_in(path)
+            if reason:
+                problems.append(f"{key}={value}: cannot write in {path} ({reason}); choose a writable folder with "
+                                "paths.output_root=/some/folder")
+    return problems
+
+
+def _cannot_write_in(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder`` (tried with an empty temporary folder), or None."""
+    import shutil
+    import tempfile
+
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".write-check-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def run_from_config(cfg, output_dir: str | Path) -> dict:
     """Run one job from a composed config (an OmegaConf DictConfig or a plain dict); return its record.
 
@@ -139,7 +178,7 @@ def cli(argv: list[str] | None = None) -> None:
         _fail(message)
     from sparsegrad.suite.settings import check_override_keys
 
-    problems = check_override_keys(argv)
+    problems = check_override_keys(argv) + check_output_location(argv)
     if problems:
         _fail("\n".join(problems))
     main = _hydra_main()

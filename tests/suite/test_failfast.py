@@ -303,3 +303,29 @@ def test_the_sweep_driver_reports_a_sigkilled_child_as_a_likely_oom(tmp_path):
     fake.write_text("#!/bin/sh\nkill -INT $$\n")
     with pytest.raises(KeyboardInterrupt):
         driver.run(["model=tiny_bert"], "seeds tiny_bert-full", "seeds")
+
+
+def test_cli_refuses_a_run_folder_that_cannot_be_written_before_hydra_writes_there(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "experiments.finetune", "model=tiny_bert", "logger=none",
+                           f"hydra.run.dir={blocker}/run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: hydra.run.dir={blocker}/run: {blocker} is a file, not a folder; choose a "
+                                   "writable folder with paths.output_root=/some/folder")
+
+
+def test_a_read_only_output_root_is_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    from experiments.finetune import check_output_location
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    assert check_output_location([f"paths.output_root={tmp_path}/out"]) == [
+        f"paths.output_root={tmp_path}/out: cannot write in {tmp_path} (Read-only file system); choose a writable "
+        "folder with paths.output_root=/some/folder"]
+    monkeypatch.undo()
+    assert check_output_location([f"paths.output_root={tmp_path}/out", "hydra.run.dir=${paths.output_root}/x"]) == []
