@@ -15,38 +15,44 @@ A SparseGradLinear keeps only W (``storage="weight"``): its gradient is the k-sp
 config to train W~ itself with any sparse optimizer (one more out x in matrix per layer).
 ``estimate_basis(..., micro_batch=4)`` runs one backward pass per 4 rows: a fraction of the activations.
 
+A method is one module (:mod:`sparsegrad.methods`: full, lora, meprop, sparsegrad, leading_block)
+registered by name in :mod:`~sparsegrad.registry`; ``apply_method``, ``merge``, ``build_optimizer`` and
+``account`` look it up there. Add one with ``@sparsegrad.register_method`` on a
+:class:`sparsegrad.Method` subclass.
+
 Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices),
 :mod:`~sparsegrad.layers` (SparseGradLinear, MePropLinear), :mod:`~sparsegrad.kernels` (top-k,
 sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mod:`~sparsegrad.surgery`
 (apply / merge), :mod:`~sparsegrad.accounting` (trainable and updated parameters).
 """
 
-# Names are imported from their modules on first use (PEP 562), so that ``import sparsegrad.suite.settings``
-# (a config check that must fail fast) does not pay for importing torch.
+# The names below load on first use (PEP 562): ``import sparsegrad.suite.settings``, a config check that
+# must fail fast, then does not pay for importing torch. The first name used loads every module listed
+# (and the built-in methods register themselves), exactly what an eager import would have done.
 _EXPORTS = {
     "accounting": ("LayerAccount", "MethodAccount", "account"),
     "basis": ("Basis", "GroupBasis", "estimate_basis", "random_basis", "spectrum_concentration"),
     "layers": ("MePropLinear", "SparseGradLinear"),
     "optim": ("LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm"),
+    "registry": ("LayerBudget", "Method", "get_method", "register_method", "unregister_method"),
     "surgery": ("METHODS", "MethodConfig", "apply_method", "merge"),
     "targets": ("DEFAULT_PATTERNS", "Target", "find_targets"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
 def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
+    if not any(name in names for names in _EXPORTS.values()):
         raise AttributeError(f"module 'sparsegrad' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    for module, names in _EXPORTS.items():
+        loaded = importlib.import_module(f".{module}", __name__)
+        globals().update({n: getattr(loaded, n) for n in names})
+    return globals()[name]
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_MODULE_OF})
+    return sorted({*globals(), *(n for names in _EXPORTS.values() for n in names)})
 
 
 __all__ = [
@@ -55,8 +61,10 @@ __all__ = [
     "Basis",
     "GroupBasis",
     "LayerAccount",
+    "LayerBudget",
     "LazySparseAdam",
     "MePropLinear",
+    "Method",
     "MethodAccount",
     "MethodConfig",
     "SparseGradLinear",
@@ -68,9 +76,12 @@ __all__ = [
     "clip_grad_norm",
     "estimate_basis",
     "find_targets",
+    "get_method",
     "merge",
     "random_basis",
+    "register_method",
     "spectrum_concentration",
+    "unregister_method",
 ]
 
 __version__ = "0.1.0"

@@ -1,13 +1,15 @@
 """The suite's only contact with the method layer (:mod:`sparsegrad`): apply, optimise, account.
 
 Everything the fine-tuning suite needs from the method layer goes through the four functions
-below, so an API change there is fixed here and nowhere else.
+below, so an API change there is fixed here and nowhere else. Which methods exist, which of them need a
+transition basis and which options each reads come from the method registry
+(:mod:`sparsegrad.registry`), so a newly registered method runs here without a change.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -15,8 +17,52 @@ from annotated_types import Ge, Interval
 
 from sparsegrad.suite.errors import ConfigError
 
-METHOD_KINDS = ("full", "lora", "meprop", "sparsegrad", "leading_block")
-BASIS_KINDS = ("sparsegrad", "leading_block")  # kinds that need the transition basis before training
+
+def _registry():
+    """The method layer's registry with the built-in methods registered. Imported on first use: the
+    settings check (sparsegrad.suite.settings) reads MethodSettings without loading torch."""
+    import sparsegrad.methods  # noqa: F401  (registers full, lora, meprop, sparsegrad, leading_block)
+    from sparsegrad import registry
+
+    return registry
+
+
+def __getattr__(name: str):
+    if name == "METHOD_KINDS":  # the method layer's names, always current
+        return _registry().METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_kind(settings: MethodSettings) -> list[str]:
+    """A line for a method.kind that no registered method has (imports the method layer)."""
+    names = _registry().METHODS
+    if settings.kind in names:
+        return []
+    return [f"method.kind={settings.kind}: must be one of {', '.join(names)} (or a method registered with "
+            "sparsegrad.register_method)"]
+
+
+class _BasisKinds(Sequence):
+    """The registered methods that need the transition basis before training (always current)."""
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in _registry().registered_methods() if m.needs_basis)
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+BASIS_KINDS = _BasisKinds()
+
+# MethodSettings field -> MethodConfig option; passed when the method reads that option (and it is set).
+SETTING_OPTIONS = {"k": "k", "mode": "meprop_mode", "rank": "lora_rank", "alpha": "lora_alpha",
+                   "dropout": "lora_dropout", "orientation": "orientation", "basis_steps": "basis_steps"}  # fmt: skip
 
 
 @dataclass
@@ -39,10 +85,6 @@ class MethodSettings:
     basis_micro_batch: Annotated[int, Ge(1)] | None = None  # split each basis batch into chunks of this many rows
     options: dict[str, Any] = field(default_factory=dict)  # passed through to the method layer (e.g. block_factor)
 
-    def __post_init__(self):
-        if self.kind not in METHOD_KINDS:
-            raise ConfigError(f"method.kind={self.kind}: must be one of {', '.join(METHOD_KINDS)}")
-
 
 def method_config(settings: MethodSettings) -> dict:
     """The plain-dict ``MethodConfig`` that :func:`sparsegrad.apply_method` takes."""
@@ -51,18 +93,14 @@ def method_config(settings: MethodSettings) -> dict:
         cfg["target_patterns"] = dict(settings.target_patterns)
     if settings.every_nth_block and settings.every_nth_block > 1:
         cfg["every_nth_block"] = settings.every_nth_block
-    if settings.kind in ("meprop", *BASIS_KINDS):
-        cfg["k"] = settings.k
-    if settings.kind == "meprop":
-        cfg["meprop_mode"] = settings.mode or "weight"
-    if settings.kind == "lora":
-        cfg["lora_rank"] = settings.rank
-        if settings.alpha is not None:
-            cfg["lora_alpha"] = settings.alpha
-        cfg["lora_dropout"] = settings.dropout
-    if settings.kind in BASIS_KINDS:
-        cfg["orientation"] = settings.orientation or "hosvd"
-        cfg["basis_steps"] = settings.basis_steps
+    problems = check_kind(settings)
+    if problems:
+        raise ConfigError(problems[0])
+    reads = _registry().get_method(settings.kind).options
+    for field_name, option in SETTING_OPTIONS.items():
+        value = getattr(settings, field_name)
+        if option in reads and value is not None:
+            cfg[option] = value
     cfg.update(settings.options or {})
     return cfg
 

@@ -1,6 +1,6 @@
 """One fine-tuning run as a short sequence of named steps, each a function below:
 
-    check    settings checked first (cheap: no model is loaded)      settings.check_settings
+    check    settings checked first (no model is loaded)              settings.check_settings, methods.check_kind
     start    the run record's skeleton, the device, the memory meter  start
     load     splits, tokenizer, token ids                             load_data
     build    the model with the task's head                           build_model
@@ -36,6 +36,7 @@ from typing import Any
 
 from sparsegrad.suite import record as record_lib
 from sparsegrad.suite.errors import ConfigError, SuiteError
+from sparsegrad.suite.methods import check_kind
 from sparsegrad.suite.settings import FinetuneSettings, check_settings, settings_from_config
 from sparsegrad.suite.tasks import CAUSAL_LM
 
@@ -113,7 +114,7 @@ class Data:
 
 def finetune(settings: FinetuneSettings) -> dict:
     """Run one fine-tuning job and return its (already written) run record."""
-    problems = check_settings(settings)
+    problems = check_settings(settings) or check_kind(settings.method)  # the latter loads the method layer
     if problems:
         raise ConfigError("\n".join(problems))
     run = start(settings)
