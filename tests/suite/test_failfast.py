@@ -329,3 +329,11 @@ def test_a_read_only_output_root_is_one_line(tmp_path, monkeypatch):
         "folder with paths.output_root=/some/folder"]
     monkeypatch.undo()
     assert check_output_location([f"paths.output_root={tmp_path}/out", "hydra.run.dir=${paths.output_root}/x"]) == []
+
+
+def test_an_unknown_method_kind_is_refused_before_any_data_loads(run_tiny, glue_files, tmp_path):
+    with pytest.raises(ConfigError, match="method.kind=adapter: must be one of full, lora, meprop, sparsegrad, "
+                                          "leading_block"):
+        run_tiny(["model=tiny_bert", "method=full", "method.kind=adapter", "task=sst2",
+                  data_files_override(glue_files["sst2"])], out=tmp_path / "run")
+    assert not (tmp_path / "run" / "record.json").exists()
