@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 import traceback
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,38 +164,12 @@ def start(settings: FinetuneSettings) -> Run:
     spec = tasks.get_task(settings.task.name)
     metric_name, higher = tasks.main_metric(spec, settings.task)
     meter = measure.MemoryMeter(device)
-    record: dict[str, Any] = {
-        "schema_version": record_lib.SCHEMA_VERSION,
-        "run_id": uuid.uuid4().hex[:12],
-        "status": "failed",
-        "error": None,
-        "started_at": _now(),
-        "finished_at": _now(),
-        "wall_seconds": 0.0,
-        "model": settings.model.name,
-        "method": settings.method.name,
-        "task": settings.task.name,
-        "seed": int(ts.seed),
-        "output_dir": str(out_dir),
-        "config": settings.resolved_config,
-        "environment": measure.environment(device),
-        "parameters": {"total": 0, "trainable_dense": 0, "sparse_matrices": 0, "sparse_budget_per_matrix": None,
-                       "sparse_budget_total": None, "updated_coordinates_union": None, "optimizer_state_bytes": None},
-        "main_metric": {"name": metric_name, "higher_is_better": higher, "selection_split": "", "report_splits": [],
-                        "report_split": ""},
-        "evaluations": [],
-        "best": None,
-        "final": None,
-        "objective": None,
-        "training": {"optimizer_steps": 0, "epochs": 0.0, "samples": 0, "tokens": 0, "train_seconds": 0.0,
-                     "eval_seconds": 0.0, "timed_steps": 0, "warmup_steps_excluded": int(ts.timing_warmup_steps),
-                     "steps_per_second": None, "samples_per_second": None, "stop_reason": "not started",
-                     "last_loss": None},
-        "memory": {"device_type": device.type, "how": meter.how, "baseline_bytes": None, "train_peak_bytes": None,
-                   "eval_peak_bytes": None},
-        "basis": None,
-        "logger": None,
-    }
+    record = record_lib.new_record(
+        model=settings.model.name, method=settings.method.name, task=settings.task.name, seed=int(ts.seed),
+        output_dir=str(out_dir), config=settings.resolved_config, environment=measure.environment(device),
+        main_metric=metric_name, higher_is_better=higher, device_type=device.type, memory_how=meter.how,
+        timing_warmup_steps=int(ts.timing_warmup_steps),
+    )
     name = f"{settings.model.name}-{settings.method.name}-{settings.task.name}-s{ts.seed}"
     return Run(settings, out_dir, device, meter, record, time.perf_counter(), spec=spec, name=name)
 
