@@ -148,15 +148,13 @@ def _hydra_main():
 
         from sparsegrad.suite.assets import AssetMissingError
         from sparsegrad.suite.errors import SuiteError
-        from sparsegrad.suite.runner import RecordWriteError, objective_value, summary_line
+        from sparsegrad.suite.runner import objective_value, summary_line
 
         hydra_cfg = HydraConfig.get()
         output_dir = hydra_cfg.runtime.output_dir
         try:
             record = run_from_config(cfg, output_dir)
-        except RecordWriteError as exc:  # the summary is already on screen
-            _fail(str(exc))
-        except (SuiteError, AssetMissingError) as exc:
+        except (SuiteError, AssetMissingError) as exc:  # incl. RecordWriteError (its summary is on screen already)
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail(f"interrupted; the run record is in {output_dir}/record.json", EXIT_INTERRUPTED)
