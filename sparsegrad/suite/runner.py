@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import sys
 import tempfile
 import time
@@ -52,12 +51,10 @@ class RecordWriteError(SuiteError):
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
+    """Python's, NumPy's and torch's generators (every device), by :func:`transformers.set_seed`."""
+    from transformers import set_seed
 
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    set_seed(seed)
 
 
 def _now() -> str:

@@ -337,3 +337,14 @@ def test_an_unknown_method_kind_is_refused_before_any_data_loads(run_tiny, glue_
         run_tiny(["model=tiny_bert", "method=full", "method.kind=adapter", "task=sst2",
                   data_files_override(glue_files["sst2"])], out=tmp_path / "run")
     assert not (tmp_path / "run" / "record.json").exists()
+
+
+def test_the_settings_check_imports_no_torch_and_the_method_layer_still_loads_whole():
+    code = ("import sys\n"
+            "import sparsegrad.suite.settings, sparsegrad.suite.runner\n"
+            "assert 'torch' not in sys.modules\n"
+            "import sparsegrad\n"
+            "assert sparsegrad.apply_method is not None and 'torch' in sys.modules\n"
+            "assert tuple(sparsegrad.METHODS) == ('full', 'lora', 'meprop', 'sparsegrad', 'leading_block')\n"
+            "assert {'hydra', 'omegaconf', 'wandb', 'pandas', 'optuna'}.isdisjoint(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
