@@ -348,3 +348,24 @@ def test_the_settings_check_imports_no_torch_and_the_method_layer_still_loads_wh
             "assert tuple(sparsegrad.METHODS) == ('full', 'lora', 'meprop', 'sparsegrad', 'leading_block')\n"
             "assert {'hydra', 'omegaconf', 'wandb', 'pandas', 'optuna'}.isdisjoint(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
+
+
+def test_the_choices_in_the_settings_match_what_the_code_accepts():
+    """Choices written as Literal types (checked before torch loads) must follow the modules that use them."""
+    import typing
+
+    from sparsegrad import optim
+    from sparsegrad.suite.data import CHAT_TEMPLATES
+    from sparsegrad.suite.models import ModelSettings
+    from sparsegrad.suite.settings import TrainerSettings
+
+    def literals(hint) -> set:
+        if typing.get_origin(hint) is typing.Literal:
+            return set(typing.get_args(hint))
+        return set().union(*(literals(a) for a in typing.get_args(hint)))
+
+    def choices(cls, name) -> set:
+        return literals(typing.get_type_hints(cls)[name])
+
+    assert choices(TrainerSettings, "schedule") == set(optim.SCHEDULES)
+    assert choices(ModelSettings, "chat_template") == set(CHAT_TEMPLATES)
