@@ -37,6 +37,8 @@ from .registry import method_for_layer, swapped_modules
 __all__ = ["LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm", "make_schedule"]
 
 STATE_LAYOUTS = ("dense", "compact")
+# The schedules the suite's configs name; build_optimizer also takes any other transformers schedule name.
+SCHEDULES = ("linear", "constant")
 
 
 class LazySparseAdam(torch.optim.Optimizer):
