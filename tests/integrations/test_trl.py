@@ -10,7 +10,6 @@ import torch
 import sparsegrad
 
 pytestmark = pytest.mark.slow
-trl = pytest.importorskip("trl", reason="TRL is in the 'integrations' extra: pip install -e '.[integrations]'")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 METHODS = {
