@@ -326,3 +326,60 @@ def test_lazy_adam_weight_decay_is_adamw_decay_of_the_whole_parameter():
         ours.step()
     torch.testing.assert_close(p_ours.detach(), p_ref.detach(), rtol=1e-14, atol=1e-15)
     assert float(p_ours.detach()[7, 5]) == pytest.approx(float(start[7, 5]) * (1 - lr * wd) ** 5, rel=1e-14)  # never touched
+
+
+# ------------------------------------------------------------------------- the authors' baselines
+def test_authors_lora_has_scale_one_over_r_kaiming_a_over_r_zero_b_no_dropout():
+    batches = make_batches("bert", n=1)
+    base = make_model("bert")
+    with torch.no_grad():
+        expected = base(**batches[0]).logits
+    model = sparsegrad.apply_method(make_model("bert"), {"name": "lora", "lora_rank": 4, "lora_variant": "authors"})
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "scaling", None), dict)]
+    assert adapted
+    for m in adapted:
+        assert m.scaling["default"] == pytest.approx(1 / 4)
+        assert isinstance(m.lora_dropout["default"], torch.nn.Identity)
+        a = m.lora_A["default"].weight.detach()
+        assert a.shape[0] == 4 and float(a.abs().max()) <= 0.5  # U(-1/sqrt(r), 1/sqrt(r))
+        assert float(a.abs().max()) > 0.4  # not peft's U(-1/sqrt(in), 1/sqrt(in)) = U(-0.18, 0.18) here
+        assert not m.lora_B["default"].weight.detach().any()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batches[0]).logits, expected)  # B = 0: the base model's function
+    standard = sparsegrad.apply_method(make_model("bert"), {"name": "lora", "lora_rank": 4})
+    assert next(m.scaling["default"] for m in standard.modules()
+                if hasattr(m, "lora_A") and isinstance(getattr(m, "scaling", None), dict)) == 1.0
+    with pytest.raises(ValueError, match="lora_variant='authors' fixes alpha"):
+        sparsegrad.MethodConfig(name="lora", lora_variant="authors", lora_alpha=8)
+    with pytest.raises(ValueError, match="valid: standard, authors"):
+        sparsegrad.MethodConfig(name="lora", lora_variant="paper")
+
+
+def test_meprop_under_dense_adamw_moves_weights_outside_the_top_k():
+    """The authors' MeProp: the top-k gradient arrives dense, AdamW's momentum keeps moving earlier
+    coordinates; the lazy variant moves only the coordinates of some step's top-k."""
+    batches = make_batches("bert", n=3, seed=2)
+    k = 20
+    moved = {}
+    for optimizer in ("adamw", "lazy_adam"):
+        model = sparsegrad.apply_method(make_model("bert"), {"name": "meprop", "k": k, "meprop_optimizer": optimizer})
+        layer = model.bert.encoder.layer[0].intermediate.dense
+        before = layer.weight.detach().clone()
+        opt = sparsegrad.build_optimizer(model, lr=1e-2, schedule="constant")
+        assert (opt.sparse is None) == (optimizer == "adamw")
+        union = torch.zeros_like(before, dtype=torch.bool)
+        for batch in batches:
+            model(**batch).loss.backward()
+            g = layer.weight.grad
+            dense = g.to_dense() if g.is_sparse else g
+            assert g.is_sparse == (optimizer == "lazy_adam") and int(dense.ne(0).sum()) == k
+            union |= dense.ne(0)
+            opt.step()
+            opt.zero_grad()
+        changed = layer.weight.detach().ne(before)
+        assert not (changed & ~union).any()  # neither moves a coordinate no top-k ever held
+        moved[optimizer] = int(changed.sum())
+        if optimizer == "lazy_adam":
+            assert moved[optimizer] == int(union.sum())
+    with pytest.raises(ValueError, match="meprop_mode='output' gives a dense weight gradient"):
+        sparsegrad.MethodConfig(name="meprop", meprop_mode="output", meprop_optimizer="lazy_adam")
