@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, topk_coo
-from .layers import ORIENTATIONS, float32_master, needs_master, plain_linear, save_linear_context
+from .layers import ORIENTATIONS, current_master, float32_master, needs_master, plain_linear, save_linear_context
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
 from .targets import find_targets, set_submodule
@@ -164,7 +164,11 @@ class LeadingBlockLinear(nn.Module):
 
     def master_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(block, block_master)]`` in a bf16/fp16 layer, else ``[]``."""
-        return [] if self.block_master is None else [(self.block, self.block_master)]
+        self.fold()  # a change of B made before a conversion goes into W first
+        master = current_master(self, "block", "block_master")
+        if current_master(self, "weight", "weight_master") is not None:
+            self.block_applied = self.block_applied.float()
+        return [] if master is None else [(self.block, master)]
 
     @property
     def sparse_block_grad(self) -> bool:

@@ -72,7 +72,7 @@ from .kernels import (
 )
 
 __all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES",
-           "needs_master", "float32_master"]
+           "needs_master", "float32_master", "current_master"]
 
 ORIENTATIONS = ("hosvd", "official")
 FORMULATIONS = ("auto", "regular")
@@ -94,6 +94,22 @@ def needs_master(dtype: torch.dtype) -> bool:
 def float32_master(tensor: torch.Tensor) -> torch.Tensor | None:
     """A float32 copy of a bf16/fp16 ``tensor`` to train in place of it; None for other dtypes."""
     return tensor.detach().to(torch.float32, copy=True) if needs_master(tensor.dtype) else None
+
+
+@torch.no_grad()
+def current_master(module: nn.Module, param_name: str, master_name: str) -> torch.Tensor | None:
+    """The float32 master of ``module.<param_name>`` if the parameter is bf16/fp16, else None; created
+    from the parameter (and the buffer set) when the module was converted with ``.to()`` after it was
+    built, dropped when the parameter is float32 or wider."""
+    param, master = getattr(module, param_name), getattr(module, master_name)
+    if not needs_master(param.dtype):
+        if master is not None:
+            setattr(module, master_name, None)
+        return None
+    if master is None or master.dtype != torch.float32 or master.device != param.device:
+        master = float32_master(param)
+        setattr(module, master_name, master)
+    return master
 
 
 @torch.no_grad()
@@ -341,7 +357,8 @@ class SparseGradLinear(nn.Module):
 
     def master_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(weight, weight_master)]`` in a bf16/fp16 layer, else ``[]`` (see :func:`sparsegrad.build_optimizer`)."""
-        return [] if self.weight_master is None else [(self.weight, self.weight_master)]
+        master = current_master(self, "weight", "weight_master")
+        return [] if master is None else [(self.weight, master)]
 
     def _trained(self) -> torch.Tensor:
         """The most precise value of the trained matrix: the float32 master, else the parameter."""
@@ -667,7 +684,8 @@ class MePropLinear(nn.Module):
 
     def master_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(weight, weight_master)]`` in a bf16/fp16 layer, else ``[]``."""
-        return [] if self.weight_master is None else [(self.weight, self.weight_master)]
+        master = current_master(self, "weight", "weight_master")
+        return [] if master is None else [(self.weight, master)]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, k: int | float, mode: str = "weight", **options) -> MePropLinear:

@@ -383,3 +383,23 @@ def test_meprop_under_dense_adamw_moves_weights_outside_the_top_k():
             assert moved[optimizer] == int(union.sum())
     with pytest.raises(ValueError, match="meprop_mode='output' gives a dense weight gradient"):
         sparsegrad.MethodConfig(name="meprop", meprop_mode="output", meprop_optimizer="lazy_adam")
+
+
+def test_a_model_converted_to_bf16_after_apply_gets_its_master_copies_at_build_optimizer():
+    batches = make_batches("llama", n=2)
+    basis = sparsegrad.estimate_basis(make_model("llama"), batches[:1], steps=1)
+    for cfg in ({"name": "sparsegrad", "k": 0.05, "storage": "rotated"}, {"name": "meprop", "k": 0.05},
+                {"name": "leading_block", "k": 0.05}):
+        model = sparsegrad.apply_method(make_model("llama"), {**cfg, "train_non_mlp": False}, basis=basis)
+        assert sparsegrad.account(model).master_bytes == 0
+        model.to(torch.bfloat16)
+        opt = sparsegrad.build_optimizer(model, lr=1e-3, schedule="constant")
+        assert sparsegrad.account(model).master_bytes > 0, cfg["name"]
+        for batch in batches:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        for m in sparse_weight_modules(model).values():
+            master = m.block_master if isinstance(m, LeadingBlockLinear) else m.weight_master
+            assert master.dtype == torch.float32
+            assert torch.equal(sparse_param(m).detach(), master.to(torch.bfloat16))
