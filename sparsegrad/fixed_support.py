@@ -51,7 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, topk_coo
-from .layers import ORIENTATIONS, current_master, float32_master, needs_master, plain_linear, save_linear_context
+from .layers import (
+    ORIENTATIONS,
+    current_master,
+    float32_master,
+    needs_master,
+    plain_linear,
+    save_linear_context,
+)
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
 from .targets import find_targets, set_submodule
