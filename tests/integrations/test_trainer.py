@@ -58,8 +58,9 @@ def plain_loop(model, optimizer, batches, clip_dense=None):
 
 def assert_same_parameters(a, b, atol=1e-6):
     sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
+    # a rotated layer saves its cached W only while the cache is valid (a forward since the last step)
+    assert all("effective_weight" in key for key in sa.keys() ^ sb.keys()), sa.keys() ^ sb.keys()
+    for key in sa.keys() & sb.keys():
         if sa[key].is_floating_point():
             torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=atol, msg=key)
         else:
