@@ -39,6 +39,7 @@ class ModelSettings:
     sparse_k: int = 0
     every_nth_block: int = 1
     train_non_mlp: bool = True
+    train_head: bool = False  # with train_non_mlp=false: keep the task head trainable (sparsegrad.suite.heads)
 
 
 def resolve_location(pretrained: str) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from sparsegrad.suite import data as data_lib
 from sparsegrad.suite import metrics as metrics_lib
+from sparsegrad.suite.convergence import EarlyStopping
 from sparsegrad.suite.tasks import CAUSAL_LM, REGRESSION, TaskSpec
 
 
@@ -186,7 +187,7 @@ def train(
     generator = torch.Generator().manual_seed(settings.seed)
     steps_per_epoch = max(1, math.ceil(len(features) / settings.batch_size) // settings.grad_accum)
     eval_every = settings.eval_every or steps_per_epoch
-    bad_evals = 0
+    stopper = EarlyStopping(settings.patience, higher_is_better)  # the convergence criterion
     bar = None
     if settings.progress:
         from tqdm.auto import tqdm
@@ -195,7 +196,6 @@ def train(
 
     def run_evaluation() -> bool:
         """Evaluate on the selection split; True when patience is exhausted."""
-        nonlocal bad_evals
         t0 = time.perf_counter()
         with meter.phase("eval") if meter is not None else contextlib.nullcontext():
             result = evaluate_selection()
@@ -204,18 +204,14 @@ def train(
         if tracker is not None:
             tracker.log({f"selection/{k}": v for k, v in result.items()}, step=state.step)
         value = result.get(main_metric)
-        if metrics_lib.is_better(value, state.best_value, higher_is_better) or state.best_snapshot is None:
-            if metrics_lib.is_better(value, state.best_value, higher_is_better):
-                state.best_value = value
+        if stopper.update(value) or state.best_snapshot is None:
+            state.best_value = stopper.best
             state.best_step, state.best_metrics = state.step, result
             state.best_snapshot = snapshot(model)
-            bad_evals = 0
-        else:
-            bad_evals += 1
         if bar is not None:
             bar.set_postfix_str(f"loss {state.last_loss:.4f} | {main_metric} {value:.4f}" if state.last_loss is not None
                                 else f"{main_metric} {value:.4f}")
-        return settings.patience is not None and bad_evals >= settings.patience
+        return stopper.should_stop
 
     model.train()
     optimizer.zero_grad()
@@ -277,7 +273,7 @@ def train(
                 if state.step % eval_every == 0:
                     last_evaluated = state.step
                     if run_evaluation():
-                        state.stop_reason = f"early stopping: no improvement in {settings.patience} evaluations"
+                        state.stop_reason = stopper.reason()
                         stop = True
                         break
                 if state.step >= total_steps or state.step >= epoch_float_steps:
