@@ -171,7 +171,7 @@ class RunProgress:
         self.seen = set(self._records())
         self.started = time.perf_counter()
         self.bar = tqdm(total=plan.runs, desc=f"{plan.profile}", unit="run", file=file or sys.stderr,
-                        dynamic_ncols=True, bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed} {postfix}")
+                        dynamic_ncols=True, mininterval=5.0, bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}")
         self._show_eta()
 
     def _records(self) -> list[Path]:
@@ -188,7 +188,12 @@ class RunProgress:
 
     def _show_eta(self) -> None:
         left = self.plan.runs - self.bar.n
-        self.bar.set_postfix_str(f"ETA {fmt_duration(self.eta_seconds())}" if left > 0 else "done", refresh=True)
+        text = f"ETA {fmt_duration(self.eta_seconds())}" if left > 0 else "done"
+        now = time.perf_counter()
+        # redraw on news, else every 30 s: a log file gets a line per change, a terminal a ticking clock
+        if text != getattr(self, "_shown", None) or now - getattr(self, "_drawn", 0.0) >= 30:
+            self._shown, self._drawn = text, now
+            self.bar.set_postfix_str(text, refresh=True)
 
     def poll(self) -> int:
         """Count the runs finished since the last poll; returns how many."""
