@@ -606,6 +606,13 @@ def table_kept(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
                  ["model", "task", "paper task", "% kept", "score", "runs", "paper score", "Δ"], rows, notes)
 
 
+def _ci95(values: list[float]) -> str:
+    from sparsegrad.suite.stats import t_interval
+
+    iv = t_interval(values)
+    return f"[{iv.lo:.3f}, {iv.hi:.3f}]" if iv.exists else "—"
+
+
 def table6(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
     runs = [r for r in final_runs(records) if r["task"] in ("oasst1", "chat")]
     cs = cells(runs)
@@ -618,14 +625,15 @@ def table6(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
         rows.append([model, METHOD_LABEL.get(method, method), task,
                      f"{100 * shares[0]:.2g}%" if shares else "—",
                      paper.raw("6", analogue.model(model), method, analogue.task(task), "trainable_share") or "—",
-                     fmt_pm(c.mean, c.std, 3), str(len(c.scores)), fmt_pm(pm, ps, 3), fmt_delta(c.mean, pm, 3)])
+                     fmt_pm(c.mean, c.std, 3), _ci95(c.scores), str(len(c.scores)), fmt_pm(pm, ps, 3),
+                     fmt_delta(c.mean, pm, 3)])
     notes = ["Validation loss: the assistant-token loss of the best checkpoint on the reported split; "
-             "± is the population std over seeds."]
+             "± is the population std over seeds; 95% CI: Student t interval of the mean over seeds."]
     notes += _analogue_note(analogue, [r[0] for r in rows], [r[2] for r in rows])
     notes += _variant_note(meth for _, meth, _ in cs)
     notes += _not_completed_note(cs)
     return Table("table06", "Table 6 — LLaMA-style chat fine-tuning, validation loss",
-                 ["model", "method", "task", "trainable", "paper trainable", "valid loss", "seeds",
+                 ["model", "method", "task", "trainable", "paper trainable", "valid loss", "95% CI", "seeds",
                   "paper valid loss", "Δ"], rows, notes)
 
 

@@ -148,3 +148,16 @@ def test_markdown_and_tables_md_start_with_findings(tmp_path):
     assert "Verdict rule" in text and "t(0.975, n−1)" in text
     summary = (tmp_path / "tables.md").read_text(encoding="utf-8")
     assert summary.index("### Findings") < summary.index("### Table 3")
+
+
+def test_table6_shows_the_interval_over_seeds():
+    from sparsegrad.suite import tables
+
+    rs = []
+    for seed, v in zip((1, 2, 3), (1.0, 2.0, 3.0)):
+        r = record("seeds", "sparsegrad", "chat", seed, v, model="smollm2", metric="loss")
+        r["main_metric"]["higher_is_better"] = False
+        rs.append(r)
+    t6 = tables.table6(rs, tables.Paper.load(), tables.Analogue())
+    half = T2 / math.sqrt(3)
+    assert t6.rows[0][6] == f"[{2 - half:.3f}, {2 + half:.3f}]"
