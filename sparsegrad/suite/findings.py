@@ -197,6 +197,10 @@ def _run_notes(cells, model: str, methods: list[str], tasks: list[str]) -> list[
     capped = sum(1 for r in runs if hit_cap(r))
     bad = sum(1 for r in runs if r.get("status") != "completed")
     notes = []
+    steps = sorted(int((r.get("training") or {}).get("optimizer_steps") or 0) for r in runs if r.get("status") == "completed")
+    bests = sorted(int((r.get("best") or {}).get("step") or 0) for r in runs if r.get("status") == "completed")
+    if steps and steps[-1] > 0:
+        notes.append(f"steps run: median {steps[len(steps) // 2]} (best checkpoint at median step {bests[len(bests) // 2]})")
     if capped:
         notes.append(f"{capped}/{len(runs)} runs stopped at the step cap (not converged)")
     if bad:
@@ -274,7 +278,7 @@ def sparsity_finding(analysis: dict | None) -> list[Finding]:
     ours = (f"HOSVD − original: {fmt_interval(iv, 1, ' pp')} (means {100 * share.get('hosvd', math.nan):.0f}% vs "
             f"{100 * share.get('original', math.nan):.0f}%)" if share else fmt_interval(iv, 1, " pp"))
     verdict = stats.verdict(iv, 0.0)
-    return [Finding("f", str(analysis.get("model", "?")), "gradient at the pretrained weights",
+    return [Finding("f", str(analysis.get("model", "?")), "weight gradient before fine-tuning",
                     [str(analysis.get("task", "?"))], "Figure 2 (qualitative: no number printed)", ours, iv.n, verdict,
                     [("HOSVD − original", iv, verdict)], [f"n = {iv.n} {level}"])]
 

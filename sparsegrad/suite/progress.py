@@ -145,6 +145,10 @@ def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[
                 if method == "sparsegrad" and model in kf.get("models", []) and task in kf.get("tasks", []):
                     kept_total = len(kf.get("k", [])) * len(kf.get("seeds", profile.seeds))
                 todo_seeds = len([s for s in profile.seeds if s not in seeds])
+                if (profile.sweep or {}).get("grid") and profile.best_from == "sweep":
+                    from sparsegrad.suite.grid import grid_values
+
+                    n_trials = len(grid_values(profile.sweep, model, method))
                 done += min(trials, n_trials) + len(profile.seeds) - todo_seeds + min(kept_done, kept_total)
                 if (model, method) in speed:
                     est, source = speed[(model, method)], f"measured in {speed[(model, method)]['runs']} run records"

@@ -390,6 +390,10 @@ class Driver:
 
     def best_setting(self, model: str, method: str, task: str) -> dict | None:
         p = self.profile
+        if p.best_from == "sweep" and (p.sweep or {}).get("grid"):  # a stated grid (sparsegrad.suite.grid)
+            from sparsegrad.suite.grid import run_grid
+
+            return run_grid(self, model, method, task)
         if p.best_from == "sweep":
             return self.sweep(model, method, task)
         if p.best_from == "paper":
