@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparsegrad.suite import stats
-from sparsegrad.suite.convergence import hit_cap
+from sparsegrad.suite.convergence import converged
 
 PAPER_CSV = Path(__file__).resolve().parents[2] / "results" / "paper" / "paper_numbers.csv"
 LOSS_METRICS = ("loss", "perplexity")
@@ -194,7 +194,7 @@ def _paper_order(paper, quantity: str, digits: int) -> str:
 
 def _run_notes(cells, model: str, methods: list[str], tasks: list[str]) -> list[str]:
     runs = [r for m in methods for t in tasks for r in cells.get((model, m, t), {}).values()]
-    capped = sum(1 for r in runs if hit_cap(r))
+    capped = sum(1 for r in runs if r.get("status") == "completed" and converged(r) is False)
     bad = sum(1 for r in runs if r.get("status") != "completed")
     notes = []
     steps = sorted(int((r.get("training") or {}).get("optimizer_steps") or 0) for r in runs if r.get("status") == "completed")
@@ -202,7 +202,8 @@ def _run_notes(cells, model: str, methods: list[str], tasks: list[str]) -> list[
     if steps and steps[-1] > 0:
         notes.append(f"steps run: median {steps[len(steps) // 2]} (best checkpoint at median step {bests[len(bests) // 2]})")
     if capped:
-        notes.append(f"{capped}/{len(runs)} runs stopped at the step cap (not converged)")
+        notes.append(f"{capped}/{len(runs)} runs stopped by the step cap or the end of the epochs, not by the "
+                     "convergence criterion")
     if bad:
         notes.append(f"{bad}/{len(runs)} runs diverged or failed (left out)")
     return notes

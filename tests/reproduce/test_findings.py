@@ -114,7 +114,7 @@ def test_runs_at_the_step_cap_are_noted():
     rs = fixture_records()
     rs[1]["training"]["stop_reason"] = "max_steps reached"  # a sparsegrad seed run
     f = by_claim(findings.build(rs))[("a", "minilm")]
-    assert "1/6 runs stopped at the step cap" in f.notes[0]
+    assert "1/6 runs stopped by the step cap or the end of the epochs" in f.notes[0]
 
 
 def test_loss_task_claims_and_table6_row():
