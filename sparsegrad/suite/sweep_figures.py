@@ -61,7 +61,7 @@ def history(records: list[dict], out_dir: Path) -> list[Path]:
         if ok:
             ax.plot([x for x, _ in ok], [v for _, v in ok], "o", color="C0", label="trial")
             best, line = None, []
-            for x, v in zip(xs, vals):
+            for v in vals:
                 if v is not None and (best is None or (v > best if higher else v < best)):
                     best = v
                 line.append(best)

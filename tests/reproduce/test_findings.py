@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from reproduce.fixture_records import record
 
 from sparsegrad.suite import findings, stats
+from tests.reproduce.fixture_records import record
 
 T2 = 4.302652729911275  # t(0.975, 2 degrees of freedom)
 

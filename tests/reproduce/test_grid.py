@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from reproduce.fixture_records import record
 
 from sparsegrad.suite import grid, progress, search, sweep
+from tests.reproduce.fixture_records import record
 
 
 def test_grid_values_per_method_with_a_default():
@@ -41,7 +41,7 @@ def test_plan_counts_the_grid_values_left():
 
 @pytest.mark.slow
 def test_driver_runs_only_the_missing_grid_values(tmp_path, asset):
-    from reproduce.test_sweep import TINY_OVERRIDES
+    from tests.reproduce.test_sweep import TINY_OVERRIDES
 
     asset("movie_reviews")
     profile = sweep.Profile(name="g", models=["tiny_bert"], methods=["full"], tasks=["movie_sentiment"], seeds=[1],

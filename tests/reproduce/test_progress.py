@@ -7,9 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-from reproduce.fixture_records import record
-
 from sparsegrad.suite import progress, sweep
+from tests.reproduce.fixture_records import record
 
 PLAN_SECTION = {"steps_per_second": {"full": 2.0, "sparsegrad": 1.0}, "steps_per_run": 100, "overhead_seconds": 10,
                 "measured": "2 CPU cores, load 2"}
