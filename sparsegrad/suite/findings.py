@@ -345,9 +345,10 @@ def load_analysis(path: Path) -> dict | None:
 
 
 def write(records: list[dict], out_dir: Path, profile_name: str = "",
-          analogue: Mapping[str, Mapping[str, str]] | None = None) -> tuple[Path, str]:
+          analogue: Mapping[str, Mapping[str, str]] | None = None,
+          analysis_path: Path | None = None) -> tuple[Path, str]:
     """Write ``out_dir/findings.md``; returns its path and its Markdown (tables.md starts with it)."""
-    analysis = load_analysis(Path(out_dir) / "analysis" / "sparsity.json")
+    analysis = load_analysis(analysis_path or Path(out_dir) / "analysis" / "sparsity.json")
     text = markdown(build(records, analysis, analogue), profile_name)
     path = Path(out_dir) / "findings.md"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -472,8 +472,9 @@ def build_all(records: list[dict], paper: Paper | None = None, analogue: Analogu
 
 
 def write_all(records: list[dict], out_dir: Path, *, profile_name: str = "", analogue: Mapping | None = None,
-              bench_dir: Path | None = None, paper_csv: Path = PAPER_CSV) -> list[Path]:
-    """Write every table as Markdown, CSV and LaTeX under ``out_dir/tables`` plus ``out_dir/tables.md``."""
+              bench_dir: Path | None = None, paper_csv: Path = PAPER_CSV, analysis: Path | None = None) -> list[Path]:
+    """Write every table as Markdown, CSV and LaTeX under ``out_dir/tables`` plus ``out_dir/tables.md``
+    (and ``findings.md``, whose claim (f) reads the sparsity analysis, default out_dir/analysis/sparsity.json)."""
     analogue = analogue or {}
     tables = build_all(records, Paper.load(paper_csv),
                        Analogue(analogue.get("models", {}), analogue.get("tasks", {})), load_bench(bench_dir))
@@ -490,7 +491,7 @@ def write_all(records: list[dict], out_dir: Path, *, profile_name: str = "", ana
               f"Markdown, CSV and LaTeX of each table are in `tables/`; figures in `figures/`.\n\n")
     from sparsegrad.suite import findings  # the findings table comes first, and also in findings.md
 
-    findings_path, findings_md = findings.write(records, out_dir, profile_name, analogue)
+    findings_path, findings_md = findings.write(records, out_dir, profile_name, analogue, analysis)
     summary = Path(out_dir) / "tables.md"
     summary.write_text(header + findings_md + "\n" + "\n".join(t.markdown() for t in tables), encoding="utf-8")
     written += [findings_path, summary]
