@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sparsegrad.suite.errors import signal_message
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
@@ -331,10 +334,10 @@ class Driver:
             proc, self.current = self.current, None
         seconds = time.perf_counter() - t0
         harvest(self.layout)
-        if proc.returncode == EXIT_INTERRUPTED or proc.returncode < 0:
+        if proc.returncode == EXIT_INTERRUPTED or _interrupted_by_signal(proc.returncode):
             raise KeyboardInterrupt
         if proc.returncode != 0:
-            reason = _last_error(log_path)
+            reason = signal_message(proc.returncode) or _last_error(log_path)
             if proc.returncode == EXIT_USAGE:  # a config / data / Hub problem repeats for every run
                 raise ReproduceError(f"{what}: {reason} (log {log_path})")
             self.failures.append(f"{what}: exit {proc.returncode}: {reason} (log {log_path})")
@@ -472,10 +475,10 @@ class Driver:
         t0 = time.perf_counter()
         with open(log_path, "a", encoding="utf-8") as log:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-        if proc.returncode == EXIT_INTERRUPTED or proc.returncode < 0:
+        if proc.returncode == EXIT_INTERRUPTED or _interrupted_by_signal(proc.returncode):
             raise KeyboardInterrupt
         if proc.returncode != 0:
-            reason = _last_error(log_path)
+            reason = signal_message(proc.returncode) or _last_error(log_path)
             self.failures.append(f"sparsity analysis: {reason} (log {log_path})")
             self.say(f"sparsity analysis: FAILED: {reason} (log {log_path})")
         else:
@@ -513,6 +516,12 @@ def paper_best_setting(model: str, task: str) -> dict:
 
 def _quote(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in " (){}[],$*") else arg
+
+
+def _interrupted_by_signal(returncode: int) -> bool:
+    """Ctrl-C, SIGTERM or SIGHUP ended the child: the whole reproduction stops (resumable). SIGKILL does not
+    count: it is most often the OOM killer, reported as a failure with that hint (signal_message)."""
+    return returncode in (-signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP)
 
 
 def _last_error(log_path: Path) -> str:
