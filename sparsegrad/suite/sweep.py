@@ -582,14 +582,16 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
             return 0
         driver = Driver(prof, layout, opts)
         driver.say(f"{prof.description} -> {_rel(layout.results)} (runs in {_rel(layout.work)})")
-        if not opts.dry_run:
-            from sparsegrad.suite import progress
+        from sparsegrad.suite import progress  # the plan first; then one progress bar over the runs
 
+        if not opts.dry_run:
             harvest(layout)
-            plan = progress.make_plan(prof, load_records(layout.records), opts.jobs, driver.models())
+        plan = progress.make_plan(prof, load_records(layout.records), opts.jobs, driver.models())
+        if not opts.quiet:
             print(plan.describe() + "".join(f"\n{w}" for w in [progress.describe_budget(plan, prof.budget_minutes)] if w),
                   flush=True)
-            driver.progress = None if opts.quiet else progress.RunProgress(plan, layout.work)
+        if not (opts.dry_run or opts.quiet):
+            driver.progress = progress.RunProgress(plan, layout.work)
         try:
             driver.train()
         finally:
