@@ -6,7 +6,8 @@
 ``--records`` holds ``<stage>/<study>/<run_id>.json`` (stage: sweep, seeds or kept), as written by
 ``make reproduce-glue``; ``--analogue`` names a profile whose ``paper_analogue`` maps stand-in models and
 tasks to the paper's (e.g. minilm -> bert_base); ``--analysis`` is the sparsity-analysis record for
-Figures 2-3 (default: <out>/analysis/sparsity.json).
+Figures 2-3 and the findings table's claim (f) (default: <out>/analysis/sparsity.json, else the one beside
+the records folder).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         if not records:
             print(f"no run records under {args.records}")
             return 1
+        if args.analysis is None:
+            beside = [args.out / "analysis" / "sparsity.json", args.records.parent / "analysis" / "sparsity.json"]
+            args.analysis = next((p for p in beside if p.exists()), beside[0])
         written = tables.write_all(records, args.out, profile_name=args.profile or args.out.name, analogue=analogue,
-                                   bench_dir=sweep.ROOT / "results" / "bench")
-        written += figures.write_all(records, args.out, analysis=args.analysis or args.out / "analysis" / "sparsity.json")
+                                   bench_dir=sweep.ROOT / "results" / "bench", analysis=args.analysis)
+        written += figures.write_all(records, args.out, analysis=args.analysis)
     except sweep.ReproduceError as exc:
         print(f"error: {exc}")
         return 2

@@ -156,6 +156,9 @@ def write_all(records: list[dict], out_dir: Path, *, analysis: Path | None = Non
     """Every figure whose inputs exist, under ``out_dir/figures``; returns the files written."""
     fig_dir = Path(out_dir) / "figures"
     written = pareto(records, fig_dir)
+    from sparsegrad.suite import sweep_figures  # per study: optimisation history, objective vs lr
+
+    written += sweep_figures.write_all(records, fig_dir)
     if analysis is not None and Path(analysis).exists():
         data = json.loads(Path(analysis).read_text(encoding="utf-8"))
         written += figure2(data, fig_dir)

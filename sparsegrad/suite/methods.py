@@ -85,6 +85,7 @@ class MethodSettings:
     target_patterns: dict[str, str] | list[str] | None = None  # group -> regex over module names (None: per architecture)
     every_nth_block: Annotated[int, Ge(1)] | None = None
     train_non_mlp: bool = True  # train everything outside the MLPs densely (the paper's GLUE setting)
+    train_head: bool = False  # with train_non_mlp=false: the task head trains too (the MLP-only setting)
     basis_steps: Annotated[int, Ge(1)] = 8  # sparsegrad, leading_block: backward passes for the transition basis
     basis_micro_batch: Annotated[int, Ge(1)] | None = None  # split each basis batch into chunks of this many rows
     topk_at: Literal["backward", "step"] | None = None  # sparsegrad, leading_block, meprop weight: backward (the paper's) | step
@@ -129,7 +130,12 @@ def estimate_basis(model, settings: MethodSettings, batches: Iterable[dict]):
 def apply(model, settings: MethodSettings, basis=None):
     import sparsegrad
 
-    return sparsegrad.apply_method(model, method_config(settings), basis=basis)
+    model = sparsegrad.apply_method(model, method_config(settings), basis=basis)
+    if settings.train_head and not settings.train_non_mlp:
+        from sparsegrad.suite.heads import unfreeze_task_head
+
+        unfreeze_task_head(model)
+    return model
 
 
 def build_optimizer(model, *, lr: float, weight_decay: float, schedule: str, warmup_steps: int,

@@ -41,6 +41,7 @@ class ModelSettings:
     sparse_k: int | float = 0
     every_nth_block: Annotated[int, Ge(1)] = 1
     train_non_mlp: bool = True
+    train_head: bool = False  # with train_non_mlp=false: keep the task head trainable (sparsegrad.suite.heads)
 
 
 def resolve_location(pretrained: str) -> str:

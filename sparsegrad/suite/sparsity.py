@@ -133,6 +133,7 @@ def analyse(settings, opts: Options) -> dict:
     spaces = ("original", "hosvd", "official", "random")
     shares = {s: [] for s in spaces}
     shares_by_group: dict[str, dict[str, list[float]]] = {}
+    shares_by_layer: dict[str, dict[str, list[float]]] = {}  # the findings table's paired samples
     shown_layer = sorted(targets)[0] if not opts.layer else opts.layer
     heat, hist = {}, {}
     params = list(model.parameters())
@@ -152,6 +153,7 @@ def analyse(settings, opts: Options) -> dict:
                 value = top_share(mat)
                 shares[space].append(value)
                 shares_by_group.setdefault(key, {s: [] for s in spaces})[space].append(value)
+                shares_by_layer.setdefault(name, {s: [] for s in spaces})[space].append(value)
                 if name == shown_layer and b_i == 0:
                     heat[space] = pooled(mat)
                     hist[space] = log_histogram(mat)
@@ -220,6 +222,7 @@ def analyse(settings, opts: Options) -> dict:
         "eval_batches": opts.eval_batches,
         "energy_top_share": {s: mean(v) for s, v in shares.items()},
         "energy_top_share_by_group": {k: {s: mean(v) for s, v in d.items()} for k, d in shares_by_group.items()},
+        "energy_top_share_by_layer": {k: {s: mean(v) for s, v in d.items()} for k, d in shares_by_layer.items()},
         "shown_layer": shown_layer,
         "heatmaps": heat,
         "histogram_edges_log10_rel": HIST_EDGES,

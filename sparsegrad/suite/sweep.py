@@ -88,6 +88,8 @@ class Profile:
     optional_models: list[str] = field(default_factory=list)
     launcher: str | None = None  # default Hydra launcher of the runs (conf/hydra/launcher), e.g. parallel
     jobs: int = 1  # runs launched at once with that launcher
+    plan: dict[str, Any] | None = None  # measured speed for the plan printed before a run (suite.progress)
+    budget_minutes: float | None = None  # the stated wall-time budget on 2 CPU cores
 
     def studies(self) -> list[tuple[str, str, str]]:
         return [(m, meth, t) for m in self.models for t in self.tasks for meth in self.methods]
@@ -284,11 +286,13 @@ class Driver:
         self.failures: list[str] = []
         self.commands: list[list[str]] = []
         self.current: subprocess.Popen | None = None  # the running Hydra subprocess
+        self.progress = None  # a sparsegrad.suite.progress.RunProgress while a profile runs
 
     # ------------------------------------------------------------------ helpers
     def say(self, message: str) -> None:
         if not self.opt.quiet:
-            print(f"[reproduce {self.profile.name}] {message}", flush=True)
+            line = f"[reproduce {self.profile.name}] {message}"
+            self.progress.write(line) if self.progress is not None else print(line, flush=True)
 
     def base_overrides(self, model: str, method: str, task: str, stage: str) -> list[str]:
         p = self.profile
@@ -323,7 +327,7 @@ class Driver:
             log.flush()
             self.current = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:
-                self.current.wait()
+                self.progress.wait(self.current) if self.progress is not None else self.current.wait()
             except KeyboardInterrupt:  # Ctrl-C reaches the child too (same process group): let it write its record
                 self.current.wait()
                 raise
@@ -389,6 +393,10 @@ class Driver:
 
     def best_setting(self, model: str, method: str, task: str) -> dict | None:
         p = self.profile
+        if p.best_from == "sweep" and (p.sweep or {}).get("grid"):  # a stated grid (sparsegrad.suite.grid)
+            from sparsegrad.suite.grid import run_grid
+
+            return run_grid(self, model, method, task)
         if p.best_from == "sweep":
             return self.sweep(model, method, task)
         if p.best_from == "paper":
@@ -574,7 +582,22 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
             return 0
         driver = Driver(prof, layout, opts)
         driver.say(f"{prof.description} -> {_rel(layout.results)} (runs in {_rel(layout.work)})")
-        driver.train()
+        from sparsegrad.suite import progress  # the plan first; then one progress bar over the runs
+
+        if not opts.dry_run:
+            harvest(layout)
+        plan = progress.make_plan(prof, load_records(layout.records), opts.jobs, driver.models())
+        if not opts.quiet:
+            print(plan.describe() + "".join(f"\n{w}" for w in [progress.describe_budget(plan, prof.budget_minutes)] if w),
+                  flush=True)
+        if not (opts.dry_run or opts.quiet):
+            driver.progress = progress.RunProgress(plan, layout.work)
+        try:
+            driver.train()
+        finally:
+            if driver.progress is not None:
+                driver.progress.close()
+                driver.progress = None
         if opts.dry_run:
             return 0
         build_outputs(prof, layout)

@@ -366,6 +366,9 @@ def table_best(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
     for r in by_stage(records, "sweep"):
         trials[(r["model"], r["method"], r["task"])][r.get("status", "?")] += 1
     best = best_trials(records)
+    from sparsegrad.suite import search  # what each study tried, and a best value at its edge
+
+    searched = search.tried(records)
     rows = []
     keys = sorted(trials, key=lambda k: (k[0], METHOD_ORDER.index(k[1]) if k[1] in METHOD_ORDER else 99,
                                          TASK_ORDER.index(k[2]) if k[2] in TASK_ORDER else 99))
@@ -382,15 +385,18 @@ def table_best(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
         shown = None if objective is None else (100 * objective if higher else objective)
         rows.append([model, METHOD_LABEL.get(method, method), task, str(counts.get("completed", 0)),
                      str(sum(v for k, v in counts.items() if k != "completed")),
-                     str(bs) if bs else "—", fmt_lr(lr), fmt(shown), str(int(p_bs)) if p_bs else "—", fmt_lr(p_lr)])
+                     str(bs) if bs else "—", fmt_lr(lr), fmt(shown), str(int(p_bs)) if p_bs else "—", fmt_lr(p_lr),
+                     search.lr_range(searched[(model, method, task)]), search.edge_flag(b, searched[(model, method, task)])])
     notes = ["Best trial: the highest selection-split objective (held-out data, not the reported split). "
              "'not completed' counts diverged and failed trials, which Optuna records as FAIL.",
-             "The paper publishes the best settings of SparseGrad only (Tables 13-15)."]
+             "The paper publishes the best settings of SparseGrad only (Tables 13-15).",
+             "lr tried: the range of learning rates the study's trials ran; EDGE marks a best value at the edge of what "
+             "was tried, where the optimum may lie outside the searched range."]
     notes += _analogue_note(analogue, [r[0] for r in rows], [r[2] for r in rows])
     notes += _variant_note(meth for _, meth, _ in keys)
     return Table("table13_15", "Tables 13-15 — best batch size and learning rate found by the sweep",
                  ["model", "method", "task", "trials completed", "not completed", "best batch", "best lr",
-                  "best objective", "paper batch", "paper lr"], rows, notes)
+                  "best objective", "paper batch", "paper lr", "lr tried", "edge"], rows, notes)
 
 
 def table_kept(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
@@ -425,6 +431,13 @@ def table_kept(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
                  ["model", "task", "paper task", "% kept", "score", "runs", "paper score", "Δ"], rows, notes)
 
 
+def _ci95(values: list[float]) -> str:
+    from sparsegrad.suite.stats import t_interval
+
+    iv = t_interval(values)
+    return f"[{iv.lo:.3f}, {iv.hi:.3f}]" if iv.exists else "—"
+
+
 def table6(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
     runs = [r for r in final_runs(records) if r["task"] in ("oasst1", "chat")]
     cs = cells(runs)
@@ -437,14 +450,15 @@ def table6(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
         rows.append([model, METHOD_LABEL.get(method, method), task,
                      f"{100 * shares[0]:.2g}%" if shares else "—",
                      paper.raw("6", analogue.model(model), method, analogue.task(task), "trainable_share") or "—",
-                     fmt_pm(c.mean, c.std, 3), str(len(c.scores)), fmt_pm(pm, ps, 3), fmt_delta(c.mean, pm, 3)])
+                     fmt_pm(c.mean, c.std, 3), _ci95(c.scores), str(len(c.scores)), fmt_pm(pm, ps, 3),
+                     fmt_delta(c.mean, pm, 3)])
     notes = ["Validation loss: the assistant-token loss of the best checkpoint on the reported split; "
-             "± is the population std over seeds."]
+             "± is the population std over seeds; 95% CI: Student t interval of the mean over seeds."]
     notes += _analogue_note(analogue, [r[0] for r in rows], [r[2] for r in rows])
     notes += _variant_note(meth for _, meth, _ in cs)
     notes += _not_completed_note(cs)
     return Table("table06", "Table 6 — LLaMA-style chat fine-tuning, validation loss",
-                 ["model", "method", "task", "trainable", "paper trainable", "valid loss", "seeds",
+                 ["model", "method", "task", "trainable", "paper trainable", "valid loss", "95% CI", "seeds",
                   "paper valid loss", "Δ"], rows, notes)
 
 
@@ -460,8 +474,9 @@ def build_all(records: list[dict], paper: Paper | None = None, analogue: Analogu
 
 
 def write_all(records: list[dict], out_dir: Path, *, profile_name: str = "", analogue: Mapping | None = None,
-              bench_dir: Path | None = None, paper_csv: Path = PAPER_CSV) -> list[Path]:
-    """Write every table as Markdown, CSV and LaTeX under ``out_dir/tables`` plus ``out_dir/tables.md``."""
+              bench_dir: Path | None = None, paper_csv: Path = PAPER_CSV, analysis: Path | None = None) -> list[Path]:
+    """Write every table as Markdown, CSV and LaTeX under ``out_dir/tables`` plus ``out_dir/tables.md``
+    (and ``findings.md``, whose claim (f) reads the sparsity analysis, default out_dir/analysis/sparsity.json)."""
     analogue = analogue or {}
     tables = build_all(records, Paper.load(paper_csv),
                        Analogue(analogue.get("models", {}), analogue.get("tasks", {})), load_bench(bench_dir))
@@ -476,7 +491,10 @@ def write_all(records: list[dict], out_dir: Path, *, profile_name: str = "", ana
     header = (f"# Results — profile `{profile_name}`\n\nGenerated by `make tables PROFILE={profile_name}` from "
               f"{len(records)} run records under `records/` (every table is a pure function of them). "
               f"Markdown, CSV and LaTeX of each table are in `tables/`; figures in `figures/`.\n\n")
+    from sparsegrad.suite import findings  # the findings table comes first, and also in findings.md
+
+    findings_path, findings_md = findings.write(records, out_dir, profile_name, analogue, analysis)
     summary = Path(out_dir) / "tables.md"
-    summary.write_text(header + "\n".join(t.markdown() for t in tables), encoding="utf-8")
-    written.append(summary)
+    summary.write_text(header + findings_md + "\n" + "\n".join(t.markdown() for t in tables), encoding="utf-8")
+    written += [findings_path, summary]
     return written

@@ -22,6 +22,7 @@ import torch
 
 from sparsegrad.suite import data as data_lib
 from sparsegrad.suite import metrics as metrics_lib
+from sparsegrad.suite.convergence import EarlyStopping
 from sparsegrad.suite.settings import TrainerSettings
 from sparsegrad.suite.tasks import CAUSAL_LM, REGRESSION, TaskSpec
 
@@ -189,7 +190,7 @@ def train(
             if diverged:
                 state.status, state.stop_reason = "diverged", diverged
             elif state.step % eval_every == 0 and selection.evaluate(bar):
-                state.stop_reason = f"early stopping: no improvement in {settings.patience} evaluations"
+                state.stop_reason = selection.stopper.reason()
         if state.stop_reason is None:
             state.stop_reason = "max_steps reached" if state.step >= (settings.max_steps or math.inf) else "epochs done"
         if state.status == "completed" and state.step > 0 and not selection.evaluated_at(state.step):
@@ -261,7 +262,7 @@ class _Selection:
         self.state, self.model, self.run = state, model, evaluate_selection
         self.metric, self.higher, self.patience = main_metric, higher_is_better, patience
         self.meter, self.tracker = meter, tracker
-        self.bad_evals = 0
+        self.stopper = EarlyStopping(patience, higher_is_better)  # the convergence criterion
 
     def evaluated_at(self, step: int) -> bool:
         return bool(self.state.evaluations) and self.state.evaluations[-1]["step"] == step
@@ -277,19 +278,14 @@ class _Selection:
         if self.tracker is not None:
             self.tracker.log({f"selection/{k}": v for k, v in result.items()}, step=state.step)
         value = result.get(self.metric)
-        improved = metrics_lib.is_better(value, state.best_value, self.higher)
-        if improved or state.best_snapshot is None:
-            if improved:
-                state.best_value = value
+        if self.stopper.update(value) or state.best_snapshot is None:
+            state.best_value = self.stopper.best
             state.best_step, state.best_metrics = state.step, result
             state.best_snapshot = snapshot(self.model)
-            self.bad_evals = 0
-        else:
-            self.bad_evals += 1
         if bar is not None:
             loss = f"loss {state.last_loss:.4f} | " if state.last_loss is not None else ""
             bar.set_postfix_str(f"{loss}{self.metric} {value:.4f}")
-        return self.patience is not None and self.bad_evals >= self.patience
+        return self.stopper.should_stop
 
 
 def _micro_batches(n: int, settings: TrainerSettings):

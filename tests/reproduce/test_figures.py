@@ -33,7 +33,8 @@ def test_figures_render_png_and_pdf(tmp_path):
     path.write_text(json.dumps(analysis_record()), encoding="utf-8")
     written = figures.write_all(glue_like_records(), tmp_path, analysis=path)
     names = {p.name for p in written}
-    for stem in ("figure2_gradient_sparsity", "figure3_output_gradient_rows", "pareto_memory_score"):
+    for stem in ("figure2_gradient_sparsity", "figure3_output_gradient_rows", "pareto_memory_score", "sweep_history",
+                 "sweep_objective_vs_lr"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     for p in written:
         assert p.stat().st_size > 1000, p
@@ -41,9 +42,11 @@ def test_figures_render_png_and_pdf(tmp_path):
         assert head == (b"\x89PNG" if p.suffix == ".png" else b"%PDF")
 
 
-def test_without_an_analysis_record_only_the_pareto_plot_is_drawn(tmp_path):
+def test_without_an_analysis_record_only_the_record_figures_are_drawn(tmp_path):
     written = figures.write_all(glue_like_records(), tmp_path, analysis=tmp_path / "missing.json")
-    assert sorted(p.name for p in written) == ["pareto_memory_score.pdf", "pareto_memory_score.png"]
+    assert sorted(p.name for p in written) == ["pareto_memory_score.pdf", "pareto_memory_score.png",
+                                               "sweep_history.pdf", "sweep_history.png",
+                                               "sweep_objective_vs_lr.pdf", "sweep_objective_vs_lr.png"]
     assert figures.write_all([], tmp_path / "empty") == []
 
 

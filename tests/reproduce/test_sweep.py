@@ -198,11 +198,20 @@ def test_smoke_profile_end_to_end(tmp_path, asset):
                  "figures/pareto_memory_score.png", "analysis/sparsity.json", "optuna.db"):
         assert (out / name).stat().st_size > 0, name
     n_records = len(sweep.load_records(out / "records"))
-    assert n_records == 14  # 3 studies (full, sparsegrad, leading_block) x (2 trials + 2 seeds) + 2 kept fractions
+    assert n_records == 18  # 4 studies (full, lora, meprop, sparsegrad) x (2 trials + 2 seeds) + 2 kept fractions
+    assert "plan: 18 runs to do (8 sweep trials, 8 seed re-runs, 2 kept-fraction runs; 0 already" in proc.stdout
+    assert "smoke: 18/18 runs" in proc.stderr
+    findings_md = (out / "findings.md").read_text(encoding="utf-8")
+    assert "| (a) SparseGrad ≥ LoRA" in findings_md and "| (e) steps/s" in findings_md
+    summary = (out / "tables.md").read_text(encoding="utf-8")
+    assert summary.index("### Findings") < summary.index("### Table")
+    for name in ("figures/sweep_history.png", "figures/sweep_objective_vs_lr.pdf"):
+        assert (out / name).stat().st_size > 0, name
     # a second run finds everything done and only rebuilds the tables
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0 and "all 2 trials done" in proc.stdout and "all 2 seed runs done" in proc.stdout
-    assert "sweep tiny_bert-leading_block-movie_sentiment: all 2 trials done" in proc.stdout
+    assert "plan: 0 runs to do (0 sweep trials, 0 seed re-runs, 0 kept-fraction runs; 18 already" in proc.stdout
+    assert "sweep tiny_bert-meprop-movie_sentiment: all 2 trials done" in proc.stdout
     assert len(sweep.load_records(out / "records")) == n_records
     tables_only = subprocess.run([*cmd, "--tables-only"], capture_output=True, text=True, cwd=ROOT, env=env,
                                  timeout=300)

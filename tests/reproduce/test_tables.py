@@ -37,11 +37,11 @@ minilm,SparseGrad,movie_sentiment,sst2,80.0 ± 1.0,2,92.4 ± 0.1,-12.4
 minilm,SparseGrad,movie_score,stsb,65.0 ± 1.0,2,89.2 ± 0.4,-24.2
 """
 
-TABLE13_CSV = """model,method,task,trials completed,not completed,best batch,best lr,best objective,paper batch,paper lr
-minilm,Regular FT,movie_sentiment,2,0,16,1.00e-04,81.0,—,—
-minilm,Regular FT,movie_score,1,0,16,2.00e-04,50.0,—,—
-minilm,SparseGrad,movie_sentiment,1,1,8,3.00e-04,79.0,32,1.47e-05
-minilm,SparseGrad,movie_score,1,0,16,5.00e-04,55.0,32,1.24e-04
+TABLE13_CSV = """model,method,task,trials completed,not completed,best batch,best lr,best objective,paper batch,paper lr,lr tried,edge
+minilm,Regular FT,movie_sentiment,2,0,16,1.00e-04,81.0,—,—,1.0e-05–1.0e-04,EDGE: lr highest tried
+minilm,Regular FT,movie_score,1,0,16,2.00e-04,50.0,—,—,2.0e-04–2.0e-04,
+minilm,SparseGrad,movie_sentiment,1,1,8,3.00e-04,79.0,32,1.47e-05,3.0e-04–1.0e-02,EDGE: lr lowest tried
+minilm,SparseGrad,movie_score,1,0,16,5.00e-04,55.0,32,1.24e-04,5.0e-04–5.0e-04,
 """
 
 TABLE3_CSV = """model,method,device,steps/s,paper steps/s,steps/s ÷ FT,paper ÷ FT,peak MB,paper peak MB,memory ÷ FT,paper ÷ FT,runs
@@ -164,7 +164,7 @@ def test_leading_block_variant_sits_after_sparsegrad_with_empty_paper_columns():
     assert t9.rows[-1] == ["minilm", label, "movie_sentiment", "—", "77.0 ± 1.0", "2", "—", "—"]
     assert ts["table05"].rows[-1] == ["minilm", label, "15.8 M", "—", "77.0", "—", "—", "movie_sentiment"]
     assert ts["table13_15"].rows[-1] == ["minilm", label, "movie_sentiment", "1", "0", "8", "3.00e-04", "78.0",
-                                         "—", "—"]
+                                         "—", "—", "3.0e-04–3.0e-04", ""]
     assert ts["table03"].rows[-1][:5] == ["minilm", label, "cpu x86_64", "1.50", "—"]
     assert ts["table03"].rows[-1][6] == "—" and ts["table03"].rows[-1][10] == "—"
     assert ts["table07"].rows[-1][1:7] == [label, "movie_sentiment", "—", "cpu x86_64", "1.50", "—"]

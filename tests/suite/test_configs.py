@@ -20,7 +20,7 @@ TASK_NAMES = options("task")
 
 def test_config_groups_list_the_spec():
     assert set(MODELS) == {"bert_base", "roberta_base", "roberta_large", "llama2_7b", "minilm", "smollm2",
-                           "tiny_bert", "tiny_roberta", "tiny_llama"}
+                           "tiny_bert", "tiny_roberta", "tiny_llama", "minilm_mlp", "tiny_bert_mlp"}
     assert set(METHODS) == {"full", "lora", "lora_authors", "meprop", "meprop_adamw", "meprop_output", "sparsegrad",
                             "sparsegrad_official",
                             "leading_block"}

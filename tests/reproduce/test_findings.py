@@ -1,0 +1,163 @@
+"""The findings table: statistics, the verdict rule and the table, on fixture records with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sparsegrad.suite import findings, stats
+from tests.reproduce.fixture_records import record
+
+T2 = 4.302652729911275  # t(0.975, 2 degrees of freedom)
+
+
+# ------------------------------------------------------------------------------------------- stats
+def test_t_interval_by_hand():
+    iv = stats.t_interval([1.0, 2.0, 3.0])
+    half = T2 * 1.0 / math.sqrt(3)  # sample sd of 1, 2, 3 is 1
+    assert iv.n == 3 and iv.mean == pytest.approx(2.0)
+    assert (iv.lo, iv.hi) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+    assert stats.t_quantile(2) == pytest.approx(T2)
+
+
+def test_t_interval_edge_cases():
+    assert not stats.t_interval([5.0]).exists and stats.t_interval([5.0]).mean == 5.0
+    assert stats.t_interval([]).mean is None
+    same = stats.t_interval([2.0, 2.0, 2.0])
+    assert (same.lo, same.hi) == (2.0, 2.0)
+    assert stats.t_interval([1.0, float("nan"), 3.0]).n == 2
+
+
+def test_paired_differences_pair_by_seed():
+    a = {1: 80.0, 2: 81.0, 3: 82.0, 4: 90.0}
+    b = {1: 75.0, 2: 76.0, 3: 77.5, 5: 10.0}
+    assert stats.paired_differences(a, b) == {1: 5.0, 2: 5.0, 3: 4.5}
+
+
+def test_verdict_rule():
+    iv = stats.Interval
+    assert stats.verdict(iv(1.0, 0.2, 1.8, 3)) == stats.CONFIRMED
+    assert stats.verdict(iv(-1.0, -1.8, -0.2, 3)) == stats.CONTRADICTED
+    assert stats.verdict(iv(0.5, -0.2, 1.2, 3)) == stats.INCONCLUSIVE
+    assert stats.verdict(iv(5.0, None, None, 1)) == stats.INCONCLUSIVE  # one seed: no interval
+    assert stats.verdict(iv(-0.5, -0.9, -0.1, 3), margin=-1.0) == stats.CONFIRMED  # within 1 point
+    assert stats.verdict(iv(-3.0, -4.0, -2.0, 3), margin=-1.0) == stats.CONTRADICTED
+    assert stats.combine([stats.CONFIRMED, stats.CONFIRMED]) == stats.CONFIRMED
+    assert stats.combine([stats.CONFIRMED, stats.INCONCLUSIVE]) == stats.INCONCLUSIVE
+    assert stats.combine([stats.INCONCLUSIVE, stats.CONTRADICTED]) == stats.CONTRADICTED
+
+
+# ------------------------------------------------------------------------------------------ records
+SCORES = {  # method -> accuracy per seed 1, 2, 3 (x100 in the table)
+    "sparsegrad": (0.80, 0.81, 0.82),
+    "lora": (0.75, 0.76, 0.775),  # SG - LoRA = 5, 5, 4.5: interval well above 0 -> confirmed
+    "meprop": (0.85, 0.865, 0.865),  # SG - MeProp = -5, -5.5, -4.5: well below 0 -> contradicted
+    "full": (0.78, 0.83, 0.80),  # SG - FT = 2, -2, 2: interval straddles -1 -> inconclusive
+}
+MEMORY = {"lora": (900, 905, 895), "sparsegrad": (1000, 1010, 990), "full": (1200, 1190, 1210), "meprop": (1000,) * 3}
+SPEED = {"lora": (3.0, 3.1, 2.9), "sparsegrad": (2.0, 2.1, 1.9), "full": (2.5, 2.6, 2.4), "meprop": (2.0,) * 3}
+
+
+def fixture_records(model="minilm", train_non_mlp=True, train_head=False) -> list[dict]:
+    rs = []
+    for method, scores in SCORES.items():
+        rs.append(record("sweep", method, "movie_sentiment", 42, scores[0], model=model))
+        for i, seed in enumerate((1, 2, 3)):
+            r = record("seeds", method, "movie_sentiment", seed, scores[i], model=model, sps=SPEED[method][i],
+                       mem_mb=MEMORY[method][i])
+            r["config"]["model"] = {"train_non_mlp": train_non_mlp, "train_head": train_head}
+            r["training"]["stop_reason"] = "early stopping: no improvement in 4 evaluations"
+            rs.append(r)
+    return rs
+
+
+ANALYSIS = {  # HOSVD share above the original in every layer -> (f) confirmed
+    "model": "minilm", "task": "movie_sentiment",
+    "energy_top_share": {"original": 0.5, "hosvd": 0.7},
+    "energy_top_share_by_layer": {f"layer{i}": {"original": 0.5 + 0.01 * i, "hosvd": 0.7 + 0.012 * i}
+                                  for i in range(6)},
+}
+
+
+def by_claim(fs):
+    return {(f.claim, f.model): f for f in fs}
+
+
+def test_known_verdicts_on_fixture_records():
+    fs = by_claim(findings.build(fixture_records(), ANALYSIS, {"models": {"minilm": "bert_base"}}))
+    a, b, c = fs[("a", "minilm")], fs[("b", "minilm")], fs[("c", "minilm")]
+    assert a.verdict == stats.CONFIRMED
+    assert a.parts[0][1].mean == pytest.approx(14.5 / 3)
+    half = T2 * math.sqrt(1 / 12) / math.sqrt(3)  # sample sd of 5, 5, 4.5 is sqrt(1/12)
+    assert a.parts[0][1].lo == pytest.approx(14.5 / 3 - half)
+    assert a.paper.startswith("+1.0 (bert_base")  # Table 5/9: 82.6 vs 81.6
+    assert b.verdict == stats.CONTRADICTED and b.parts[0][1].hi < 0
+    assert c.verdict == stats.INCONCLUSIVE and c.n == 3
+    assert fs[("d", "minilm")].verdict == stats.CONFIRMED  # 900 < 1000 < 1200 MB
+    e = fs[("e", "minilm")]
+    assert e.verdict == stats.CONTRADICTED  # SparseGrad slower than full FT here
+    assert [v for _, _, v in e.parts] == [stats.CONFIRMED, stats.CONTRADICTED]
+    assert fs[("f", "minilm")].verdict == stats.CONFIRMED and fs[("f", "minilm")].n == 6
+    assert ("g", "minilm") not in fs  # (g) is for loss tasks only
+
+
+def test_mlp_only_setting_gets_its_own_rows():
+    rs = fixture_records() + fixture_records("minilm_mlp", train_non_mlp=False, train_head=True)
+    fs = by_claim(findings.build(rs))
+    assert fs[("a", "minilm")].setting.startswith("paper")
+    assert fs[("a", "minilm_mlp")].setting == "MLP only (+ task head)"
+    assert fs[("a", "minilm_mlp")].verdict == stats.CONFIRMED
+
+
+def test_runs_at_the_step_cap_are_noted():
+    rs = fixture_records()
+    rs[1]["training"]["stop_reason"] = "max_steps reached"  # a sparsegrad seed run
+    f = by_claim(findings.build(rs))[("a", "minilm")]
+    assert "1/6 runs stopped by the step cap or the end of the epochs" in f.notes[0]
+
+
+def test_loss_task_claims_and_table6_row():
+    rs = []
+    losses = {"sparsegrad": (1.20, 1.21, 1.19), "lora": (1.30, 1.32, 1.31), "full": (1.25, 1.26, 1.24),
+              "meprop": (1.202, 1.22, 1.18)}
+    for method, vs in losses.items():
+        for seed, v in zip((1, 2, 3), vs):
+            r = record("seeds", method, "chat", seed, v, model="smollm2", metric="loss")
+            r["main_metric"]["higher_is_better"] = False
+            rs.append(r)
+    fs = by_claim(findings.build(rs, None, {"models": {"smollm2": "llama2_7b"}, "tasks": {"chat": "oasst1"}}))
+    assert fs[("a", "smollm2")].verdict == stats.CONFIRMED  # lower loss than LoRA
+    assert fs[("b", "smollm2")].verdict == stats.INCONCLUSIVE  # MeProp about the same
+    assert ("c", "smollm2") not in fs
+    g = fs[("g", "smollm2")]
+    assert g.verdict == stats.INCONCLUSIVE  # lowest against LoRA and FT, not clearly against MeProp
+    assert g.paper.startswith("sparsegrad 1.247")
+
+
+def test_markdown_and_tables_md_start_with_findings(tmp_path):
+    from sparsegrad.suite import tables
+
+    (tmp_path / "analysis").mkdir()
+    import json
+
+    (tmp_path / "analysis" / "sparsity.json").write_text(json.dumps(ANALYSIS), encoding="utf-8")
+    tables.write_all(fixture_records(), tmp_path, profile_name="fixture")
+    text = (tmp_path / "findings.md").read_text(encoding="utf-8")
+    assert "| (a) SparseGrad ≥ LoRA" in text and "**confirmed**" in text and "**contradicted**" in text
+    assert "Verdict rule" in text and "t(0.975, n−1)" in text
+    summary = (tmp_path / "tables.md").read_text(encoding="utf-8")
+    assert summary.index("### Findings") < summary.index("### Table 3")
+
+
+def test_table6_shows_the_interval_over_seeds():
+    from sparsegrad.suite import tables
+
+    rs = []
+    for seed, v in zip((1, 2, 3), (1.0, 2.0, 3.0)):
+        r = record("seeds", "sparsegrad", "chat", seed, v, model="smollm2", metric="loss")
+        r["main_metric"]["higher_is_better"] = False
+        rs.append(r)
+    t6 = tables.table6(rs, tables.Paper.load(), tables.Analogue())
+    half = T2 / math.sqrt(3)
+    assert t6.rows[0][6] == f"[{2 - half:.3f}, {2 + half:.3f}]"

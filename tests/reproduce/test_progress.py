@@ -1,0 +1,69 @@
+"""The plan a profile prints before it starts, and the progress bar with an ETA over its runs."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+
+from sparsegrad.suite import progress, sweep
+from tests.reproduce.fixture_records import record
+
+PLAN_SECTION = {"steps_per_second": {"full": 2.0, "sparsegrad": 1.0}, "steps_per_run": 100, "overhead_seconds": 10,
+                "measured": "2 CPU cores, load 2"}
+
+
+def fixture_profile(**kw) -> sweep.Profile:
+    return sweep.Profile(name="fixture", models=["minilm"], methods=["full", "sparsegrad"], tasks=["movie_sentiment"],
+                         seeds=[1, 2], sweep={"search": "lr_batch_cpu", "n_trials": 3, "seed": 34},
+                         plan=PLAN_SECTION, **kw)
+
+
+def test_plan_counts_the_remaining_runs_and_their_duration():
+    done = [record("sweep", "full", "movie_sentiment", 42, 0.8), record("seeds", "full", "movie_sentiment", 1, 0.8)]
+    for r in done:
+        r["training"].update(optimizer_steps=0)  # no usable speed: the profile's plan section is used
+    plan = progress.make_plan(fixture_profile(), done, jobs=2)
+    # full: 2 trials + 1 seed left at 10 + 100/2 = 60 s; sparsegrad: 3 + 2 at 10 + 100/1 = 110 s; 2 at a time
+    assert plan.runs == 8 and plan.done == 2
+    assert plan.seconds == (3 * 60 + 5 * 110) / 2
+    text = plan.describe()
+    assert text.startswith("plan: 8 runs to do (5 sweep trials, 3 seed re-runs, 0 kept-fraction runs; 2 already in "
+                           "the records), 2 at a time; expected 6 min")
+    assert "minilm / sparsegrad: 5 runs x ~110 s (profile plan section)" in text
+    assert "speeds measured: 2 CPU cores, load 2" in text
+
+
+def test_plan_prefers_speed_measured_in_the_profiles_own_records():
+    r = record("seeds", "full", "movie_sentiment", 1, 0.8)
+    r["training"].update(optimizer_steps=200, steps_per_second=4.0)
+    r["wall_seconds"] = 70.0  # 50 s of training + 20 s overhead
+    plan = progress.make_plan(fixture_profile(), [r])
+    full = next(s for s in plan.studies if s.method == "full")
+    assert full.seconds_per_run == 70.0 and full.source == "measured in 1 run records"
+    assert progress.describe_budget(plan, 1) is not None and progress.describe_budget(plan, 600) is None
+
+
+def test_progress_bar_counts_records_and_shows_an_eta(tmp_path):
+    plan = progress.Plan("fixture", [progress.PlannedStudy("m", "full", "t", 3, 0, 0, 20.0, "x")], jobs=1)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "record.json").write_text("{}")  # from before: not counted
+    out = io.StringIO()
+    bar = progress.RunProgress(plan, tmp_path, file=out, poll_seconds=0.05)
+    assert bar.eta_seconds() == 60.0  # the plan's estimate until a run finishes
+    script = textwrap.dedent(f"""
+        import pathlib, time
+        for i in range(3):
+            d = pathlib.Path({str(tmp_path)!r}) / f"run{{i}}"
+            d.mkdir()
+            (d / "record.json").write_text("{{}}")
+            time.sleep(0.2)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    assert bar.wait(proc) == 0
+    bar.close()
+    assert bar.bar.n == 3
+    text = out.getvalue()
+    assert "fixture: 0/3 runs" in text and "ETA 60 s" in text
+    assert "3/3 runs" in text and "done" in text
