@@ -1,6 +1,7 @@
 # SparseGrad: the method as a library and the reproduction suite.
 #   make test              create .venv, fetch the offline assets, run the tests
-#   make reproduce-glue    the main job (PROFILE=default|smoke|paper|paper_best|llama)
+#   make reproduce-glue    the main job (PROFILE=default|smoke|paper|paper_best|llama; FRESH=1 runs it all
+#                          again into results/local/<profile>, RESULTS=results/local resumes that)
 # Everything runs inside .venv at the repository root; it is rebuilt only when
 # pyproject.toml or constraints.txt change.
 
@@ -11,6 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PROFILE ?= default
+REPRODUCE_FLAGS = $(if $(FRESH),--fresh) $(if $(RESULTS),--results $(RESULTS))
 # The Hub is not needed for anything the Makefile runs by default; without these flags every
 # Hub look-up retries for 20-50 s before failing. W&B never blocks on a login.
 export HF_HUB_OFFLINE ?= 1
@@ -21,7 +23,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: help venv install assets test test-fast lint format reproduce-glue tables bench bench-layer clean
 
 help:
-	@sed -n '2,5p' Makefile
+	@sed -n '2,6p' Makefile
 
 venv install: $(STAMP)
 
@@ -49,10 +51,10 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 reproduce-glue: assets
-	$(PY) -m scripts.reproduce_glue --profile $(PROFILE)
+	$(PY) -m scripts.reproduce_glue --profile $(PROFILE) $(REPRODUCE_FLAGS)
 
 tables: $(STAMP)
-	$(PY) -m scripts.reproduce_glue --profile $(PROFILE) --tables-only
+	$(PY) -m scripts.reproduce_glue --profile $(PROFILE) --tables-only $(if $(RESULTS),--results $(RESULTS))
 
 bench: assets
 	$(PY) -m experiments.benchmark

@@ -184,14 +184,11 @@ class OptunaSweeper(Sweeper):
         try:
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=job_idx)
-        except BaseException as exc:
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            for trial in trials:
-                study._storage.set_trial_user_attr(trial._trial_id, "interrupted" if interrupted else "error",
-                                                   True if interrupted else f"{type(exc).__name__}: {exc}"[:500])
-                frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-                if interrupted:
-                    studies.requeue(study, frozen)
+        except BaseException as exc:  # Ctrl-C, a job's sys.exit, a launcher failure: no result for the batch
+            for trial in trials:  # FAIL, not counted (user attribute), and the slot is queued again
+                study._storage.set_trial_user_attr(trial._trial_id, studies.INTERRUPTED_ATTR,
+                                                   f"{type(exc).__name__}: {exc}"[:500] or True)
+                studies.requeue(study, study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
                 heartbeat.remove(trial._trial_id)
             raise
         for trial, ret in zip(trials, results):

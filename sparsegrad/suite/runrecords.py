@@ -20,7 +20,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +137,44 @@ def same_lr(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
+def done_seeds(records: list[dict], stage: str, model: str, method: str, task: str, lr: float, batch_size: int,
+               k: float | None = None) -> set[int]:
+    """Seeds already run to the end (completed or diverged) with this setting."""
+    seeds = set()
+    for r in records:
+        if r["_stage"] != stage or (r["model"], r["method"], r["task"]) != (model, method, task):
+            continue
+        if r.get("status") not in ("completed", "diverged"):
+            continue
+        r_lr, r_bs = setting(r)
+        if not same_lr(r_lr, lr) or r_bs != batch_size:
+            continue
+        if k is not None and not same_lr(float((r["config"].get("method") or {}).get("k") or -1), k):
+            continue
+        seeds.add(int(r["seed"]))
+    return seeds
+
+
+def runs_to_do(profile, records: list[dict], models: Sequence[str]) -> int:
+    """How many runs the profile still has to do, at most (seeds counted as if the best setting stays)."""
+    n_trials = int((profile.sweep or {}).get("n_trials", 10)) if profile.best_from == "sweep" else 0
+    todo = 0
+    for model in models:
+        for task in profile.tasks:
+            for method in profile.methods:
+                mine = [r for r in records if (r["model"], r["method"], r["task"]) == (model, method, task)]
+                todo += max(0, n_trials - sum(1 for r in mine if r["_stage"] == "sweep"))
+                done = {int(r["seed"]) for r in mine if r["_stage"] == "seeds"
+                        and r.get("status") in ("completed", "diverged")}
+                todo += len(set(profile.seeds) - done)
+    kf = profile.kept_fraction or {}
+    for model in set(kf.get("models", [])) & set(models):
+        for task in kf.get("tasks", []):
+            kept = sum(1 for r in records if r["_stage"] == "kept" and (r["model"], r["task"]) == (model, task))
+            todo += max(0, len(kf.get("k", [])) * len(kf.get("seeds", profile.seeds)) - kept)
+    return todo
+
+
 def best_sweep_records(records: list[dict]) -> dict[tuple[str, str, str], dict]:
     """The best completed sweep record per (model, method, task) under the one tie-break rule
     (:func:`sparsegrad.suite.studies.tie_break_key`) that the driver uses to pick the seeds' setting."""
@@ -149,7 +187,8 @@ def best_sweep_records(records: list[dict]) -> dict[tuple[str, str, str], dict]:
     out = {}
     for key, rs in groups.items():
         higher = (rs[0].get("main_metric") or {}).get("higher_is_better", True)
-        out[key] = pick_best(((float(r["objective"]), *setting(r), r) for r in rs), higher)
+        out[key] = pick_best(((float(r["objective"]), f"{r.get('started_at') or ''}|{r['run_id']}", r) for r in rs),
+                             higher)
     return out
 
 

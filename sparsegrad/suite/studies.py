@@ -14,8 +14,8 @@ A later run with a larger ``n_trials`` adds the missing tickets (do that from on
 **Heartbeat.** A worker writes the time into each trial it runs every ``interval`` seconds (a trial
 system attribute, so it works on every storage, the journal file included). A RUNNING trial whose last
 heartbeat (or start) is older than ``grace`` seconds belongs to a dead worker: any worker marks it FAIL
-and re-queues its setting once (:class:`optuna.storages.RetryHeartbeatStaleTrialCallback`); a second
-death leaves it FAIL. Workers exit only when no ticket is WAITING or RUNNING, so a killed worker's trial
+and re-queues its setting once (:func:`retry`, Optuna's retry attributes); a second death leaves it
+FAIL. Workers exit only when no ticket is WAITING or RUNNING, so a killed worker's trial
 is retried by the others, or by the same worker restarted. Clocks of machines sharing a study must agree
 to well within ``grace`` (NTP).
 """
@@ -175,6 +175,23 @@ def requeue(study, frozen) -> None:
         study.add_trial(_ticket(slot))
 
 
+def retry(study, failed, max_retry: int = 1) -> bool:
+    """Queue the setting of a failed trial again, at most ``max_retry`` times per original trial. The
+    system attributes ``failed_trial`` and ``retry_history`` follow Optuna's own retry callback
+    (``RetryHeartbeatStaleTrialCallback.retry_history`` reads them); user attributes are not copied."""
+    import optuna
+
+    history = [*failed.system_attrs.get("retry_history", []), failed.number]
+    if len(history) > max_retry:
+        return False
+    attrs = {"failed_trial": history[0], "retry_history": history}
+    if TICKET_ATTR in failed.system_attrs:
+        attrs[TICKET_ATTR] = failed.system_attrs[TICKET_ATTR]
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=failed.params,
+                                              distributions=failed.distributions, system_attrs=attrs))
+    return True
+
+
 # ---------------------------------------------------------------------------------------- heartbeat
 class Heartbeat:
     """A daemon thread that writes the time into every trial this worker runs, every ``interval`` s."""
@@ -223,10 +240,8 @@ def fail_stale(study, grace: float = GRACE_PERIOD, finished: Callable[[Any], flo
     ``finished(frozen)`` may return the objective of a run that ended before its worker died: that trial
     is told COMPLETE instead. Returns the numbers of the trials settled here."""
     import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     now, settled = time.time(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if now - last_sign_of_life(t) < grace:
@@ -236,9 +251,11 @@ def fail_stale(study, grace: float = GRACE_PERIOD, finished: Callable[[Any], flo
             if value is not None:
                 study._storage.set_trial_user_attr(t._trial_id, "recovered_from_record", True)
                 study.tell(t.number, value)
-            elif study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            else:  # the attribute first: a finished trial takes none
                 study._storage.set_trial_user_attr(t._trial_id, "stale_heartbeat", True)
-                retry(study, study._storage.get_trial(t._trial_id))
+                if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    continue
+                retry(study, study._storage.get_trial(t._trial_id), max_retry)
             settled.append(t.number)
         except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
             continue  # another worker settled it first
@@ -246,32 +263,31 @@ def fail_stale(study, grace: float = GRACE_PERIOD, finished: Callable[[Any], flo
 
 
 # --------------------------------------------------------------------------------------- best trial
-def tie_break_key(value: float, lr: float | None, batch_size: int | None, higher: bool) -> tuple:
+def tie_break_key(value: float, started: str, higher: bool) -> tuple:
     """Sort key of the best-trial rule shared by the driver and the tables: the best objective; among
-    equal objectives the smaller learning rate, then the smaller batch size (the more conservative
-    setting). Never file order or finishing time, so the choice is the same on every machine and run."""
-    return (-value if higher else value, lr if lr is not None else math.inf,
-            batch_size if batch_size is not None else math.inf)
+    equal objectives the trial that started first (then the name, ``started`` ties): the same choice
+    on every machine and run, never file order, and the one Optuna itself makes within one study."""
+    return (-value if higher else value, started)
 
 
-def pick_best(candidates: Iterable[tuple[float, float | None, int | None, Any]], higher: bool) -> Any:
-    """The payload of the best (objective, lr, batch_size, payload) candidate, or None."""
+def pick_best(candidates: Iterable[tuple[float | None, str, Any]], higher: bool) -> Any:
+    """The payload of the best (objective, started, payload) candidate, or None."""
     best = None
-    for value, lr, bs, payload in candidates:
+    for value, started, payload in candidates:
         if value is None or not math.isfinite(float(value)):
             continue
-        key = tie_break_key(float(value), lr, bs, higher)
+        key = tie_break_key(float(value), started, higher)
         if best is None or key < best[0]:
             best = (key, payload)
     return None if best is None else best[1]
 
 
-def best_trial(study, lr_param: str = "trainer.lr", bs_param: str = "trainer.batch_size"):
-    """The study's best COMPLETE trial under :func:`tie_break_key` (Optuna's own best_trial breaks ties by
-    trial number, which differs between workers' histories)."""
+def best_trial(study):
+    """The study's best COMPLETE trial under :func:`tie_break_key`."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     higher = study.direction == StudyDirection.MAXIMIZE
-    return pick_best(((t.value, t.params.get(lr_param), t.params.get(bs_param), t)
-                      for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), higher)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return pick_best(((t.value, f"{t.datetime_start.isoformat() if t.datetime_start else ''}|{t.number:09d}", t)
+                      for t in trials), higher)
