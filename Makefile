@@ -28,11 +28,12 @@ help:
 venv install: $(STAMP)
 
 # torch is installed first and pinned: an unpinned torch pulled in by any package resolves to a
-# multi-GB CUDA build. Then the package with its dev extras, against the resolved lock file.
+# multi-GB CUDA build. Then the package with its dev and postgres extras (the PostgreSQL driver, for the
+# shared-study tests), against the resolved lock file.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,postgres]'
 	@touch $(STAMP)
 
 assets: $(STAMP)

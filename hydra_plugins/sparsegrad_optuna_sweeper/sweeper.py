@@ -143,11 +143,14 @@ class OptunaSweeper(Sweeper):
                  f"{c.n_jobs} at a time here; search space {space}")
         returns: list = []
         job_idx, stuck_since = 0, None
-        with studies.Heartbeat(storage, c.heartbeat_interval) as heartbeat:
+        def settle_stale() -> None:
+            for number in studies.fail_stale(study, c.grace_period):
+                log.warning(f"trial {number}: no heartbeat for {c.grace_period:.0f} s (its worker died): "
+                            f"marked FAIL, its setting queued again once")
+
+        with studies.Heartbeat(storage, c.heartbeat_interval, on_beat=settle_stale) as heartbeat:
             while True:
-                for number in studies.fail_stale(study, c.grace_period):
-                    log.warning(f"trial {number}: no heartbeat for {c.grace_period:.0f} s (its worker died): "
-                                f"marked FAIL, its setting queued again once")
+                settle_stale()
                 trial_ids = studies.claim(study, int(c.n_jobs))
                 if not trial_ids:
                     state = studies.progress(study)

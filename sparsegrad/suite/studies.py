@@ -194,10 +194,12 @@ def retry(study, failed, max_retry: int = 1) -> bool:
 
 # ---------------------------------------------------------------------------------------- heartbeat
 class Heartbeat:
-    """A daemon thread that writes the time into every trial this worker runs, every ``interval`` s."""
+    """A daemon thread that writes the time into every trial this worker runs, every ``interval`` s, and
+    then calls ``on_beat`` (the sweeper fails stale trials there, so a dead worker's trial is settled
+    within ``grace + interval`` seconds even while every live worker is busy with a long trial)."""
 
-    def __init__(self, storage, interval: float = HEARTBEAT_INTERVAL):
-        self.storage, self.interval = storage, float(interval)
+    def __init__(self, storage, interval: float = HEARTBEAT_INTERVAL, on_beat: Callable[[], Any] | None = None):
+        self.storage, self.interval, self.on_beat = storage, float(interval), on_beat
         self.trial_ids: set[int] = set()
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._loop, name="optuna-heartbeat", daemon=True)
@@ -226,6 +228,11 @@ class Heartbeat:
                 try:
                     self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
                 except Exception:  # noqa: BLE001 - finished meanwhile, or the database blinked: next beat
+                    pass
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception:  # noqa: BLE001 - the next beat tries again
                     pass
 
 
