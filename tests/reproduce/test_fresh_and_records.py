@@ -105,6 +105,8 @@ def test_driver_and_tables_pick_the_same_best_trial_among_equal_objectives(tmp_p
     assert chosen["lr"] == 1e-4 == runrecords.setting(best)[0]
     row = tables.table_best(records, tables.Paper.load(), tables.Analogue()).rows[0]
     assert "1.00e-04" in row and not {"2.00e-04", "3.00e-04"} & set(row), row
+    history = tables.history_table(records).rows  # the best-trial history marks the same trial
+    assert [r[4] for r in history if r[-1] == "best"] == ["1.00e-04"] and [r[3] for r in history] == ["1", "2", "3"]
 
 
 @pytest.mark.slow
