@@ -176,3 +176,18 @@ def test_two_workers_share_one_study_in_a_journal_file(tmp_path):
     runs = {w: sum(": lr=" in ln and "trial " in ln for ln in w.lines) for w in workers}
     assert sum(runs.values()) == 6 and all(runs.values()), runs  # both took part
     assert (tmp_path / "a" / "optimization_results.yaml").exists() and study.best_trial is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_the_sweeper_runs_its_batches_through_hydras_joblib_and_submitit_launchers(tmp_path, launcher):
+    import optuna
+
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = toy_command(tmp_path, db, "launch", f"hydra/launcher={launcher}", "hydra.sweeper.n_jobs=2",
+                      "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={tmp_path / 'mr'}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    trials = optuna.load_study(study_name="launch", storage=db).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert len({(t.params["lr"], t.params["batch_size"]) for t in trials}) == 4
