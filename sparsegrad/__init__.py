@@ -15,6 +15,11 @@ A SparseGradLinear keeps only W (``storage="weight"``): its gradient is the k-sp
 config to train W~ itself with any sparse optimizer (one more out x in matrix per layer).
 ``estimate_basis(..., micro_batch=4)`` runs one backward pass per 4 rows: a fraction of the activations.
 
+A method is one module (:mod:`sparsegrad.methods`: full, lora, meprop, sparsegrad, leading_block)
+registered by name in :mod:`~sparsegrad.registry`; ``apply_method``, ``merge``, ``build_optimizer`` and
+``account`` look it up there. Add one with ``@sparsegrad.register_method`` on a
+:class:`sparsegrad.Method` subclass.
+
 Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices),
 :mod:`~sparsegrad.layers` (SparseGradLinear, MePropLinear), :mod:`~sparsegrad.kernels` (top-k,
 sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mod:`~sparsegrad.surgery`
@@ -25,6 +30,7 @@ from .accounting import LayerAccount, MethodAccount, account
 from .basis import Basis, GroupBasis, estimate_basis, random_basis, spectrum_concentration
 from .layers import MePropLinear, SparseGradLinear
 from .optim import LazySparseAdam, SparseGradOptimizer, build_optimizer, clip_grad_norm
+from .registry import LayerBudget, Method, get_method, register_method, unregister_method
 from .surgery import METHODS, MethodConfig, apply_method, merge
 from .targets import DEFAULT_PATTERNS, Target, find_targets
 
@@ -34,8 +40,10 @@ __all__ = [
     "Basis",
     "GroupBasis",
     "LayerAccount",
+    "LayerBudget",
     "LazySparseAdam",
     "MePropLinear",
+    "Method",
     "MethodAccount",
     "MethodConfig",
     "SparseGradLinear",
@@ -47,9 +55,12 @@ __all__ = [
     "clip_grad_norm",
     "estimate_basis",
     "find_targets",
+    "get_method",
     "merge",
     "random_basis",
+    "register_method",
     "spectrum_concentration",
+    "unregister_method",
 ]
 
 __version__ = "0.1.0"

@@ -6,12 +6,16 @@
 * ``trainable_dense`` — parameters with ``requires_grad`` whose gradient is dense (everything the
   dense AdamW trains: non-MLP parameters in the encoder setting, biases, LoRA adapters, meProp
   "output"-mode weights, full fine-tuning weights);
+* ``lora_params`` — parameters a method added as adapters (LoRA's A and B);
 * per sparse layer (SparseGradLinear, MePropLinear "weight" mode, LeadingBlockLinear) its shape, the
   budget ``k`` of gradient entries per step and ``updated`` = the size of the union of weight
   coordinates that have received a gradient entry so far (the coordinates a lazy optimizer has moved;
   LeadingBlockLinear: the entries of its block B that are non-zero, i.e. that have moved from 0);
 * ``trainable_per_step = trainable_dense + sum(k)`` — the paper's "#trainable params" comparison
   (LoRA r=7 on a BERT-base MLP pair is (768+3072)*7*2 = 53,760; SparseGrad k=28000 x 2 = 56,000).
+
+What a layer reports is up to the method that swapped it in (``budget`` and ``is_adapter_parameter``
+of its :class:`sparsegrad.Method`, found in :mod:`sparsegrad.registry`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .fixed_support import LeadingBlockLinear
-from .layers import MePropLinear, SparseGradLinear
+from .registry import registered_methods, swapped_modules
 
 __all__ = ["LayerAccount", "MethodAccount", "account"]
 
@@ -69,21 +72,18 @@ def account(model: nn.Module) -> MethodAccount:
     cfg = getattr(model, "sparsegrad_method", None)
     sparse_layers: list[LayerAccount] = []
     sparse_ids: set[int] = set()
-    for name, m in model.named_modules():
-        if isinstance(m, SparseGradLinear) or (isinstance(m, MePropLinear) and m.sparse_weight_grad):
-            kind = "sparsegrad" if isinstance(m, SparseGradLinear) else "meprop"
-            sparse_layers.append(LayerAccount(name, kind, (m.out_features, m.in_features), m.k, m.num_updated()))
-            if m.weight.requires_grad:
-                sparse_ids.add(id(m.weight))
-        elif isinstance(m, LeadingBlockLinear):
-            updated = int(m.block.detach().ne(0).sum())
-            sparse_layers.append(LayerAccount(name, "leading_block", (m.out_features, m.in_features), m.k, updated))
-            if m.block.requires_grad:
-                sparse_ids.add(id(m.block))
+    for name, m, method in swapped_modules(model):
+        budget = method.budget(m)
+        if budget is None:
+            continue
+        sparse_layers.append(LayerAccount(name, method.name, tuple(budget.shape), budget.k, budget.updated))
+        if budget.param.requires_grad:
+            sparse_ids.add(id(budget.param))
+    adapters = registered_methods()
     total = trainable = lora = 0
     for name, p in model.named_parameters():
         total += p.numel()
-        if "lora_" in name:
+        if any(method.is_adapter_parameter(name) for method in adapters):
             lora += p.numel()
         if p.requires_grad and id(p) not in sparse_ids:
             trainable += p.numel()

@@ -49,8 +49,7 @@ from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, top
 from .layers import ORIENTATIONS, plain_linear, save_linear_context
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
-from .surgery import set_submodule
-from .targets import find_targets
+from .targets import find_targets, set_submodule
 
 __all__ = ["LeadingBlockLinear", "leading_block_shape", "apply_leading_block", "merge_leading_block",
            "build_optimizer", "block_gradient", "block_gradient_macs"]  # fmt: skip

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .layers import MePropLinear, SparseGradLinear
+from .registry import method_for_layer, swapped_modules
 
 __all__ = ["LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm", "lr_factor"]
 
@@ -301,23 +301,16 @@ class SparseGradOptimizer:
 
 
 def sparse_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules with a parameter that gets a sparse COO gradient (:func:`sparse_param`): SparseGradLinear,
-    MePropLinear mode weight, LeadingBlockLinear whose block has more than k entries (top-k)."""
-    from .fixed_support import LeadingBlockLinear  # fixed_support imports this module
-
-    out = {}
-    for name, m in model.named_modules():
-        if (isinstance(m, SparseGradLinear) or (isinstance(m, MePropLinear) and m.sparse_weight_grad)
-                or (isinstance(m, LeadingBlockLinear) and m.sparse_block_grad)):  # fmt: skip
-            out[name] = m
-    return out
+    """Modules with a parameter that gets a sparse COO gradient (:func:`sparse_param`), as the method that
+    swapped them in says: SparseGradLinear, MePropLinear mode weight, LeadingBlockLinear whose block has
+    more than k entries (top-k)."""
+    return {name: m for name, m, method in swapped_modules(model) if method.sparse_parameter(m) is not None}
 
 
 def sparse_param(module: nn.Module) -> torch.Tensor:
     """The sparse-gradient parameter of a module from :func:`sparse_weight_modules` (``block`` of a
     LeadingBlockLinear, ``weight`` otherwise)."""
-    block = getattr(module, "block", None)
-    return block if isinstance(block, nn.Parameter) else module.weight
+    return method_for_layer(module).sparse_parameter(module)
 
 
 def build_optimizer(
@@ -363,11 +356,7 @@ def build_optimizer(
             weight_decay=weight_decay, state_layout=sparse_state,
         )  # fmt: skip
         for m in sparse_mods.values():
-            if isinstance(m, SparseGradLinear) and m.weight.requires_grad:
-                if m.storage == "weight":
-                    sparse.register_applier(m.weight, m.apply_rotated_step)
-                else:
-                    sparse.register_update_listener(m.weight, m.note_sparse_update)
+            method_for_layer(m).attach_optimizer(m, sparse)  # appliers / update listeners
     if dense is None and sparse is None:
         raise ValueError("the model has no parameter with requires_grad=True; was a method applied?")
     return SparseGradOptimizer(

@@ -1,7 +1,9 @@
 """Model surgery: apply a fine-tuning method to the MLP linears of a model, and merge it back.
 
 ``apply_method(model, cfg)`` finds the target linears (:func:`sparsegrad.find_targets`), sets
-``requires_grad`` for the chosen setting and swaps the targets:
+``requires_grad`` for the chosen setting, and hands the targets to the method registered under
+``cfg.name`` (:mod:`sparsegrad.registry`; the built-in ones, one module each, in
+:mod:`sparsegrad.methods`):
 
 * ``full``       — targets stay ``nn.Linear`` and train densely;
 * ``lora``       — peft LoRA adapters on the targets (the returned model is a ``PeftModel``);
@@ -22,19 +24,20 @@ the result saves and loads with plain transformers.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
+from . import (
+    methods as _builtin_methods,  # noqa: F401  (registers full, lora, meprop, sparsegrad, leading_block)
+)
 from .basis import Basis, estimate_basis
-from .layers import FORMULATIONS, MEPROP_MODES, ORIENTATIONS, STORAGES, MePropLinear, SparseGradLinear
-from .targets import Target, find_targets
+from .registry import METHODS, get_method, registered_methods, swapped_modules
+from .targets import Target, find_targets, set_submodule
 
 __all__ = ["METHODS", "MethodConfig", "apply_method", "merge", "set_submodule"]
-
-METHODS = ("full", "lora", "meprop", "sparsegrad", "leading_block")
 
 
 @dataclass
@@ -58,6 +61,11 @@ class MethodConfig:
     basis_steps / basis_per_layer / basis_micro_batch: used when apply_method estimates the basis from
         ``batches`` (see :func:`sparsegrad.estimate_basis`)
         (sparsegrad and leading_block).
+    options: options of a registered method that are not fields here (its ``extra_options``); a
+        plain dict given to :meth:`from_any` may carry them at the top level. Read with :meth:`option`.
+
+    Which options a method reads, and their valid values, are declared by the method itself
+    (``options`` and ``check`` of its :class:`sparsegrad.Method`).
     """
 
     name: str = "sparsegrad"
@@ -78,20 +86,27 @@ class MethodConfig:
     basis_per_layer: bool = False
     basis_micro_batch: int | None = None
     block_factor: float = 2.0
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ValueError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
-        if not self.block_factor > 0:
-            raise ValueError(f"block_factor must be > 0, got {self.block_factor!r}")
-        if self.meprop_mode not in MEPROP_MODES:
-            raise ValueError(f"unknown meprop_mode {self.meprop_mode!r}; valid: {', '.join(MEPROP_MODES)}")
-        if self.orientation not in ORIENTATIONS:
-            raise ValueError(f"unknown orientation {self.orientation!r}; valid: {', '.join(ORIENTATIONS)}")
-        if self.formulation not in FORMULATIONS:
-            raise ValueError(f"unknown formulation {self.formulation!r}; valid: {', '.join(FORMULATIONS)}")
-        if self.storage is not None and self.storage not in STORAGES:
-            raise ValueError(f"unknown storage {self.storage!r}; valid: {', '.join(STORAGES)} (or null: automatic)")
+        method = get_method(self.name)  # ValueError with the valid names
+        unknown = sorted(set(self.options or {}) - set(method.extra_options))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; its own options: "
+                             f"{sorted(method.extra_options) or 'none'}")  # fmt: skip
+        method.check(self)
+
+    @property
+    def method(self):
+        """The registered :class:`sparsegrad.Method` this config names."""
+        return get_method(self.name)
+
+    def option(self, key: str):
+        """A method's own option (``extra_options``): its value here, or the method's default."""
+        extra = self.method.extra_options
+        if key not in extra:
+            raise KeyError(f"method {self.name!r} has no option {key!r}; its own options: {sorted(extra) or 'none'}")
+        return (self.options or {}).get(key, extra[key])
 
     @classmethod
     def from_any(cls, cfg) -> MethodConfig:
@@ -106,21 +121,18 @@ class MethodConfig:
             cfg = dataclasses.asdict(cfg)
         if not isinstance(cfg, Mapping):
             cfg = dict(cfg)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - valid)
-        if unknown:
-            raise ValueError(f"unknown method option(s) {unknown}; valid: {sorted(valid)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
         values = dict(cfg)
+        extra = dict(get_method(values.get("name", cls.name)).extra_options)
+        options = dict(values.pop("options", None) or {})
+        for key in [key for key in values if key not in fields and key in extra]:
+            options[key] = values.pop(key)  # a method's own option given at the top level
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown method option(s) {unknown}; valid: {sorted((fields - {'options'}) | set(extra))}")
         if values.get("target_patterns") is not None:
             values["target_patterns"] = dict(values["target_patterns"])
-        return cls(**values)
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+        return cls(**values, options=options)
 
 
 def _set_trainable(model: nn.Module, targets: list[Target], train_non_mlp: bool) -> None:
@@ -141,12 +153,14 @@ def apply_method(
 ) -> nn.Module:
     """Apply a method to ``model`` in place and return the model to train (a PeftModel for "lora").
 
-    For "sparsegrad" and "leading_block" pass ``basis=estimate_basis(model, batches, ...)`` (estimated
+    ``cfg``: a :class:`MethodConfig`, a dict of its fields, or a method name. For a method that needs a
+    transition basis ("sparsegrad", "leading_block") pass ``basis=estimate_basis(model, batches, ...)`` (estimated
     on the same targets), or ``batches`` to let this call estimate it with ``cfg.basis_steps`` batches.
     """
     cfg = MethodConfig.from_any(cfg)
+    method = get_method(cfg.name)
     targets = find_targets(model, cfg.target_patterns, cfg.every_nth_block)
-    if cfg.name in ("sparsegrad", "leading_block") and basis is None:
+    if method.needs_basis and basis is None:
         if batches is None:
             raise ValueError(
                 f"method {cfg.name!r} needs a transition basis: pass basis=sparsegrad.estimate_basis(model, "
@@ -157,82 +171,21 @@ def apply_method(
             micro_batch=cfg.basis_micro_batch,
         )
     _set_trainable(model, targets, cfg.train_non_mlp)
-    if cfg.name == "lora":
-        model = _apply_lora(model, cfg, targets)
-    elif cfg.name == "meprop":
-        k = cfg.k if cfg.meprop_mode == "weight" else cfg.meprop_k_per_row
-        for t in targets:
-            linear = model.get_submodule(t.name)
-            set_submodule(
-                model, t.name,
-                MePropLinear.from_linear(linear, k, cfg.meprop_mode, sparse_by_dense=cfg.sparse_by_dense),
-            )  # fmt: skip
-    elif cfg.name == "sparsegrad":
-        prepared: dict[int, tuple] = {}  # one converted copy per basis, shared by the group's layers
-        for t in targets:
-            linear = model.get_submodule(t.name)
-            group_basis = basis.for_layer(t.name, t.group)
-            if id(group_basis) not in prepared:
-                prepared[id(group_basis)] = SparseGradLinear.prepare_basis(
-                    group_basis.u_in, group_basis.u_out, linear.weight, cfg.orientation
-                )
-            u_in, u_out = prepared[id(group_basis)]
-            layer = SparseGradLinear.from_linear(
-                linear, u_in, u_out, cfg.k, orientation=cfg.orientation, formulation=cfg.formulation,
-                storage=cfg.storage, sparse_by_dense=cfg.sparse_by_dense,
-            )  # fmt: skip
-            set_submodule(model, t.name, layer)
-    elif cfg.name == "leading_block":
-        from .fixed_support import apply_leading_block  # fixed_support imports this module
-
-        apply_leading_block(
-            model, basis, cfg.k, block_factor=cfg.block_factor, orientation=cfg.orientation,
-            sparse_by_dense=cfg.sparse_by_dense, target_patterns=cfg.target_patterns,
-            every_nth_block=cfg.every_nth_block, train_non_mlp=cfg.train_non_mlp,
-        )  # fmt: skip
+    model = method.apply(model, cfg, targets, basis)
     model.sparsegrad_method = cfg
     return model
-
-
-def _apply_lora(model: nn.Module, cfg: MethodConfig, targets: list[Target]) -> nn.Module:
-    from peft import LoraConfig, get_peft_model  # peft is only needed on this path
-
-    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
-    lora_cfg = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=[t.name for t in targets], bias="none",
-    )  # fmt: skip
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    peft_model = get_peft_model(model, lora_cfg)
-    # peft freezes every non-adapter parameter; restore our setting, with the target weights frozen.
-    target_weights = {id(model.get_submodule(t.name).base_layer.weight) for t in targets}
-    for name, p in peft_model.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(True)
-        elif id(p) in target_weights:
-            p.requires_grad_(False)
-        elif id(p) in flags:
-            p.requires_grad_(flags[id(p)])
-    return peft_model
 
 
 def merge(model: nn.Module) -> nn.Module:
     """Turn every swapped layer back into a plain module; returns the plain model.
 
-    LoRA: ``merge_and_unload()`` (returns the base transformers model). SparseGradLinear:
+    Each registered method undoes its model-level wrapper and merges the layers it swapped in. LoRA: ``merge_and_unload()`` (returns the base transformers model). SparseGradLinear:
     ``W = u_out W~ R^T``. MePropLinear: its weight as is. LeadingBlockLinear: W with its block folded in.
     """
-    from .fixed_support import LeadingBlockLinear  # fixed_support imports this module
-
-    peft = sys.modules.get("peft")
-    if peft is not None and isinstance(model, peft.PeftModel):
-        model = model.merge_and_unload()
-    swapped = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, (SparseGradLinear, MePropLinear, LeadingBlockLinear))]  # fmt: skip
-    for name, module in swapped:
-        linear = module.to_linear()
-        linear.train(module.training)
-        set_submodule(model, name, linear)
+    for method in registered_methods():
+        model = method.unwrap_model(model)
+    for name, module, method in list(swapped_modules(model)):
+        set_submodule(model, name, method.merge_layer(module))
     if hasattr(model, "sparsegrad_method"):
         del model.sparsegrad_method
     return model

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Target", "DEFAULT_PATTERNS", "default_patterns", "find_targets", "block_index"]
+__all__ = ["Target", "DEFAULT_PATTERNS", "default_patterns", "find_targets", "block_index", "set_submodule"]
 
 # group -> regular expression searched in the dotted module name.
 _ENCODER = {
@@ -106,3 +106,10 @@ def find_targets(
             f"{len(linears)} nn.Linear modules, e.g. {linears[:8]}"
         )
     return targets
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (how a method swaps a target linear)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,20 +1,44 @@
 """The suite's only contact with the method layer (:mod:`sparsegrad`): apply, optimise, account.
 
 Everything the fine-tuning suite needs from the method layer goes through the four functions
-below, so an API change there is fixed here and nowhere else.
+below, so an API change there is fixed here and nowhere else. Which methods exist, which of them need a
+transition basis and which options each reads come from the method registry
+(:mod:`sparsegrad.registry`), so a newly registered method runs here without a change.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparsegrad.registry import METHODS as METHOD_KINDS  # the method layer's names, always current
+from sparsegrad.registry import get_method, registered_methods
 from sparsegrad.suite.errors import ConfigError
 
-METHOD_KINDS = ("full", "lora", "meprop", "sparsegrad", "leading_block")
-BASIS_KINDS = ("sparsegrad", "leading_block")  # kinds that need the transition basis before training
+
+class _BasisKinds(Sequence):
+    """The registered methods that need the transition basis before training (always current)."""
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in registered_methods() if m.needs_basis)
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+BASIS_KINDS = _BasisKinds()
+
+# MethodSettings field -> MethodConfig option; passed when the method reads that option (and it is set).
+SETTING_OPTIONS = {"k": "k", "mode": "meprop_mode", "rank": "lora_rank", "alpha": "lora_alpha",
+                   "dropout": "lora_dropout", "orientation": "orientation", "basis_steps": "basis_steps"}  # fmt: skip
 
 
 @dataclass
@@ -48,18 +72,11 @@ def method_config(settings: MethodSettings) -> dict:
         cfg["target_patterns"] = dict(settings.target_patterns)
     if settings.every_nth_block and settings.every_nth_block > 1:
         cfg["every_nth_block"] = settings.every_nth_block
-    if settings.kind in ("meprop", *BASIS_KINDS):
-        cfg["k"] = settings.k
-    if settings.kind == "meprop":
-        cfg["meprop_mode"] = settings.mode or "weight"
-    if settings.kind == "lora":
-        cfg["lora_rank"] = settings.rank
-        if settings.alpha is not None:
-            cfg["lora_alpha"] = settings.alpha
-        cfg["lora_dropout"] = settings.dropout
-    if settings.kind in BASIS_KINDS:
-        cfg["orientation"] = settings.orientation or "hosvd"
-        cfg["basis_steps"] = settings.basis_steps
+    reads = get_method(settings.kind).options
+    for field_name, option in SETTING_OPTIONS.items():
+        value = getattr(settings, field_name)
+        if option in reads and value is not None:
+            cfg[option] = value
     cfg.update(settings.options or {})
     return cfg
 
