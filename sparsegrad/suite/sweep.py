@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -139,8 +140,8 @@ class Options:
 
 
 def _stamp() -> str:
-    """A run folder name no other worker uses: time, host and process."""
-    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}"
+    """A run folder name no other worker uses: time, host, process and a random tag (threads)."""
+    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 class Driver:

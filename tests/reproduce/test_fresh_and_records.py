@@ -122,29 +122,49 @@ def test_a_fresh_clone_says_what_it_reuses_and_how_to_start_fresh(roots):
     assert not (roots / "outputs" / "smoke" / "logs").exists()  # nothing was run
 
 
+TINY = ["logger=none", "trainer=smoke", "trainer.max_steps=2", "trainer.eval_every=2", "trainer.timing_warmup_steps=1",
+        "task.max_train_samples=32", "task.max_selection_samples=16", "task.max_report_samples=16",
+        "task.max_length=16"]
+
+
 @pytest.mark.slow
-def test_two_drivers_of_one_profile_at_once_do_every_run_once(roots, asset):
-    """Two `make reproduce-glue PROFILE=smoke` started together on an empty folder: every trial, seed and
-    kept-fraction run happens once, and the tables count the profile's seeds, not twice as many."""
+def test_two_drivers_of_one_profile_at_once_do_every_run_once(tmp_path, asset):
+    """Two drivers of one profile started together on an empty results folder (as two `make
+    reproduce-glue` would be): every trial, seed and kept-fraction run happens once, in a folder of its
+    own, and the tables count the profile's seeds, not twice as many."""
+    import threading
+
     import optuna
 
     asset("movie_reviews")
-    env = {**os.environ, sweep.RESULTS_ENV: str(roots / "results"), sweep.WORK_ENV: str(roots / "outputs")}
-    env.pop(sweep.STORAGE_ENV, None)
-    cmd = [sys.executable, "-m", "scripts.reproduce_glue", "--profile", "smoke"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n=====\n".join(o[-3000:] for o in outs)
-    assert all("Traceback" not in o for o in outs)
-    out = roots / "results" / "smoke"
-    records = sweep.load_records(out / "records")
-    assert len(records) == 14, Counter((r["_stage"], r["method"]) for r in records)
+    profile = sweep.Profile(name="t", models=["tiny_bert"], methods=["sparsegrad"], tasks=["movie_sentiment"],
+                            seeds=[1, 2], sweep={"search": "lr_batch_narrow", "n_trials": 2, "seed": 34},
+                            overrides=TINY, method_overrides={"sparsegrad": ["method.basis_steps=1"]},
+                            kept_fraction={"models": ["tiny_bert"], "tasks": ["movie_sentiment"],
+                                                           "k": [0.25], "seeds": [1]})
+    layout = sweep.Layout(results=tmp_path / "results", work=tmp_path / "work")
+    drivers = [sweep.Driver(profile, layout, sweep.Options(quiet=True)) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def work(driver):
+        try:
+            driver.train()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in drivers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert not errors and not any(d.failures for d in drivers), (errors, [d.failures for d in drivers])
+    assert all(d.commands for d in drivers), "one driver did everything alone"
+    records = sweep.load_records(layout.records)
     keys = Counter((r["_stage"], r["method"], r["seed"], (r["config"].get("method") or {}).get("k"),
                     runrecords.setting(r)) for r in records)
-    assert max(keys.values()) == 1, keys
-    assert len({p.parent for p in (roots / "outputs").rglob("record.json")}) == 14  # one folder per run
-    storage = f"sqlite:///{out / 'optuna.db'}"
-    for s in optuna.get_all_study_summaries(storage):
+    assert len(records) == 2 + 2 + 1 and max(keys.values()) == 1, keys  # 2 trials, 2 seeds, 1 kept fraction
+    assert len({p.parent for p in layout.work.rglob("record.json")}) == len(records)  # one folder per run
+    for s in optuna.get_all_study_summaries(layout.storage()):
         assert s.n_trials == 2, (s.study_name, s.n_trials)
-    assert "| 2 |" in (out / "tables" / "table09.md").read_text() or "2" in (out / "tables.md").read_text()
+    cells = tables.cells(tables.final_runs(records))
+    assert {k: len(c.scores) for k, c in cells.items()} == {("tiny_bert", "sparsegrad", "movie_sentiment"): 2}
