@@ -471,7 +471,7 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
                                  "nor --results")
         layout = Layout.for_profile(profile, results_root=opts.results, fresh=opts.fresh)
         if tables_only:
-            if layout.results.exists():
+            if (layout.results / "run.json").exists():  # records of an interrupted run into this folder
                 harvest(layout)
             if not _load_records(layout.records).records:
                 print(f"[reproduce {profile}] no run records under {_rel(layout.records)}: run "
