@@ -143,6 +143,7 @@ class OptunaSweeper(Sweeper):
                  f"{c.n_jobs} at a time here; search space {space}")
         returns: list = []
         job_idx, stuck_since = 0, None
+
         def settle_stale() -> None:
             for number in studies.fail_stale(study, c.grace_period):
                 log.warning(f"trial {number}: no heartbeat for {c.grace_period:.0f} s (its worker died): "
@@ -151,7 +152,14 @@ class OptunaSweeper(Sweeper):
         with studies.Heartbeat(storage, c.heartbeat_interval, on_beat=settle_stale) as heartbeat:
             while True:
                 settle_stale()
-                trial_ids = studies.claim(study, int(c.n_jobs))
+                trial_ids: list[int] = []
+                try:  # from the claim on: trials this worker holds are never left RUNNING by a Ctrl-C
+                    studies.claim(study, int(c.n_jobs), into=trial_ids)
+                    if trial_ids:
+                        returns.append(self._run_batch(study, trial_ids, space, fixed, heartbeat, job_idx))
+                except BaseException as exc:  # Ctrl-C, a job's sys.exit, a launcher failure
+                    self._abandon(study, trial_ids, exc, heartbeat)
+                    raise
                 if not trial_ids:
                     state = studies.progress(study)
                     if state["waiting"] == 0 and state["running"] == 0:
@@ -163,7 +171,6 @@ class OptunaSweeper(Sweeper):
                     time.sleep(c.poll_interval)
                     continue
                 stuck_since = None
-                returns.append(self._run_batch(study, trial_ids, space, fixed, heartbeat, job_idx))
                 job_idx += len(trial_ids)
         self._write_results(study)
         return returns
@@ -171,7 +178,6 @@ class OptunaSweeper(Sweeper):
     def _run_batch(self, study, trial_ids, space, fixed, heartbeat, job_idx):
         import optuna
 
-        from sparsegrad.suite import studies
 
         trials, batch = [], []
         for trial_id in trial_ids:
@@ -184,16 +190,8 @@ class OptunaSweeper(Sweeper):
             trials.append(trial)
             batch.append([*fixed, *(f"{k}={_fmt(v)}" for k, v in params.items())])
             log.info(f"trial {number}: {' '.join(batch[-1][len(fixed):])}")
-        try:
-            self.validate_batch_is_legal(batch)
-            results = self.launcher.launch(batch, initial_job_idx=job_idx)
-        except BaseException as exc:  # Ctrl-C, a job's sys.exit, a launcher failure: no result for the batch
-            for trial in trials:  # FAIL, not counted (user attribute), and the slot is queued again
-                study._storage.set_trial_user_attr(trial._trial_id, studies.INTERRUPTED_ATTR,
-                                                   f"{type(exc).__name__}: {exc}"[:500] or True)
-                studies.requeue(study, study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
-                heartbeat.remove(trial._trial_id)
-            raise
+        self.validate_batch_is_legal(batch)
+        results = self.launcher.launch(batch, initial_job_idx=job_idx)
         for trial, ret in zip(trials, results):
             value, reason = None, None
             if ret.status == JobStatus.COMPLETED:
@@ -213,6 +211,25 @@ class OptunaSweeper(Sweeper):
                 study.tell(trial, value, skip_if_finished=True)
             heartbeat.remove(trial._trial_id)
         return results
+
+    @staticmethod
+    def _abandon(study, trial_ids, exc, heartbeat) -> None:
+        """Trials this worker still holds get no result: FAIL, not counted (user attribute), slot queued again."""
+        import optuna
+
+        from sparsegrad.suite import studies
+
+        for trial_id in trial_ids:
+            heartbeat.remove(trial_id)
+            try:
+                if study._storage.get_trial(trial_id).state != optuna.trial.TrialState.RUNNING:
+                    continue
+                study._storage.set_trial_user_attr(trial_id, studies.INTERRUPTED_ATTR,
+                                                   f"{type(exc).__name__}: {exc}"[:500] or True)
+                number = study._storage.get_trial_number_from_id(trial_id)
+                studies.requeue(study, study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
+            except Exception as err:  # noqa: BLE001 - the heartbeat will give the trial back instead
+                log.warning(f"trial id {trial_id}: could not be given back ({err}); retried after the grace period")
 
     def _write_results(self, study) -> None:
         from sparsegrad.suite import studies

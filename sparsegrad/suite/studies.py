@@ -47,7 +47,11 @@ def is_journal(url: str) -> bool:
 
 
 def upgrade_command(url: str) -> str:
-    return f"optuna storage upgrade --storage '{url}'"
+    """The shell command that upgrades an old study database (Optuna's CLI of this environment)."""
+    import sys
+
+    cli = Path(sys.executable).parent / "optuna"
+    return f"{cli if cli.exists() else 'optuna'} storage upgrade --storage '{url}'"
 
 
 def open_storage(url: str | None, attempts: int = 40):
@@ -150,19 +154,20 @@ def progress(study) -> dict[str, int]:
             "running": sum(1 for t in trials if t.state == TrialState.RUNNING)}
 
 
-def claim(study, limit: int) -> list[int]:
-    """Switch up to ``limit`` WAITING trials to RUNNING for this worker; their trial ids."""
+def claim(study, limit: int, into: list[int] | None = None) -> list[int]:
+    """Switch up to ``limit`` WAITING trials to RUNNING for this worker; their trial ids (appended to
+    ``into`` one by one, so that a caller interrupted half-way knows what it holds)."""
     import optuna
     from optuna.trial import TrialState
 
-    mine: list[int] = []
+    mine: list[int] = [] if into is None else into
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if len(mine) >= limit:
             break
         try:
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                study._storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
                 mine.append(t._trial_id)
+                study._storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return mine
