@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark of issue 6: `python -m experiments.benchmark --preset gpu --device cuda`, about 7-8 minutes
+# The GPU benchmark: `python -m experiments.benchmark --preset gpu --device cuda`, about 7-8 minutes
 # of wall time on one H100 (the preset skips runs that would overrun its 6.5-minute budget and rewrites its
 # report after every run, so a stopped run still leaves one).
 #

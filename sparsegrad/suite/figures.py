@@ -3,7 +3,7 @@
 * Figure 2 — a weight gradient in the original space beside the SparseGrad space (block-averaged
   |entries|), the histograms of their magnitudes, and the share of gradient energy in the top 1% of
   entries for the original space, the HOSVD basis, the authors' orientation and a random basis.
-  Source: ``analysis/sparsity.json`` written by ``experiments/sparsity_analysis.py``.
+  Source: ``analysis/sparsity.json`` written by ``experiments/sparsity_analysis.py`` (:mod:`sparsegrad.suite.sparsity`).
 * Figure 3 — the row structure of dL/dỸ at the first training step and the share of its non-zero rows
   and entries over training, per layer. Same source.
 * Pareto — peak training memory vs score per method, one panel per model, from the seed re-runs.

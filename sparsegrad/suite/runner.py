@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import random
 import time
 import traceback
 import uuid
@@ -74,12 +73,10 @@ def settings_from_config(cfg: dict, output_dir: str) -> FinetuneSettings:
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
+    """Python's, NumPy's and torch's generators (every device), by :func:`transformers.set_seed`."""
+    from transformers import set_seed
 
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    set_seed(seed)
 
 
 def _now() -> str:

@@ -1,10 +1,9 @@
 """The paper's tables, rebuilt from run records, each beside the paper's own numbers.
 
 Every builder is a pure function of run records (plus the paper's numbers and, for speed and memory,
-optional CUDA benchmark records): no training, no Hydra. A record here is the JSON of
-:mod:`sparsegrad.suite.record` with one extra key, ``_stage`` — ``sweep`` (an Optuna trial),
-``seeds`` (the best setting re-run over seeds) or ``kept`` (SparseGrad at another kept fraction k) —
-taken from the folder it was found in (``records/<stage>/<study>/<run_id>.json``).
+optional CUDA benchmark records): no training, no Hydra. What a record holds and how records are
+selected and grouped (the seed re-runs at the chosen setting, the best sweep trial) is in
+:mod:`sparsegrad.suite.table_inputs`.
 
 Conventions: scores are the main metric of the restored best checkpoint on the reported split
 (``best.score``), x100 except for losses; "±" is the population std over seeds (as the authors'
@@ -12,21 +11,39 @@ Conventions: scores are the main metric of the restored best checkpoint on the r
 failed ones are counted in the notes. Where the profile runs stand-ins (offline models and tasks), the
 paper column holds the closest analogue and a note under the table says which.
 
-:func:`build_all` returns :class:`Table` objects; :func:`write_all` writes Markdown, CSV and LaTeX.
+:func:`build_all` returns :class:`Table` objects, each a pandas DataFrame of formatted cells with a title
+and notes; :func:`write_all` writes them with pandas as Markdown, CSV and LaTeX.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
-PAPER_CSV = Path(__file__).resolve().parents[2] / "results" / "paper" / "paper_numbers.csv"
+import pandas as pd
+from tabulate import DataRow, TableFormat
+
+from sparsegrad.suite.table_inputs import (
+    MLP_MATRIX_ENTRIES,
+    PAPER_CSV,
+    Analogue,
+    Cell,
+    Paper,
+    best_trials,
+    by_stage,
+    cells,
+    device_of,
+    final_runs,
+    kept_percent,
+    load_bench,
+    mean_std,
+    score_of,
+    setting_of,
+    trainable_params,
+)
+
 # leading_block (sparsegrad.fixed_support) is our variant, not a method of the paper: it sits right after the
 # exact SparseGrad it approximates, and its paper columns stay "—" (no paper row names it).
 METHOD_ORDER = ("full", "lora", "sparsegrad", "leading_block", "meprop", "sparsegrad_official",
@@ -42,28 +59,55 @@ GLUE_TASKS = ("stsb", "cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
 SCORE_TABLE = {"bert_base": "9", "roberta_base": "10", "roberta_large": "4"}
 KEPT_TABLE = {"bert_base": "11", "roberta_base": "12"}
 BEST_TABLE = {"bert_base": "13", "roberta_base": "14", "roberta_large": "15"}
-# (out x in) of each MLP matrix, to turn a budget k (a count) into the kept share
-MLP_MATRIX_ENTRIES = {"tiny_bert": 32 * 64, "tiny_roberta": 32 * 64, "minilm": 384 * 1536, "bert_base": 768 * 3072,
-                      "roberta_base": 768 * 3072, "roberta_large": 1024 * 4096, "smollm2": 576 * 1536,
-                      "llama2_7b": 4096 * 11008, "tiny_llama": 32 * 64}
-LOSS_METRICS = ("loss", "perplexity")
+
 
 
 # ------------------------------------------------------------------------------------------- table
-@dataclass
+# Markdown as GitHub renders it, one space around each cell and no column padding, so a table's
+# diff shows only the cells that changed: pandas' to_markdown with this tabulate format.
+def _header_rule(widths, aligns) -> str:
+    return "|" + "|".join("---" for _ in widths) + "|"
+
+
+MARKDOWN = TableFormat(lineabove=None, linebelowheader=_header_rule, linebetweenrows=None, linebelow=None,
+                       headerrow=DataRow("|", "|", "|"), datarow=DataRow("|", "|", "|"), padding=1,
+                       with_header_hide=None)
+LATEX_ESCAPES = (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("÷", r"/"), ("~", r"$\sim$"), ("Ỹ", "Y"))
+
+
+def latex_escape(text: str) -> str:
+    for a, b in LATEX_ESCAPES:
+        text = text.replace(a, b)
+    return text
+
+
 class Table:
-    key: str  # file stem, e.g. "table09"
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    notes: list[str] = field(default_factory=list)
+    """One table: a pandas DataFrame of formatted cells (strings, columns as shown), a title and notes.
+
+    ``Table(key, title, columns, rows, notes)`` builds the frame from rows of cells; ``columns`` and
+    ``rows`` read it back."""
+
+    def __init__(self, key: str, title: str, columns: list[str], rows: list[list[str]],
+                 notes: list[str] | None = None):
+        self.key = key  # file stem, e.g. "table09"
+        self.title = title
+        self.frame = pd.DataFrame(rows, columns=columns, dtype=object)
+        self.notes = list(notes or [])
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.frame.columns)
+
+    @property
+    def rows(self) -> list[list[str]]:
+        return self.frame.values.tolist()
 
     def markdown(self) -> str:
         out = [f"### {self.title}", ""]
         if self.rows:
-            out.append("| " + " | ".join(self.columns) + " |")
-            out.append("|" + "|".join("---" for _ in self.columns) + "|")
-            out += ["| " + " | ".join(r) + " |" for r in self.rows]
+            out.append(self.frame.to_markdown(index=False, tablefmt=MARKDOWN, stralign=None, numalign=None,
+                                              disable_numparse=True))
         else:
             out.append("_No run records for this table in this profile._")
         if self.notes:
@@ -72,25 +116,13 @@ class Table:
         return "\n".join(out) + "\n"
 
     def csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.columns)
-        writer.writerows(self.rows)
-        return buf.getvalue()
+        return self.frame.to_csv(index=False, lineterminator="\n")
 
     def latex(self) -> str:
-        def esc(s: str) -> str:
-            for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                         ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("÷", r"/"), ("~", r"$\sim$"), ("Ỹ", "Y")):
-                s = s.replace(a, b)
-            return s
-
-        lines = [f"% {self.title}", r"\begin{tabular}{" + "l" * len(self.columns) + "}", r"\toprule",
-                 " & ".join(esc(c) for c in self.columns) + r" \\", r"\midrule"]
-        lines += [" & ".join(esc(c) for c in r) + r" \\" for r in self.rows]
-        lines += [r"\bottomrule", r"\end{tabular}"]
-        lines += [f"% {esc(n)}" for n in self.notes]
-        return "\n".join(lines) + "\n"
+        frame = self.frame.map(latex_escape)
+        frame.columns = [latex_escape(c) for c in self.columns]
+        body = frame.to_latex(index=False, escape=False, column_format="l" * len(frame.columns))
+        return f"% {self.title}\n" + body + "".join(f"% {latex_escape(n)}\n" for n in self.notes)
 
 
 # ------------------------------------------------------------------------------------------ format
@@ -128,67 +160,10 @@ def fmt_params(n: float | None) -> str:
     return str(int(n))
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    m = sum(values) / len(values)
-    if len(values) == 1:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
-
 
 def _order(seq: Iterable[str], order: tuple[str, ...]) -> list[str]:
     return sorted(set(seq), key=lambda x: (order.index(x) if x in order else len(order), x))
 
-
-# ------------------------------------------------------------------------------------------- paper
-@dataclass
-class Paper:
-    """The paper's numbers (results/paper/paper_numbers.csv) keyed by (table, model, method, setting, task, quantity)."""
-
-    rows: dict[tuple[str, str, str, str, str, str], tuple[str, str]]
-
-    @classmethod
-    def load(cls, path: Path = PAPER_CSV) -> Paper:
-        rows = {}
-        with open(path, encoding="utf-8") as fh:
-            for r in csv.DictReader(fh):
-                key = (r["table"], r["model"], r["method"], r["setting"], r["task"], r["quantity"])
-                rows[key] = (r["value"], r["std"])
-        return cls(rows)
-
-    def raw(self, table, model, method, task, quantity, setting="") -> str | None:
-        hit = self.rows.get((table, model, method, setting, task, quantity))
-        return hit[0] if hit else None
-
-    def get(self, table, model, method, task, quantity, setting="") -> tuple[float | None, float | None]:
-        hit = self.rows.get((table, model, method, setting, task, quantity))
-        if not hit:
-            return None, None
-        try:
-            value = float(hit[0])
-        except ValueError:
-            return None, None
-        return value, (float(hit[1]) if hit[1] not in ("", None) else None)
-
-
-@dataclass
-class Analogue:
-    """Which paper model / task each of ours stands in for (identity for the paper's own)."""
-
-    models: Mapping[str, str] = field(default_factory=dict)
-    tasks: Mapping[str, str] = field(default_factory=dict)
-
-    def model(self, name: str) -> str:
-        return self.models.get(name, name)
-
-    def task(self, name: str) -> str:
-        return self.tasks.get(name, name)
-
-    def used(self, models: Iterable[str], tasks: Iterable[str]) -> list[str]:
-        pairs = [f"{m} ↔ {self.models[m]}" for m in sorted(set(models)) if m in self.models]
-        pairs += [f"{t} ↔ {self.tasks[t]}" for t in sorted(set(tasks)) if t in self.tasks]
-        return pairs
 
 
 def _analogue_note(analogue: Analogue, models, tasks) -> list[str]:
@@ -197,105 +172,6 @@ def _analogue_note(analogue: Analogue, models, tasks) -> list[str]:
         return []
     return ["Offline stand-ins: the paper column holds the closest paper analogue (" + ", ".join(pairs) +
             "). Our runs are far shorter and smaller than the paper's, so compare trends, not absolute values."]
-
-
-# ----------------------------------------------------------------------------------------- records
-def score_of(record: dict) -> float | None:
-    best = record.get("best") or {}
-    score = best.get("score")
-    if score is None:
-        return None
-    name = (record.get("main_metric") or {}).get("name", "")
-    return float(score) if name in LOSS_METRICS else 100.0 * float(score)
-
-
-def setting_of(record: dict) -> tuple[float | None, int | None]:
-    trainer = (record.get("config") or {}).get("trainer") or {}
-    lr, bs = trainer.get("lr"), trainer.get("batch_size")
-    return (float(lr) if lr is not None else None), (int(bs) if bs is not None else None)
-
-
-def kept_percent(record: dict) -> float | None:
-    """Share of each MLP gradient SparseGrad keeps, in percent."""
-    k = ((record.get("config") or {}).get("method") or {}).get("k")
-    if k is None:
-        return None
-    k = float(k)
-    if k <= 1.0:
-        return 100.0 * k
-    entries = MLP_MATRIX_ENTRIES.get(record.get("model", ""))
-    return 100.0 * k / entries if entries else None
-
-
-def trainable_params(record: dict) -> int | None:
-    p = record.get("parameters") or {}
-    if not p.get("total"):
-        return None
-    return int(p.get("trainable_dense") or 0) + int(p.get("sparse_budget_total") or 0)
-
-
-def device_of(record: dict) -> str:
-    env = record.get("environment") or {}
-    return str(env.get("device") or (record.get("memory") or {}).get("device_type") or "?")
-
-
-def by_stage(records: Iterable[dict], stage: str) -> list[dict]:
-    return [r for r in records if r.get("_stage") == stage]
-
-
-def final_runs(records: list[dict]) -> list[dict]:
-    """The seed re-runs; for each (model, method, task) only those at its most common (lr, batch) setting."""
-    groups: dict[tuple, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in by_stage(records, "seeds"):
-        groups[(r["model"], r["method"], r["task"])][setting_of(r)].append(r)
-    best = best_trials(records)
-    out = []
-    for key, by_setting in groups.items():
-        chosen = None
-        if key in best:
-            target = setting_of(best[key])
-            chosen = next((s for s in by_setting if s[1] == target[1] and s[0] is not None and target[0] is not None
-                           and math.isclose(s[0], target[0], rel_tol=1e-9)), None)
-        if chosen is None:
-            chosen = max(by_setting, key=lambda s: (len(by_setting[s]), s[0] or 0))
-        out += by_setting[chosen]
-    return out
-
-
-def best_trials(records: list[dict]) -> dict[tuple[str, str, str], dict]:
-    """The best completed sweep trial per (model, method, task), by the driver's own tie-break rule."""
-    from sparsegrad.suite.runrecords import best_sweep_records
-
-    return best_sweep_records(records)
-
-
-@dataclass
-class Cell:
-    scores: list[float]
-    not_completed: int
-    records: list[dict]
-
-    @property
-    def mean(self):
-        return mean_std(self.scores)[0]
-
-    @property
-    def std(self):
-        return mean_std(self.scores)[1]
-
-
-def cells(runs: list[dict]) -> dict[tuple[str, str, str], Cell]:
-    out: dict[tuple[str, str, str], Cell] = {}
-    for r in sorted(runs, key=lambda r: (r["model"], r["method"], r["task"], r.get("seed", 0))):
-        cell = out.setdefault((r["model"], r["method"], r["task"]), Cell([], 0, []))
-        s = score_of(r)
-        if r.get("status") == "completed" and s is not None:
-            cell.scores.append(s)
-            cell.records.append(r)
-        else:
-            cell.not_completed += 1
-    return out
-
 
 def _not_completed_note(cs: Mapping[tuple, Cell]) -> list[str]:
     bad = [f"{m}/{meth}/{t}: {c.not_completed}" for (m, meth, t), c in sorted(cs.items()) if c.not_completed]
@@ -311,52 +187,6 @@ def _variant_note(methods: Iterable[str]) -> list[str]:
             "(sparsegrad.fixed_support.LeadingBlockLinear: only the leading block of the rotated weight is "
             "trained, with the same transition basis and budget k), not a method of the paper, so its paper "
             "columns are empty."]
-
-
-# ------------------------------------------------------------------------------------- benchmarks
-def load_bench(bench_dir: Path | None) -> list[dict]:
-    """CUDA benchmark entries from ``results/bench/cuda-*.json`` (``experiments/benchmark.py``'s report:
-    ``machine`` and ``summary`` {shape: {"methods": {method: {steps_per_s, peak_mb}}}}, with ``shape_defs``
-    naming each shape's model), as {device, model, method, task, setting, steps_per_second, peak_memory_mb,
-    source}. A plain list of such entries (or {"device", "results": [...]}) is read too."""
-    if bench_dir is None or not Path(bench_dir).exists():
-        return []
-    entries = []
-    for path in sorted(Path(bench_dir).glob("cuda-*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("summary"), dict):
-            machine = data.get("machine") or {}
-            device = machine.get("gpu") or machine.get("device") or "cuda"
-            models = {d.get("key"): d.get("model") for d in data.get("shape_defs") or [] if isinstance(d, dict)}
-            for shape, block in data["summary"].items():
-                for method, row in (block.get("methods") or {}).items():
-                    if not isinstance(row, dict) or "error" in row:
-                        continue
-                    model = str(models.get(shape) or shape.split(" ")[0]).replace("-", "_")
-                    base, setting = method, ""
-                    if method == "sparsegrad_regular":
-                        base, setting = "sparsegrad", "regular_matmul"
-                    entries.append({"device": device, "model": model, "method": base, "task": "avg",
-                                    "setting": setting, "shape": shape, "steps_per_second": row.get("steps_per_s"),
-                                    "peak_memory_mb": row.get("peak_mb"), "source": path.name})
-            continue
-        items = data if isinstance(data, list) else (data.get("results") or data.get("runs") or [])
-        device = data.get("device") if isinstance(data, dict) else None
-        for item in items if isinstance(items, list) else []:
-            if not isinstance(item, dict) or "method" not in item:
-                continue
-            sps = item.get("steps_per_second", item.get("steps_per_s"))
-            mem = item.get("peak_memory_mb")
-            if mem is None and item.get("peak_memory_bytes") is not None:
-                mem = item["peak_memory_bytes"] / 2**20
-            entries.append({"device": item.get("device") or device or "cuda", "model": item.get("model", "?"),
-                            "method": item["method"], "task": item.get("task", "avg"),
-                            "setting": item.get("setting", ""), "shape": item.get("shape", ""),
-                            "steps_per_second": sps, "peak_memory_mb": mem, "source": path.name})
-    return entries
 
 
 # ----------------------------------------------------------------------------------------- builders

@@ -6,12 +6,19 @@ import json
 
 import pytest
 
-from experiments import benchmark
-from experiments._bench_worker import METHODS, MOVIE_LENGTHS, Spec, make_batches, movie_lengths, run
+from benchmarks import cli, costs, grid
+from benchmarks.machine import machine_info
+from benchmarks.measure import MB
+from benchmarks.methods import METHODS
+from benchmarks.report import basis_sweep_markdown, to_markdown
+from benchmarks.runner import run_worker
+from benchmarks.shapes import MOVIE_LENGTHS, make_batches, movie_lengths
+from benchmarks.summary import summarize
+from benchmarks.worker import Spec, run
 
 
 def _record(shape, method, steps_per_s, peak_mb, opt_mb=1.0, repeat=0, basis=None):
-    mb = benchmark.MB
+    mb = MB
     return {
         "shape": shape, "method": method, "repeat": repeat, "steps_per_s": steps_per_s,
         "peak_above_loaded_bytes": peak_mb * mb, "peak_train_bytes": peak_mb * mb + 100 * mb,
@@ -23,14 +30,14 @@ def _record(shape, method, steps_per_s, peak_mb, opt_mb=1.0, repeat=0, basis=Non
 
 
 def test_plan_alternates_methods_across_repeats():
-    preset = benchmark.Preset(shapes=[benchmark.Shape("minilm", 16, 128, "movie", methods=["full", "lora"])],
-                              steps=1, warmup=1, repeats=2, budget_min=1)  # fmt: skip
-    order = [m for _, _, m in benchmark.plan(preset)]
+    preset = grid.Preset(shapes=[grid.Shape("minilm", 16, 128, "movie", methods=["full", "lora"])],
+                         steps=1, warmup=1, repeats=2, budget_min=1)  # fmt: skip
+    order = [m for _, _, m in grid.plan(preset)]
     assert order == ["full", "lora", "full", "lora"]
 
 
 def test_summary_ratios_and_targets():
-    basis = {"loaded_from_cache": False, "seconds": 10.0, "extra_peak_bytes": 400 * benchmark.MB}
+    basis = {"loaded_from_cache": False, "seconds": 10.0, "extra_peak_bytes": 400 * MB}
     recs = [
         _record("s", "full", 1.0, 1000, opt_mb=800), _record("s", "full", 3.0, 1000, opt_mb=800, repeat=1),
         _record("s", "lora", 2.0, 500, opt_mb=400),
@@ -38,7 +45,7 @@ def test_summary_ratios_and_targets():
         _record("s", "sparsegrad_regular", 0.2, 600),
         _record("s", "leading_block", 4.0, 500),
     ]  # fmt: skip
-    summary = benchmark.summarize(recs, "cpu")["s"]
+    summary = summarize(recs, "cpu")["s"]
     rows = summary["methods"]
     assert rows["full"]["steps_per_s"] == pytest.approx(2.0)  # median of the repeats
     sg = rows["sparsegrad"]
@@ -56,24 +63,24 @@ def test_summary_ratios_and_targets():
     assert lb["step_time_vs_lora"]["met"] and lb["step_time_vs_full"]["met"]
     assert sg["cpu_time_vs_lora"] == pytest.approx(2.0) and t["cpu_time_vs_full"]["met"] is False
     # GPU figures use the allocator peak (model included)
-    gpu = benchmark.summarize(recs, "cuda")["s"]["methods"]
+    gpu = summarize(recs, "cuda")["s"]["methods"]
     assert gpu["lora"]["peak_mb"] == pytest.approx(600)
 
 
 def test_failed_runs_are_reported_not_ratioed():
     recs = [_record("s", "full", 1.0, 100), {"shape": "s", "method": "lora", "repeat": 0, "error": "boom"}]
-    summary = benchmark.summarize(recs, "cpu")["s"]["methods"]
+    summary = summarize(recs, "cpu")["s"]["methods"]
     assert summary["lora"]["error"] == "boom" and summary["full"]["step_time_vs_lora"] is None
 
 
 def test_cost_model_matches_the_formulas():
-    rows = benchmark.macs_table("bert-base", None, tokens=2048, rows_nonzero=2048, block_factor=1.0)
+    rows = costs.macs_table("bert-base", None, tokens=2048, rows_nonzero=2048, block_factor=1.0)
     up = next(r for r in rows if r["group"] == "up")
     assert (up["in"], up["out"]) == (768, 3072) and up["matrices"] == 12
     assert up["full"] == 3 * 2048 * 768 * 3072
     assert up["rotation_per_token"] == 2048 * (768**2 + 3072**2)
     assert up["rotation_once"] == 3072 * 768 * (768 + 3072)
-    llama = benchmark.mlp_shapes("llama2-7b", 4)
+    llama = costs.mlp_shapes("llama2-7b", 4)
     assert llama["up"] == (4096, 11008) and llama["matrices_per_group"] == 2  # blocks 0 and 3
 
 
@@ -116,7 +123,7 @@ def test_basis_only_runs_and_their_table():
         assert "steps_per_s" not in result  # no training
         assert result["basis"]["micro_batch"] == micro and result["basis"]["seconds"] > 0
         rows.append({**result, "shape": "tiny", "load": (0.5, 0, 0), "memory_run": result["basis"]})
-    md = "\n".join(benchmark.basis_sweep_markdown(rows, "cpu"))
+    md = "\n".join(basis_sweep_markdown(rows, "cpu"))
     assert "| whole batch |" in md and "| 2 |" in md and "≤ 15 s" in md
 
 
@@ -131,36 +138,72 @@ def test_llama_shape_trains_every_third_block_mlp_only(tmp_path):
 
 def test_subprocess_worker_and_markdown(tmp_path):
     spec = {"model": "tiny-bert", "batch": 2, "seq": 8, "method": "full", "steps": 1, "warmup": 0, "threads": 1}
-    res = benchmark.run_worker(spec, timeout_s=300)
+    res = run_worker(spec, timeout_s=300)
     assert "error" not in res, res.get("error")
     res.update(shape="tiny", method="full", repeat=0, load_before=(0, 0, 0), load_after=(0, 0, 0))
-    shape = benchmark.Shape("tiny-bert", 2, 8, "movie", methods=["full"])
+    shape = grid.Shape("tiny-bert", 2, 8, "movie", methods=["full"])
     report = {
         "device": "cpu", "device_name": "test cpu", "preset": "custom", "command": "x", "date": "today",
-        "machine": benchmark.machine_info("cpu", 1), "load_before": [0.1, 0, 0], "load_after": [0.2, 0, 0],
+        "machine": machine_info("cpu", 1), "load_before": [0.1, 0, 0], "load_after": [0.2, 0, 0],
         "steps": 1, "warmup": 0, "repeats": 1, "block_factor": 2.0, "notes": ["n"], "seconds": 1.0,
-        "shape_defs": [{**shape.__dict__, "key": "tiny"}], "summary": benchmark.summarize([res], "cpu"),
+        "shape_defs": [{**shape.__dict__, "key": "tiny"}], "summary": summarize([res], "cpu"),
         "skipped": [{"shape": "tiny", "method": "lora", "repeat": 0, "why": "budget"}], "energy_md": None,
     }  # fmt: skip
-    md = benchmark.to_markdown(report)
+    md = to_markdown(report)
     assert "| full |" in md and "Skipped runs" in md and "multiply-adds" in md
     report["records"] = [res]
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps(report, default=str))
-    assert benchmark.main(["--render", str(path)]) == 0
+    assert cli.main(["--render", str(path)]) == 0
     assert (tmp_path / "cpu.md").read_text() == md
 
 
 def test_basis_targets_prefer_the_standalone_measurement():
-    run_basis = {"loaded_from_cache": False, "seconds": 20.0, "extra_peak_bytes": 290 * benchmark.MB, "micro_batch": 4}
+    run_basis = {"loaded_from_cache": False, "seconds": 20.0, "extra_peak_bytes": 290 * MB, "micro_batch": 4}
     rec = {"shape": "s", "method": "sparsegrad", "steps_per_s": 1.0, "cpu_s_per_step": 1.0, "peak_above_loaded_bytes": 1,
            "peak_train_bytes": 1, "optimizer_state_bytes": 1, "method_buffer_bytes": 1, "trainable_params": 1,
            "model_params": 1, "tokens_per_batch": [1], "padded_tokens_per_batch": 1, "model_source": "x",
            "model_layers": 1, "basis": run_basis}  # fmt: skip
     sweep = [{"shape": "s", "basis": {**run_basis, "micro_batch": None, "seconds": 9.0}, "memory_run": {"extra_peak_bytes": 1}},
-             {"shape": "s", "basis": {**run_basis, "seconds": 14.0}, "memory_run": {"extra_peak_bytes": 299 * benchmark.MB}}]  # fmt: skip
-    targets = benchmark.summarize([rec], "cpu", sweep)["s"]["targets"]["sparsegrad"]
+             {"shape": "s", "basis": {**run_basis, "seconds": 14.0}, "memory_run": {"extra_peak_bytes": 299 * MB}}]  # fmt: skip
+    targets = summarize([rec], "cpu", sweep)["s"]["targets"]["sparsegrad"]
     assert targets["basis_seconds"]["value"] == 14.0 and targets["basis_seconds"]["met"]
     assert round(targets["basis_extra_mb"]["value"]) == 299
-    alone = benchmark.summarize([rec], "cpu")["s"]["targets"]["sparsegrad"]
+    alone = summarize([rec], "cpu")["s"]["targets"]["sparsegrad"]
     assert alone["basis_seconds"]["value"] == 20.0 and not alone["basis_seconds"]["met"]
+
+
+def test_a_row_registered_here_runs_and_is_reported(monkeypatch, tmp_path):
+    """Adding a benchmark row is one BenchMethod: the worker runs it (with its spec overrides), the grid
+    accepts it and the report lists it; no other file changes."""
+    import sparsegrad
+    from benchmarks import methods, report
+
+    def apply_lora_rank2(model, basis, k, fam, spec):
+        return sparsegrad.apply_method(model, {"name": "lora", "lora_rank": 2, "train_non_mlp": False})
+
+    monkeypatch.setitem(methods.ROWS, "lora_r2_short", methods.BenchMethod(
+        "lora_r2_short", "LoRA rank 2 on sequences of 8", apply_lora_rank2, spec={"seq": 8}))
+    result = run(Spec(model="tiny-bert", batch=4, seq=16, method="lora_r2_short", steps=1, warmup=0, threads=1))
+    assert result["spec"]["seq"] == 8 and result["padded_tokens_per_batch"] == 4 * 8
+    # 2 layers x (up and down adapters of rank 2, each 2 x (in + out), plus the two linears' biases)
+    assert result["trainable_params"] == 2 * (2 * 2 * (32 + 64) + 64 + 32)
+    args = cli.parse_args(["--models", "tiny-bert", "--methods", "full,lora_r2_short"])
+    _, preset = grid.build_preset(args)
+    assert preset.shapes[0].methods == ["full", "lora_r2_short"]
+    result.update(shape="tiny", method="lora_r2_short", repeat=0)
+    block = summarize([result], "cpu")["tiny"]
+    assert any(line.startswith("| lora_r2_short | ") for line in report.method_table("tiny", block, {}))
+
+    monkeypatch.setattr(report, "SECTIONS", [*report.SECTIONS[:1], lambda r: ["## An extra section", ""]])
+    md = report.to_markdown({"machine": machine_info("cpu", 1), "device": "cpu", "device_name": "cpu",
+                             "command": "x", "date": "today", "preset": "custom", "steps": 1, "warmup": 0,
+                             "repeats": 1, "seconds": 1.0, "load_before": [0.0] * 3, "load_after": [0.0] * 3})
+    assert "`lora_r2_short`: LoRA rank 2 on sequences of 8" in md and md.endswith("## An extra section\n")
+
+
+def test_unknown_row_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown benchmark method 'nope'; valid: full, lora"):
+        run(Spec(model="tiny-bert", method="nope"))
+    with pytest.raises(SystemExit, match="unknown method"):
+        grid.build_preset(cli.parse_args(["--methods", "full,nope"]))

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from sparsegrad.suite import tables
 from tests.reproduce.fixture_records import ANALOGUE, glue_like_records, record
 
@@ -170,3 +172,61 @@ def test_leading_block_variant_sits_after_sparsegrad_with_empty_paper_columns():
         assert any(n.startswith(label + ": this repository's variant") for n in ts[key].notes), key
     assert not any("variant" in n for n in build()["table09"].notes)  # no variant row, no note
     assert r"SparseGrad, leading block (variant) & movie\_sentiment" in t9.latex()
+
+
+COMMITTED = sorted(p.parent.name for p in (Path(__file__).resolve().parents[2] / "results").glob("*/tables.md"))
+
+
+def test_committed_profiles_are_found():
+    assert {"default", "smoke"} <= set(COMMITTED)
+
+
+@pytest.mark.parametrize("profile", COMMITTED)
+def test_committed_tables_rebuild_byte_for_byte(profile, tmp_path):
+    """What `make tables PROFILE=<profile>` writes equals the committed tables, byte for byte."""
+    from scripts import build_tables
+
+    results = Path(__file__).resolve().parents[2] / "results" / profile
+    out = tmp_path / profile
+    assert build_tables.main(["--records", str(results / "records"), "--out", str(out), "--analogue", profile]) == 0
+    committed = sorted(p.relative_to(results) for p in [results / "tables.md", *(results / "tables").iterdir()])
+    rebuilt = sorted(p.relative_to(out) for p in [out / "tables.md", *(out / "tables").iterdir()])
+    assert rebuilt == committed
+    for rel in committed:
+        assert (out / rel).read_bytes() == (results / rel).read_bytes(), rel
+
+
+def _reference_markdown(columns, rows):
+    """The Markdown the tables promise: one space around each cell, no column padding."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _reference_latex(columns, rows):
+    esc = tables.latex_escape
+    lines = [r"\begin{tabular}{" + "l" * len(columns) + "}", r"\toprule", " & ".join(map(esc, columns)) + r" \\",
+             r"\midrule", *(" & ".join(map(esc, r)) + r" \\" for r in rows), r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_pandas_writers_keep_the_plain_formats_on_random_tables():
+    import csv
+    import io
+    import random
+
+    rng = random.Random(0)
+    pieces = ["a", " ", "±", "Δ", "÷", "~", "_", "&", "%", "#", "\\", ",", '"', "—", "1", ".", "-", "e", "x y", ""]
+
+    def text(n):
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, n)))
+
+    for _ in range(300):
+        columns = [text(3) for _ in range(rng.randint(1, 5))]
+        rows = [[text(4) for _ in columns] for _ in range(rng.randint(1, 4))]
+        t = tables.Table("k", "title", columns, rows, ["a note"])
+        assert t.markdown() == f"### title\n\n{_reference_markdown(columns, rows)}\n\n- a note\n"
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([columns, *rows])
+        assert t.csv() == buf.getvalue()
+        assert t.latex() == "% title\n" + _reference_latex(columns, rows) + "% a note\n"
+        assert t.rows == rows and t.columns == columns

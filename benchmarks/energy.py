@@ -1,4 +1,4 @@
-"""Where do the top-k entries of dL/dW~ sit? A measurement on real gradients (issue 6 lead).
+"""Where do the top-k entries of dL/dW~ sit? A measurement on real gradients (the report's energy section).
 
 The transition basis orders its directions by gradient energy (eigenvalues of the Gram matrices,
 descending), so the largest entries of the rotated gradient dL/dW~ = u_out^T (dL/dW) R may sit in the
@@ -25,9 +25,13 @@ support would be).
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -221,9 +225,41 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+
+def section(mode: str, out_dir: Path) -> tuple[str | None, dict | None]:
+    """The measurement for the report: ``mode`` skip, cached (reuse ``energy_minilm.json``), run, or auto
+    (run when the MiniLM and movie-review assets are present); in a fresh process. (Markdown, result)."""
+    from benchmarks.machine import ROOT
+    from benchmarks.runner import worker_env
+
+    cached = out_dir / "energy_minilm.json"
+    if mode == "skip":
+        return None, None
+    if mode == "cached":
+        if not cached.exists():
+            return None, None
+        result = json.loads(cached.read_text())
+        return to_markdown(result), result
+    if mode == "auto":
+        try:
+            from sparsegrad.suite.assets import is_ready
+
+            if not (is_ready("minilm") and is_ready("movie_reviews")):
+                return None, None
+        except Exception:  # noqa: BLE001 - no asset cache: nothing to measure on
+            return None, None
+    print("[energy] measuring where the top-k of dL/dW~ sits (MiniLM, movie sentences) ...", flush=True)
+    cmd = [sys.executable, "-m", "benchmarks.energy", "--json", str(cached), "--eval-batches", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
+    if proc.returncode != 0 or not cached.exists():
+        print(f"[energy] failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None, None
+    result = json.loads(cached.read_text())
+    return to_markdown(result), result
+
+
 if __name__ == "__main__":
     import argparse
-    import json
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
