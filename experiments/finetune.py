@@ -8,7 +8,12 @@
 
 Config groups (conf/): model, method, task, trainer, logger, paths. The run folder (Hydra's run
 dir) holds record.json (the run record), config.yaml (the resolved config), Hydra's .hydra/ and,
-with logger=wandb (the default, offline), wandb/. Returns the main metric for sweeps.
+with logger=wandb (the default, offline), wandb/. Returns the main metric for sweeps (nan for a run
+that diverged or has no objective).
+
+The config is checked before anything heavy loads: unknown keys (with the closest valid one),
+types, ranges and choices, data files and model folders, one line per problem, exit 2. Exit codes:
+0 done, 2 a problem with the request or the environment, 3 a single run diverged, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHOICE_GROUPS = ("model", "method", "task", "trainer", "logger", "paths")
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_DIVERGED = 3  # a single run that diverged (in a --multirun sweep its job returns nan instead)
 
 
 def options(group: str) -> list[str]:
@@ -49,26 +55,86 @@ def check_choices(argv: list[str]) -> str | None:
     return None
 
 
-def run_from_config(cfg, output_dir: str | Path) -> dict:
-    """Run one job from a composed config (an OmegaConf DictConfig or a plain dict); return its record."""
-    from omegaconf import DictConfig, OmegaConf
+OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.output_root")
 
+
+def check_output_location(argv: list[str]) -> list[str]:
+    """One line per run-folder location (from the command line, or the default output root) that cannot
+    be written: Hydra itself writes there before the run starts."""
+    import os
+
+    values = {key: arg.split("=", 1)[1] for arg in argv for key in OUTPUT_KEYS if arg.startswith(key + "=")}
+    if not values:
+        values["paths.output_root"] = os.environ.get("SPARSEGRAD_OUTPUTS") or "outputs"
+    problems = []
+    for key, value in values.items():
+        path = Path(os.path.expanduser(value.split("${", 1)[0] or "."))
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir():
+            problems.append(f"{key}={value}: {path} is a file, not a folder; choose a writable folder with "
+                            "paths.output_root=/some/folder")
+        else:
+            reason = _cannot_write_in(path)
+            if reason:
+                problems.append(f"{key}={value}: cannot write in {path} ({reason}); choose a writable folder with "
+                                "paths.output_root=/some/folder")
+    return problems
+
+
+def _cannot_write_in(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder`` (tried with an empty temporary folder), or None."""
+    import shutil
+    import tempfile
+
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".write-check-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def run_from_config(cfg, output_dir: str | Path) -> dict:
+    """Run one job from a composed config (an OmegaConf DictConfig or a plain dict); return its record.
+
+    The config is checked first (every problem at once, as a ConfigError) before anything heavy loads.
+    """
+    from sparsegrad.suite.errors import SuiteError
     from sparsegrad.suite.runner import finetune, settings_from_config
+
+    resolved = resolve(cfg)
+    settings = settings_from_config(resolved, str(output_dir))
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(_yaml(resolved), encoding="utf-8")
+    except OSError as exc:
+        raise SuiteError(f"cannot write to the run folder {output_dir}: {exc.strerror or exc}; choose a writable "
+                         "place with paths.output_root=/some/folder (or hydra.run.dir=...)") from None
+    return finetune(settings)
+
+
+def resolve(cfg) -> dict:
+    """A plain dict of the config, interpolations resolved, without Hydra's own node."""
+    from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     else:
         resolved = dict(cfg)
     resolved.pop("hydra", None)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
-    settings = settings_from_config(resolved, str(output_dir))
-    return finetune(settings)
+    return resolved
+
+
+def _yaml(resolved: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(resolved))
 
 
 def _fail(message: str, code: int = EXIT_USAGE):
-    print(f"error: {message}", file=sys.stderr)
+    for line in str(message).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -78,28 +144,26 @@ def _hydra_main():
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def main(cfg) -> float:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         from sparsegrad.suite.assets import AssetMissingError
         from sparsegrad.suite.errors import SuiteError
-        from sparsegrad.suite.runner import objective_value
+        from sparsegrad.suite.runner import objective_value, summary_line
 
-        output_dir = HydraConfig.get().runtime.output_dir
+        hydra_cfg = HydraConfig.get()
+        output_dir = hydra_cfg.runtime.output_dir
         try:
             record = run_from_config(cfg, output_dir)
-        except (SuiteError, AssetMissingError) as exc:
+        except (SuiteError, AssetMissingError) as exc:  # incl. RecordWriteError (its summary is on screen already)
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail(f"interrupted; the run record is in {output_dir}/record.json", EXIT_INTERRUPTED)
         if record["status"] == "interrupted":
             _fail(f"interrupted; the run record is in {output_dir}/record.json", EXIT_INTERRUPTED)
+        print(summary_line(record, f"{output_dir}/record.json"), file=sys.stderr)
+        if record["status"] == "diverged" and hydra_cfg.mode != RunMode.MULTIRUN:
+            raise SystemExit(EXIT_DIVERGED)  # a sweep goes on: its job returns nan, which the sweep records as failed
         value = objective_value(record)
-        best = record.get("best") or {}
-        print(
-            f"[finetune] {record['status']}: {record['main_metric']['name']} = {best.get('score')} on "
-            f"{record['main_metric']['report_split']} (selection {record['main_metric']['selection_split']}: "
-            f"{record.get('objective')}); {record['wall_seconds']:.1f} s; record {output_dir}/record.json",
-            file=sys.stderr,
-        )
         return value if not math.isnan(value) else float("nan")
 
     return main
@@ -110,6 +174,11 @@ def cli(argv: list[str] | None = None) -> None:
     message = check_choices(argv)
     if message:
         _fail(message)
+    from sparsegrad.suite.settings import check_override_keys
+
+    problems = check_override_keys(argv) + check_output_location(argv)
+    if problems:
+        _fail("\n".join(problems))
     main = _hydra_main()
     try:
         main()

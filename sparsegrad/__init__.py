@@ -26,13 +26,34 @@ sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mo
 (apply / merge), :mod:`~sparsegrad.accounting` (trainable and updated parameters).
 """
 
-from .accounting import LayerAccount, MethodAccount, account
-from .basis import Basis, GroupBasis, estimate_basis, random_basis, spectrum_concentration
-from .layers import MePropLinear, SparseGradLinear
-from .optim import LazySparseAdam, SparseGradOptimizer, build_optimizer, clip_grad_norm
-from .registry import LayerBudget, Method, get_method, register_method, unregister_method
-from .surgery import METHODS, MethodConfig, apply_method, merge
-from .targets import DEFAULT_PATTERNS, Target, find_targets
+# The names below load on first use (PEP 562): ``import sparsegrad.suite.settings``, a config check that
+# must fail fast, then does not pay for importing torch. The first name used loads every module listed
+# (and the built-in methods register themselves), exactly what an eager import would have done.
+_EXPORTS = {
+    "accounting": ("LayerAccount", "MethodAccount", "account"),
+    "basis": ("Basis", "GroupBasis", "estimate_basis", "random_basis", "spectrum_concentration"),
+    "layers": ("MePropLinear", "SparseGradLinear"),
+    "optim": ("LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm"),
+    "registry": ("LayerBudget", "Method", "get_method", "register_method", "unregister_method"),
+    "surgery": ("METHODS", "MethodConfig", "apply_method", "merge"),
+    "targets": ("DEFAULT_PATTERNS", "Target", "find_targets"),
+}
+
+
+def __getattr__(name: str):
+    if not any(name in names for names in _EXPORTS.values()):
+        raise AttributeError(f"module 'sparsegrad' has no attribute {name!r}")
+    import importlib
+
+    for module, names in _EXPORTS.items():
+        loaded = importlib.import_module(f".{module}", __name__)
+        globals().update({n: getattr(loaded, n) for n in names})
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *(n for names in _EXPORTS.values() for n in names)})
+
 
 __all__ = [
     "DEFAULT_PATTERNS",

@@ -28,8 +28,8 @@ class DataError(SuiteError):
 
 def hub_model_message(name: str, cause: BaseException) -> str:
     return (
-        f"Could not load the model {name!r}: the Hugging Face Hub is unreachable (or offline mode is on: "
-        f"HF_HUB_OFFLINE={_env('HF_HUB_OFFLINE')}) and it is not in the local Hugging Face cache. "
+        f"Could not load the model {name!r}: {_hub_state('HF_HUB_OFFLINE')} and it is not in the local "
+        "Hugging Face cache. "
         f"Use an offline model instead ({OFFLINE_MODELS}; fetch them with `make assets`), or point "
         f"model.pretrained=/path/to/a/local/model/folder. Cause: {type(cause).__name__}: {_first_line(cause)}"
     )
@@ -37,20 +37,43 @@ def hub_model_message(name: str, cause: BaseException) -> str:
 
 def hub_dataset_message(name: str, cause: BaseException) -> str:
     return (
-        f"Could not load the data set {name!r}: the Hugging Face Hub is unreachable (or offline mode is on: "
-        f"HF_DATASETS_OFFLINE={_env('HF_DATASETS_OFFLINE')}). Use an offline task ({OFFLINE_TASKS}; "
+        f"Could not load the data set {name!r}: {_hub_state('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE')}. "
+        f"Use an offline task ({OFFLINE_TASKS}; "
         "fetch them with `make assets`), or give local files per split, e.g. "
         "task.data_files='{train: /data/train.csv, validation: /data/dev.csv}' (csv, json or jsonl). "
         f"Cause: {type(cause).__name__}: {_first_line(cause)}"
     )
 
 
-def _env(name: str) -> str:
+def _hub_state(*variables: str) -> str:
+    """Why the Hub was not asked or did not answer: offline mode (and which variable) or no connection."""
     import os
 
-    return os.environ.get(name, "unset")
+    for name in variables:
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"offline mode is on ({name}={os.environ[name]}), so the Hugging Face Hub was not asked"
+    state = ", ".join(f"{n}={os.environ[n]}" if n in os.environ else f"{n} unset" for n in variables)
+    return f"the Hugging Face Hub could not be reached (offline mode is off: {state})"
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
+
+
+def signal_message(returncode: int) -> str | None:
+    """What a child's negative return code (killed by a signal) means, in words; None for a normal exit."""
+    import signal
+
+    if returncode >= 0:
+        return None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if name == "SIGKILL":
+        return ("killed by SIGKILL; the likely cause is the system running out of memory (the OOM killer: see "
+                "`dmesg` or `journalctl -k`); try a smaller trainer.batch_size or fewer parallel jobs")
+    if name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        return f"stopped by {name} (interrupted)"
+    return f"killed by {name}"

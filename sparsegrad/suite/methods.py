@@ -11,18 +11,42 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from sparsegrad.registry import METHODS as METHOD_KINDS  # the method layer's names, always current
-from sparsegrad.registry import get_method, registered_methods
+from annotated_types import Ge, Interval
+
 from sparsegrad.suite.errors import ConfigError
+
+
+def _registry():
+    """The method layer's registry with the built-in methods registered. Imported on first use: the
+    settings check (sparsegrad.suite.settings) reads MethodSettings without loading torch."""
+    import sparsegrad.methods  # noqa: F401  (registers full, lora, meprop, sparsegrad, leading_block)
+    from sparsegrad import registry
+
+    return registry
+
+
+def __getattr__(name: str):
+    if name == "METHOD_KINDS":  # the method layer's names, always current
+        return _registry().METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_kind(settings: MethodSettings) -> list[str]:
+    """A line for a method.kind that no registered method has (imports the method layer)."""
+    names = _registry().METHODS
+    if settings.kind in names:
+        return []
+    return [f"method.kind={settings.kind}: must be one of {', '.join(names)} (or a method registered with "
+            "sparsegrad.register_method)"]
 
 
 class _BasisKinds(Sequence):
     """The registered methods that need the transition basis before training (always current)."""
 
     def _names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in registered_methods() if m.needs_basis)
+        return tuple(m.name for m in _registry().registered_methods() if m.needs_basis)
 
     def __getitem__(self, index):
         return self._names()[index]
@@ -47,22 +71,19 @@ class MethodSettings:
 
     name: str  # the config name recorded in run records: full, lora, meprop, meprop_output, ...
     kind: str  # the method layer's name: full | lora | meprop | sparsegrad | leading_block
-    k: int | float | None = None  # sparse gradient budget per MLP linear (count or fraction)
-    mode: str | None = None  # meprop: weight (top-k of dL/dW, the paper's baseline) | output (top-k of dL/dY)
-    rank: int | None = None  # lora
+    k: int | float | None = None  # sparse gradient budget per MLP linear (count >= 1 or fraction in (0, 1])
+    allow_dense: bool = False  # a count k above a matrix's size means dense training: refused unless true
+    mode: Literal["weight", "output"] | None = None  # meprop: weight (top-k of dL/dW, the paper's) | output (dL/dY)
+    rank: Annotated[int, Ge(1)] | None = None  # lora
     alpha: float | None = None  # lora
-    dropout: float = 0.0  # lora
-    orientation: str | None = None  # sparsegrad, leading_block: hosvd | official
-    target_patterns: dict[str, str] | None = None  # group -> regex over module names (None: per architecture)
-    every_nth_block: int | None = None
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0  # lora
+    orientation: Literal["hosvd", "official"] | None = None  # sparsegrad, leading_block
+    target_patterns: dict[str, str] | list[str] | None = None  # group -> regex over module names (None: per architecture)
+    every_nth_block: Annotated[int, Ge(1)] | None = None
     train_non_mlp: bool = True  # train everything outside the MLPs densely (the paper's GLUE setting)
-    basis_steps: int = 8  # sparsegrad, leading_block: backward passes for the transition basis
-    basis_micro_batch: int | None = None  # split each basis batch into chunks of this many rows (less memory)
+    basis_steps: Annotated[int, Ge(1)] = 8  # sparsegrad, leading_block: backward passes for the transition basis
+    basis_micro_batch: Annotated[int, Ge(1)] | None = None  # split each basis batch into chunks of this many rows
     options: dict[str, Any] = field(default_factory=dict)  # passed through to the method layer (e.g. block_factor)
-
-    def __post_init__(self):
-        if self.kind not in METHOD_KINDS:
-            raise ConfigError(f"method.kind={self.kind!r}; the method layer knows {', '.join(METHOD_KINDS)}")
 
 
 def method_config(settings: MethodSettings) -> dict:
@@ -72,7 +93,10 @@ def method_config(settings: MethodSettings) -> dict:
         cfg["target_patterns"] = dict(settings.target_patterns)
     if settings.every_nth_block and settings.every_nth_block > 1:
         cfg["every_nth_block"] = settings.every_nth_block
-    reads = get_method(settings.kind).options
+    problems = check_kind(settings)
+    if problems:
+        raise ConfigError(problems[0])
+    reads = _registry().get_method(settings.kind).options
     for field_name, option in SETTING_OPTIONS.items():
         value = getattr(settings, field_name)
         if option in reads and value is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge
 
 from sparsegrad.suite.errors import ConfigError, HubUnreachableError, IncompatibleTaskError, hub_model_message
 from sparsegrad.suite.tasks import CAUSAL_LM, REGRESSION, TaskSpec
@@ -24,20 +26,20 @@ class ModelSettings:
     """What the Hydra ``model`` group says about a model (see conf/model/*.yaml)."""
 
     name: str
-    architecture: str = ENCODER  # encoder (sequence classification head) | decoder (causal LM)
+    architecture: Literal["encoder", "decoder"] = ENCODER  # encoder: sequence classification head; decoder: causal LM
     pretrained: str | None = None  # Hub id, local folder or asset:<name>; None with random_init
     random_init: dict[str, Any] | None = None  # a transformers config (model_type + sizes) for tiny models
     tokenizer: str | None = None  # None: the pretrained one; "train": train a small one on the task text
-    tokenizer_vocab_size: int = 1000
-    chat_template: str | None = None  # None: the tokenizer's own; "chatml" | "llama2_inst"
+    tokenizer_vocab_size: Annotated[int, Ge(1)] = 1000
+    chat_template: Literal["chatml", "llama2_inst"] | None = None  # None: the tokenizer's own (data.CHAT_TEMPLATES)
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers: 4
-    dtype: str = "float32"  # weights as loaded; training precision is trainer.precision
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded; training precision is trainer.precision
     # The method settings the paper matches to each model (read by conf/method/*.yaml):
-    mlp_targets: list[str] = field(default_factory=list)
-    lora_rank: int = 8
+    mlp_targets: dict[str, str] | list[str] = field(default_factory=list)
+    lora_rank: Annotated[int, Ge(1)] = 8
     lora_alpha: float | None = None
-    sparse_k: int = 0
-    every_nth_block: int = 1
+    sparse_k: int | float = 0
+    every_nth_block: Annotated[int, Ge(1)] = 1
     train_non_mlp: bool = True
 
 

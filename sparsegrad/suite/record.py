@@ -197,6 +197,48 @@ def validate(record: dict) -> dict:
     return record
 
 
+def new_record(*, model: str, method: str, task: str, seed: int, output_dir: str, config: dict, environment: dict,
+               main_metric: str, higher_is_better: bool, device_type: str, memory_how: str,
+               timing_warmup_steps: int) -> dict:
+    """A record for a run that is starting: status failed (until the run says otherwise), nothing measured yet."""
+    import uuid
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": uuid.uuid4().hex[:12],
+        "status": "failed",
+        "error": None,
+        "started_at": now,
+        "finished_at": now,
+        "wall_seconds": 0.0,
+        "model": model,
+        "method": method,
+        "task": task,
+        "seed": seed,
+        "output_dir": output_dir,
+        "config": config,
+        "environment": environment,
+        "parameters": {"total": 0, "trainable_dense": 0, "sparse_matrices": 0, "sparse_budget_per_matrix": None,
+                       "sparse_budget_total": None, "updated_coordinates_union": None, "optimizer_state_bytes": None},
+        "main_metric": {"name": main_metric, "higher_is_better": higher_is_better, "selection_split": "",
+                        "report_splits": [], "report_split": ""},
+        "evaluations": [],
+        "best": None,
+        "final": None,
+        "objective": None,
+        "training": {"optimizer_steps": 0, "epochs": 0.0, "samples": 0, "tokens": 0, "train_seconds": 0.0,
+                     "eval_seconds": 0.0, "timed_steps": 0, "warmup_steps_excluded": timing_warmup_steps,
+                     "steps_per_second": None, "samples_per_second": None, "stop_reason": "not started",
+                     "last_loss": None},
+        "memory": {"device_type": device_type, "how": memory_how, "baseline_bytes": None, "train_peak_bytes": None,
+                   "eval_peak_bytes": None},
+        "basis": None,
+        "logger": None,
+    }
+
+
 def _json_safe(value):
     """nan/inf become null: strict JSON has no such numbers and table builders must not choke on them."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +50,7 @@ from sparsegrad.suite.runrecords import STAGES, Claim, best_sweep_records, descr
 from sparsegrad.suite.runrecords import done_seeds, runs_to_do, same_lr, setting  # noqa: F401
 from sparsegrad.suite.runrecords import harvest as _harvest
 from sparsegrad.suite.runrecords import load_records as _load_records
+from sparsegrad.suite.errors import signal_message
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -209,10 +211,10 @@ class Driver:
             proc, self.current = self.current, None
         seconds = time.perf_counter() - t0
         self.harvest()
-        if proc.returncode == EXIT_INTERRUPTED or proc.returncode < 0:
+        if proc.returncode == EXIT_INTERRUPTED or _interrupted_by_signal(proc.returncode):
             raise KeyboardInterrupt
         if proc.returncode != 0:
-            reason = _last_error(log_path)
+            reason = signal_message(proc.returncode) or _last_error(log_path)
             if proc.returncode == EXIT_USAGE:  # a config / data / Hub problem repeats for every run
                 raise ReproduceError(f"{what}: {reason} (log {log_path})")
             self.failures.append(f"{what}: exit {proc.returncode}: {reason} (log {log_path})")
@@ -373,10 +375,10 @@ class Driver:
         t0 = time.perf_counter()
         with open(log_path, "a", encoding="utf-8") as log:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-        if proc.returncode == EXIT_INTERRUPTED or proc.returncode < 0:
+        if proc.returncode == EXIT_INTERRUPTED or _interrupted_by_signal(proc.returncode):
             raise KeyboardInterrupt
         if proc.returncode != 0:
-            reason = _last_error(log_path)
+            reason = signal_message(proc.returncode) or _last_error(log_path)
             self.failures.append(f"sparsity analysis: {reason} (log {log_path})")
             self.say(f"sparsity analysis: FAILED: {reason} (log {log_path})")
         else:
@@ -411,6 +413,12 @@ class Driver:
 
 def _quote(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in " (){}[],$*") else arg
+
+
+def _interrupted_by_signal(returncode: int) -> bool:
+    """Ctrl-C, SIGTERM or SIGHUP ended the child: the whole reproduction stops (resumable). SIGKILL does not
+    count: it is most often the OOM killer, reported as a failure with that hint (signal_message)."""
+    return returncode in (-signal.SIGINT, -signal.SIGTERM, -signal.SIGHUP)
 
 
 def _last_error(log_path: Path) -> str:

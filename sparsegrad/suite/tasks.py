@@ -15,7 +15,9 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge
 
 from sparsegrad.suite.errors import ConfigError, DataError, HubUnreachableError, hub_dataset_message
 
@@ -84,16 +86,16 @@ class TaskSettings:
 
     name: str
     data_files: dict[str, Any] | None = None
-    max_length: int = 128
-    max_train_samples: int | None = None
-    max_selection_samples: int | None = None
-    max_report_samples: int | None = None
+    max_length: Annotated[int, Ge(2)] = 128
+    max_train_samples: Annotated[int, Ge(1)] | None = None
+    max_selection_samples: Annotated[int, Ge(1)] | None = None
+    max_report_samples: Annotated[int, Ge(1)] | None = None
     main_metric: str | None = None  # default: the task's
-    direction: str | None = None  # maximize | minimize; checked against the main metric
+    direction: Literal["maximize", "minimize"] | None = None  # checked against the main metric
     languages: list[str] | None = None  # oasst1: keep threads whose root has one of these
     split_seed: int = 13  # the fixed seed of the offline tasks' train/validation/test split
     subsample_seed: int = 0  # which examples the max_*_samples caps keep (independent of the run seed)
-    paper_eval_every: int | None = None  # the authors' evaluation interval in steps at batch size 32
+    paper_eval_every: Annotated[int, Ge(1)] | None = None  # the authors' evaluation interval in steps at batch size 32
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,7 +151,13 @@ def _load_tables(hub_name: str, subset: str | None, data_files, cache_dir) -> di
                 if not Path(path).exists():
                     raise DataError(f"task.data_files[{split}]: no such file {path}")
         builder, kwargs = _builder_for(files)
-        dsd = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
+        try:
+            dsd = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
+        except Exception as exc:  # a file the reader cannot parse: name the files, not the reader's internals
+            cause = exc.__cause__ or exc.__context__ or exc
+            raise DataError(f"task.data_files: could not read {', '.join(f'{k}={v}' for k, v in files.items())} as "
+                            f"{builder}: {type(cause).__name__}: {str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ''}"
+                            ) from None
     else:
         try:
             dsd = datasets.load_dataset(hub_name, subset, cache_dir=cache_dir)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
 class LoggerSettings:
-    name: str = "none"  # wandb | none
-    mode: str = "offline"  # offline | online | disabled
+    name: Literal["wandb", "none"] = "none"
+    mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "sparsegrad"
     entity: str | None = None
     group: str | None = None
@@ -37,6 +37,9 @@ class NullTracker:
         pass
 
     def describe(self) -> dict | None:
+        return None
+
+    def upload_hint(self) -> str | None:
         return None
 
 
@@ -78,6 +81,14 @@ class WandbTracker:
 
     def describe(self) -> dict:
         return {"name": "wandb", "mode": self.mode, "dir": str(self.dir / "wandb"), "run_id": self.run.id}
+
+    def upload_hint(self) -> str | None:
+        """Where an offline run went and the command that uploads it (None for online or disabled runs)."""
+        if self.mode != "offline":
+            return None
+        found = sorted((self.dir / "wandb").glob(f"offline-run-*-{self.run.id}"))
+        where = found[-1] if found else self.dir / "wandb" / "offline-run-*"
+        return f"W&B offline run saved in {where}; upload it with: wandb sync {where}"
 
 
 def make_tracker(settings: LoggerSettings, run_dir: Path, config: dict, run_name: str):

@@ -1,12 +1,14 @@
 """The training loop: plain PyTorch, small enough to hold in one's head, measuring as it goes.
 
-One optimizer step = ``grad_accum`` micro-batches. Every ``eval_every`` steps (and after the last)
-the model is evaluated on the selection split; the best weights are kept in memory and patience
-counts evaluations without improvement. Throughput counts training steps only (evaluation is timed
-separately) and skips the first ``timing_warmup_steps``. A non-finite loss stops the run as
-diverged; Ctrl-C stops it as interrupted; either way the state so far is returned to the caller,
-which writes the run record.
-"""
+:func:`train` is one loop over optimizer steps: the gradients of ``grad_accum`` micro-batches
+(:func:`_forward_backward`), the update, the bookkeeping (:func:`_count`), the divergence check and,
+every ``eval_every`` steps (and after the last), an evaluation on the selection split
+(:class:`_Selection`: keeps the best weights in memory, counts evaluations without improvement and
+ends the run when ``patience`` runs out); a further stopping rule belongs beside those two.
+Throughput counts training steps only (evaluation is timed separately) and skips the first
+``timing_warmup_steps``. A non-finite loss, or a step loss above ``divergence_factor`` times the
+first step's, stops the run as diverged (:func:`divergence`); Ctrl-C stops it as interrupted; either
+way the state so far is returned to the caller, which writes the run record."""
 
 from __future__ import annotations
 
@@ -20,37 +22,10 @@ import torch
 
 from sparsegrad.suite import data as data_lib
 from sparsegrad.suite import metrics as metrics_lib
+from sparsegrad.suite.settings import TrainerSettings
 from sparsegrad.suite.tasks import CAUSAL_LM, REGRESSION, TaskSpec
 
-
-@dataclass
-class TrainerSettings:
-    """What the Hydra ``trainer`` group may change (see conf/trainer/default.yaml)."""
-
-    seed: int = 42
-    epochs: float = 3.0
-    max_steps: int | None = None  # optimizer steps; stops before the epochs run out
-    batch_size: int = 16  # per micro-batch
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    schedule: str = "linear"  # linear | constant (after warm-up)
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    max_grad_norm: float | None = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    eval_every: int | None = 50  # optimizer steps; None: once per epoch
-    patience: int | None = 5  # evaluations without improvement; None: never stop early
-    protocol: str = "heldout"  # heldout | official (select and report on dev)
-    heldout_fraction: float = 0.1
-    heldout_max: int | None = 2000
-    objective: str = "selection"  # what finetune returns: the best checkpoint's main metric on selection | report
-    timing_warmup_steps: int = 3
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None  # torch CPU threads (None: torch's default)
-    progress: bool = True
-    log_every: int = 10
+__all__ = ["TrainState", "TrainerSettings", "evaluate", "planned_steps", "restore", "snapshot", "train"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,6 +96,7 @@ class TrainState:
     timed_samples: int = 0
     eval_seconds: float = 0.0
     last_loss: float | None = None
+    initial_loss: float | None = None  # the first optimizer step's loss: the divergence reference
     stop_reason: str = "not started"
     status: str = "completed"
     best_value: float | None = None
@@ -182,111 +158,42 @@ def train(
 ) -> TrainState:
     """Train until ``total_steps``, early stopping or divergence; return the state (best weights in memory)."""
     state = state or TrainState()
-    regression = spec.kind == REGRESSION
-    generator = torch.Generator().manual_seed(settings.seed)
-    steps_per_epoch = max(1, math.ceil(len(features) / settings.batch_size) // settings.grad_accum)
+    steps_per_epoch = _steps_per_epoch(len(features), settings)
+    last_step = min(total_steps, math.ceil(settings.epochs * steps_per_epoch))
     eval_every = settings.eval_every or steps_per_epoch
-    bad_evals = 0
-    bar = None
-    if settings.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, leave=False)
-
-    def run_evaluation() -> bool:
-        """Evaluate on the selection split; True when patience is exhausted."""
-        nonlocal bad_evals
-        t0 = time.perf_counter()
-        with meter.phase("eval") if meter is not None else contextlib.nullcontext():
-            result = evaluate_selection()
-        state.eval_seconds += time.perf_counter() - t0
-        state.evaluations.append({"step": state.step, "epoch": state.epoch, "metrics": result})
-        if tracker is not None:
-            tracker.log({f"selection/{k}": v for k, v in result.items()}, step=state.step)
-        value = result.get(main_metric)
-        if metrics_lib.is_better(value, state.best_value, higher_is_better) or state.best_snapshot is None:
-            if metrics_lib.is_better(value, state.best_value, higher_is_better):
-                state.best_value = value
-            state.best_step, state.best_metrics = state.step, result
-            state.best_snapshot = snapshot(model)
-            bad_evals = 0
-        else:
-            bad_evals += 1
-        if bar is not None:
-            bar.set_postfix_str(f"loss {state.last_loss:.4f} | {main_metric} {value:.4f}" if state.last_loss is not None
-                                else f"{main_metric} {value:.4f}")
-        return settings.patience is not None and bad_evals >= settings.patience
-
+    batches = _micro_batches(len(features), settings)
+    selection = _Selection(state, model, evaluate_selection, main_metric, higher_is_better, settings.patience,
+                           meter, tracker)
+    bar = _progress_bar(settings, total_steps)
     model.train()
     optimizer.zero_grad()
-    micro_in_step, step_loss, step_samples, step_tokens = 0, 0.0, 0, 0
-    step_started = time.perf_counter()
-    last_evaluated = -1
     try:
-        state.stop_reason = "epochs done"
-        epoch_float_steps = settings.epochs * steps_per_epoch
-        stop = False
-        epoch = 0
-        while not stop:
-            if epoch >= math.ceil(settings.epochs):
-                break
-            batches = data_lib.batch_indices(len(features), settings.batch_size, True, generator)
-            for idx in batches:
-                if micro_in_step == 0:
-                    step_started = time.perf_counter()
-                with meter.phase("train") if meter is not None else contextlib.nullcontext():
-                    batch = _to(data_lib.collate([features[i] for i in idx], pad_token_id, regression), device)
-                    with autocast(device, settings.precision):
-                        out = model(**batch)
-                    loss = out.loss.float()
-                    loss_value = float(loss.detach())
-                    if not torch.isfinite(loss):
-                        state.last_loss = loss_value
-                        state.status, state.stop_reason = "diverged", f"non-finite loss ({loss_value}) at step {state.step}"
-                        stop = True
-                        break
-                    (loss / settings.grad_accum).backward()
-                    micro_in_step += 1
-                    step_loss += loss_value / settings.grad_accum
-                    step_samples += len(idx)
-                    step_tokens += int(batch["attention_mask"].sum())
-                    if micro_in_step < settings.grad_accum:
-                        continue
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - step_started
-                state.step += 1
-                state.epoch = state.step / steps_per_epoch
-                state.samples += step_samples
-                state.tokens += step_tokens
-                state.train_seconds += elapsed
-                if state.step > settings.timing_warmup_steps:
-                    state.timed_seconds += elapsed
-                    state.timed_steps += 1
-                    state.timed_samples += step_samples
-                state.last_loss = step_loss
-                if tracker is not None and (state.step % max(1, settings.log_every) == 0 or state.step == 1):
-                    tracker.log({"train/loss": step_loss, "train/epoch": state.epoch}, step=state.step)
-                if bar is not None:
-                    bar.update(1)
-                    rate = state.timed_samples / state.timed_seconds if state.timed_seconds else 0.0
-                    bar.set_postfix_str(f"loss {step_loss:.4f} | {rate:.1f} samples/s")
-                micro_in_step, step_loss, step_samples, step_tokens = 0, 0.0, 0, 0
-                if state.step % eval_every == 0:
-                    last_evaluated = state.step
-                    if run_evaluation():
-                        state.stop_reason = f"early stopping: no improvement in {settings.patience} evaluations"
-                        stop = True
-                        break
-                if state.step >= total_steps or state.step >= epoch_float_steps:
-                    state.stop_reason = "max_steps reached" if state.step >= (settings.max_steps or math.inf) else "epochs done"
-                    stop = True
+        state.stop_reason = None
+        while state.step < last_step and state.stop_reason is None:
+            started = time.perf_counter()
+            with meter.phase("train") if meter is not None else contextlib.nullcontext():
+                step = _forward_backward(model, features, batches, spec, settings, device, pad_token_id)
+                if step is None:  # the epochs ran out in the middle of an accumulated step
                     break
-            epoch += 1
-        if state.status == "completed" and last_evaluated != state.step and state.step > 0:
-            run_evaluation()
+                if not math.isfinite(step.loss):  # before the update: no NaN reaches the weights
+                    state.last_loss = step.loss
+                    state.status, state.stop_reason = "diverged", divergence(step.loss, None, None, state.step + 1)
+                    break
+                optimizer.step()
+                optimizer.zero_grad()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            _count(state, step, time.perf_counter() - started, steps_per_epoch, settings)
+            _show_progress(state, settings, tracker, bar)
+            diverged = divergence(step.loss, state.initial_loss, settings.divergence_factor, state.step)
+            if diverged:
+                state.status, state.stop_reason = "diverged", diverged
+            elif state.step % eval_every == 0 and selection.evaluate(bar):
+                state.stop_reason = f"early stopping: no improvement in {settings.patience} evaluations"
+        if state.stop_reason is None:
+            state.stop_reason = "max_steps reached" if state.step >= (settings.max_steps or math.inf) else "epochs done"
+        if state.status == "completed" and state.step > 0 and not selection.evaluated_at(state.step):
+            selection.evaluate(bar)
     except KeyboardInterrupt:
         state.status, state.stop_reason = "interrupted", f"interrupted (Ctrl-C) at step {state.step}"
     finally:
@@ -295,10 +202,128 @@ def train(
     return state
 
 
+@dataclass
+class _Step:
+    loss: float  # mean over the micro-batches; a non-finite micro-batch loss stops the step at once
+    samples: int = 0
+    tokens: int = 0
+
+
+def _forward_backward(model, features, batches, spec, settings, device, pad_token_id) -> _Step | None:
+    """Gradients of one optimizer step: ``grad_accum`` micro-batches; None when the data runs out first."""
+    step = _Step(loss=0.0)
+    for _ in range(settings.grad_accum):
+        idx = next(batches, None)
+        if idx is None:
+            return None
+        batch = _to(data_lib.collate([features[i] for i in idx], pad_token_id, spec.kind == REGRESSION), device)
+        with autocast(device, settings.precision):
+            loss = model(**batch).loss.float()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            return _Step(loss=loss_value)
+        (loss / settings.grad_accum).backward()
+        step.loss += loss_value / settings.grad_accum
+        step.samples += len(idx)
+        step.tokens += int(batch["attention_mask"].sum())
+    return step
+
+
+def _count(state: TrainState, step: _Step, seconds: float, steps_per_epoch: int, settings: TrainerSettings) -> None:
+    """Book one optimizer step: counters, throughput (after the timing warm-up), losses."""
+    state.step += 1
+    state.epoch = state.step / steps_per_epoch
+    state.samples += step.samples
+    state.tokens += step.tokens
+    state.train_seconds += seconds
+    if state.step > settings.timing_warmup_steps:
+        state.timed_seconds += seconds
+        state.timed_steps += 1
+        state.timed_samples += step.samples
+    state.last_loss = step.loss
+    if state.initial_loss is None:
+        state.initial_loss = step.loss
+
+
+def _show_progress(state: TrainState, settings: TrainerSettings, tracker, bar) -> None:
+    if tracker is not None and (state.step % max(1, settings.log_every) == 0 or state.step == 1):
+        tracker.log({"train/loss": state.last_loss, "train/epoch": state.epoch}, step=state.step)
+    if bar is not None:
+        bar.update(1)
+        rate = state.timed_samples / state.timed_seconds if state.timed_seconds else 0.0
+        bar.set_postfix_str(f"loss {state.last_loss:.4f} | {rate:.1f} samples/s")
+
+
+class _Selection:
+    """Evaluation on the selection split: keeps the best weights and counts evaluations without improvement."""
+
+    def __init__(self, state, model, evaluate_selection, main_metric, higher_is_better, patience, meter, tracker):
+        self.state, self.model, self.run = state, model, evaluate_selection
+        self.metric, self.higher, self.patience = main_metric, higher_is_better, patience
+        self.meter, self.tracker = meter, tracker
+        self.bad_evals = 0
+
+    def evaluated_at(self, step: int) -> bool:
+        return bool(self.state.evaluations) and self.state.evaluations[-1]["step"] == step
+
+    def evaluate(self, bar=None) -> bool:
+        """Evaluate now; True when patience is exhausted."""
+        state = self.state
+        t0 = time.perf_counter()
+        with self.meter.phase("eval") if self.meter is not None else contextlib.nullcontext():
+            result = self.run()
+        state.eval_seconds += time.perf_counter() - t0
+        state.evaluations.append({"step": state.step, "epoch": state.epoch, "metrics": result})
+        if self.tracker is not None:
+            self.tracker.log({f"selection/{k}": v for k, v in result.items()}, step=state.step)
+        value = result.get(self.metric)
+        improved = metrics_lib.is_better(value, state.best_value, self.higher)
+        if improved or state.best_snapshot is None:
+            if improved:
+                state.best_value = value
+            state.best_step, state.best_metrics = state.step, result
+            state.best_snapshot = snapshot(self.model)
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+        if bar is not None:
+            loss = f"loss {state.last_loss:.4f} | " if state.last_loss is not None else ""
+            bar.set_postfix_str(f"{loss}{self.metric} {value:.4f}")
+        return self.patience is not None and self.bad_evals >= self.patience
+
+
+def _micro_batches(n: int, settings: TrainerSettings):
+    """Index lists of ceil(epochs) shuffled epochs, one after the other (seeded by the run's seed)."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    for _ in range(math.ceil(settings.epochs)):
+        yield from data_lib.batch_indices(n, settings.batch_size, True, generator)
+
+
+def _progress_bar(settings: TrainerSettings, total_steps: int):
+    if not settings.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, leave=False)
+
+
+def _steps_per_epoch(n_examples: int, settings: TrainerSettings) -> int:
+    return max(1, math.ceil(n_examples / settings.batch_size) // settings.grad_accum)
+
+
+def divergence(loss: float, initial: float | None, factor: float | None, step: int) -> str | None:
+    """Why the run diverged at ``step`` (with the hint to lower the learning rate), or None."""
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss}) at step {step}; lower trainer.lr"
+    if factor and initial is not None and initial > 0 and loss > factor * initial:
+        return (f"loss {loss:.4g} at step {step} is above {factor:g} x the first step's {initial:.4g} "
+                "(trainer.divergence_factor); lower trainer.lr")
+    return None
+
+
 def planned_steps(n_examples: int, settings: TrainerSettings) -> int:
     """Optimizer steps the run will take if nothing stops it early (for schedules and progress bars)."""
-    steps_per_epoch = max(1, math.ceil(n_examples / settings.batch_size) // settings.grad_accum)
-    total = int(math.ceil(settings.epochs * steps_per_epoch))
+    total = int(math.ceil(settings.epochs * _steps_per_epoch(n_examples, settings)))
     if settings.max_steps:
         total = min(total, settings.max_steps)
     return max(1, total)

@@ -28,7 +28,7 @@ def test_config_groups_list_the_spec():
 
 def _check(cfg, model, method, task, tmp_path):
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    settings = settings_from_config(resolved, str(tmp_path))
+    settings = settings_from_config(resolved, str(tmp_path), check_files=False)
     assert settings.model.name == model and settings.method.name == method and settings.task.name == task
     spec = get_task(task)
     assert resolved["task"]["direction"] == ("maximize" if spec.higher_is_better else "minimize")
@@ -100,7 +100,7 @@ def test_leading_block_options_reach_the_method_layer(compose, tmp_path):
 
     for overrides, factor in (([], 2.0), (["method.options.block_factor=3.0"], 3.0)):
         cfg = compose(["model=tiny_bert", "method=leading_block", *overrides])
-        settings = settings_from_config(OmegaConf.to_container(cfg, resolve=True), str(tmp_path))
+        settings = settings_from_config(OmegaConf.to_container(cfg, resolve=True), str(tmp_path), check_files=False)
         assert settings.method.kind == "leading_block" and settings.method.kind in BASIS_KINDS
         mc = MethodConfig.from_any(method_config(settings.method))
         assert (mc.name, mc.block_factor, mc.k, mc.orientation) == ("leading_block", factor, settings.model.sparse_k,
@@ -129,5 +129,5 @@ def test_conf_dir_is_the_repository_conf():
 @pytest.mark.parametrize("task", ["movie_sentiment", "chat", "oasst1", "mnli"])
 def test_paper_trainer_composes_with_every_kind_of_task(compose, task, tmp_path):
     cfg = compose(["trainer=paper", f"task={task}"])
-    settings = settings_from_config(OmegaConf.to_container(cfg, resolve=True), str(tmp_path))
+    settings = settings_from_config(OmegaConf.to_container(cfg, resolve=True), str(tmp_path), check_files=False)
     assert settings.trainer.eval_every == {"mnli": 5000}.get(task)

@@ -183,11 +183,22 @@ def test_save_model_writes_a_plain_merged_model(run_tiny, glue_files, tmp_path):
     assert type(model.bert.encoder.layer[0].intermediate.dense).__name__ == "Linear"
 
 
-def test_config_error_still_writes_a_failed_record(run_tiny, glue_files, tmp_path):
-    from sparsegrad.suite.errors import ConfigError
+def test_config_error_fails_before_the_run_and_a_data_error_still_writes_a_failed_record(run_tiny, glue_files,
+                                                                                          tmp_path):
+    """A config problem is found before anything runs (no run folder); a problem found while running (a label
+    that does not fit the head) still leaves a failed record."""
+    from suite_fixtures import glue_rows, write_csv
+
+    from sparsegrad.suite.errors import ConfigError, DataError
 
     with pytest.raises(ConfigError, match="contradicts"):
         run_tiny(["model=tiny_bert", "method=full", "task=sst2", "task.direction=minimize",
                   data_files_override(glue_files["sst2"])], out=tmp_path / "run")
-    failed = record_lib.load(tmp_path / "run")
-    assert failed["status"] == "failed" and "contradicts" in failed["error"]
+    assert not (tmp_path / "run").exists()
+    rows = glue_rows("sst2", 24, seed=5)
+    rows[3]["label"] = 7
+    bad = {"train": str(write_csv(tmp_path / "train.csv", rows)), "validation": glue_files["sst2"]["validation"]}
+    with pytest.raises(DataError, match="label 7 does not fit"):
+        run_tiny(["model=tiny_bert", "method=full", "task=sst2", data_files_override(bad)], out=tmp_path / "run2")
+    failed = record_lib.load(tmp_path / "run2")
+    assert failed["status"] == "failed" and "label 7 does not fit" in failed["error"]
