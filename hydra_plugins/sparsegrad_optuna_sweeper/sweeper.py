@@ -36,6 +36,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+EXIT_INTERRUPTED = 130  # what an interrupted job exits with (experiments.finetune): the driver resumes later
 
 
 @dataclass
@@ -159,6 +160,8 @@ class OptunaSweeper(Sweeper):
                         returns.append(self._run_batch(study, trial_ids, space, fixed, heartbeat, job_idx))
                 except BaseException as exc:  # Ctrl-C, a job's sys.exit, a launcher failure
                     self._abandon(study, trial_ids, exc, heartbeat)
+                    if isinstance(exc, KeyboardInterrupt):  # exit status 130 wherever Ctrl-C landed
+                        raise SystemExit(EXIT_INTERRUPTED) from exc
                     raise
                 if not trial_ids:
                     state = studies.progress(study)
@@ -168,7 +171,10 @@ class OptunaSweeper(Sweeper):
                         stuck_since = stuck_since or time.time()  # a creator that died mid-way: refill
                         if time.time() - stuck_since > 30:
                             study = studies.prepare(storage, name, c.direction, int(c.n_trials))
-                    time.sleep(c.poll_interval)
+                    try:
+                        time.sleep(c.poll_interval)
+                    except KeyboardInterrupt as exc:
+                        raise SystemExit(EXIT_INTERRUPTED) from exc
                     continue
                 stuck_since = None
                 job_idx += len(trial_ids)

@@ -22,10 +22,10 @@ TINY_OVERRIDES = [
 ]
 
 
-def tiny_driver(tmp_path, n_trials=2, **options) -> sweep.Driver:
+def tiny_driver(tmp_path, n_trials=2, steps=3, **options) -> sweep.Driver:
     profile = sweep.Profile(name="t", models=["tiny_bert"], methods=["full"], tasks=["movie_sentiment"], seeds=[1],
                             sweep={"search": "lr_batch_narrow", "n_trials": n_trials, "seed": 34},
-                            overrides=TINY_OVERRIDES)
+                            overrides=[*TINY_OVERRIDES, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}"])
     layout = sweep.Layout(results=tmp_path / "results", work=tmp_path / "work")
     return sweep.Driver(profile, layout, sweep.Options(quiet=True, **options))
 
@@ -107,7 +107,7 @@ def test_interrupted_sweep_resumes_without_running_anything_twice(tmp_path, asse
     import optuna
 
     asset("movie_reviews")
-    driver = tiny_driver(tmp_path, n_trials=2)
+    driver = tiny_driver(tmp_path, n_trials=3, steps=40)  # trials long enough to be caught running
     outcome = {}
 
     def target():
@@ -133,19 +133,19 @@ def test_interrupted_sweep_resumes_without_running_anything_twice(tmp_path, asse
     thread.join(timeout=240)
     assert outcome.get("interrupted"), outcome
 
-    best = tiny_driver(tmp_path, n_trials=2).sweep("tiny_bert", "full", "movie_sentiment")
+    best = tiny_driver(tmp_path, n_trials=3, steps=40).sweep("tiny_bert", "full", "movie_sentiment")
     assert best is not None
     state = optuna.trial.TrialState
     ts = trials(tmp_path)
     complete = [t for t in ts if t.state == state.COMPLETE]
-    assert len(complete) == 2
+    assert len(complete) == 3
     assert [t.number for t in ts] == list(range(len(ts)))  # the trial count continues
-    assert len({(t.params["trainer.lr"], t.params["trainer.batch_size"]) for t in complete}) == 2
+    assert len({(t.params["trainer.lr"], t.params["trainer.batch_size"]) for t in complete}) == 3
     assert all(t.user_attrs.get("interrupted") for t in ts if t.state == state.FAIL)
     records = [r for r in sweep.load_records(tmp_path / "results" / "records") if r["_stage"] == "sweep"]
-    assert len(records) == 2 and all(r["status"] == "completed" for r in records)
+    assert len(records) == 3 and all(r["status"] == "completed" for r in records)
 
-    again = tiny_driver(tmp_path, n_trials=2)
+    again = tiny_driver(tmp_path, n_trials=3, steps=40)
     again.sweep("tiny_bert", "full", "movie_sentiment")
     assert again.commands == [] and len(trials(tmp_path)) == len(ts)  # nothing left to run
 
