@@ -175,3 +175,9 @@ def resume_command(profile: str, layout: Layout) -> str:
     return f"make reproduce-glue PROFILE={profile} RESULTS={_rel(layout.results.parent)}"
 
 
+def reuse_message(prof: Profile, layout: Layout, n_reused: int, todo: int) -> str:
+    where = _rel(layout.results)
+    left = "nothing left to run: only the tables are rebuilt" if todo == 0 else f"{todo} run(s) to do"
+    return (f"{n_reused} run record(s) reused from {where} (committed with the repository or from an earlier run), "
+            f"{left}. To run everything again from scratch on this machine, into "
+            f"{_rel(Layout.for_profile(prof.name, fresh=True).results)}: {fresh_command(prof.name)}")

@@ -175,6 +175,20 @@ def runs_to_do(profile, records: list[dict], models: Sequence[str]) -> int:
     return todo
 
 
+def finished_sweep_record(records: Sequence[dict], name: str, params: dict) -> dict | None:
+    """The completed sweep record of study ``name`` run with exactly these trial params, if any."""
+    lr, bs = params.get("trainer.lr"), params.get("trainer.batch_size")
+    if lr is None or bs is None:
+        return None
+    for r in records:
+        if (r.get("_stage") == "sweep" and f"{r['model']}-{r['method']}-{r['task']}" == name
+                and r.get("status") == "completed" and r.get("objective") is not None):
+            r_lr, r_bs = setting(r)
+            if same_lr(r_lr, float(lr)) and r_bs == int(bs):
+                return r
+    return None
+
+
 def best_sweep_records(records: list[dict]) -> dict[tuple[str, str, str], dict]:
     """The best completed sweep record per (model, method, task) under the one tie-break rule
     (:func:`sparsegrad.suite.studies.tie_break_key`) that the driver uses to pick the seeds' setting."""

@@ -45,9 +45,9 @@ from sparsegrad.suite.profiles import CONF_DIR, EXIT_FAILED, EXIT_INTERRUPTED, E
 from sparsegrad.suite.profiles import POLL_SECONDS, RESULTS_ENV, ROOT, STORAGE_ENV, WORK_ENV  # noqa: F401
 from sparsegrad.suite.profiles import Layout, Profile, ReproduceError, _rel, available_profiles  # noqa: F401
 from sparsegrad.suite.profiles import load_profile, paper_best_setting, resume_command, start_fresh  # noqa: F401
-from sparsegrad.suite.profiles import fresh_command, study_name  # noqa: F401
+from sparsegrad.suite.profiles import fresh_command, reuse_message, study_name  # noqa: F401
 from sparsegrad.suite.runrecords import STAGES, Claim, best_sweep_records, describe_problems  # noqa: F401
-from sparsegrad.suite.runrecords import done_seeds, runs_to_do, same_lr, setting  # noqa: F401
+from sparsegrad.suite.runrecords import done_seeds, finished_sweep_record, runs_to_do, same_lr, setting  # noqa: F401
 from sparsegrad.suite.runrecords import harvest as _harvest
 from sparsegrad.suite.runrecords import load_records as _load_records
 from sparsegrad.suite.errors import signal_message
@@ -77,20 +77,6 @@ def _task_direction(task: str) -> str:
     return "maximize" if get_task(task).higher_is_better else "minimize"
 
 
-def _finished_record(records: Sequence[dict], name: str, params: dict) -> dict | None:
-    """The completed sweep record of study ``name`` run with exactly these trial params, if any."""
-    lr, bs = params.get("trainer.lr"), params.get("trainer.batch_size")
-    if lr is None or bs is None:
-        return None
-    for r in records:
-        if (r.get("_stage") == "sweep" and study_name(r["model"], r["method"], r["task"]) == name
-                and r.get("status") == "completed" and r.get("objective") is not None):
-            r_lr, r_bs = setting(r)
-            if same_lr(r_lr, float(lr)) and r_bs == int(bs):
-                return r
-    return None
-
-
 def study_state(storage: str, name: str, direction: str, n_trials: int | None = None, records: Sequence[dict] = (),
                 grace: float | None = None, record_name: str | None = None) -> dict:
     """Trial counts of a study. With ``n_trials`` the study is created (with that budget) if missing.
@@ -111,7 +97,7 @@ def study_state(storage: str, name: str, direction: str, n_trials: int | None = 
         raise ReproduceError(str(exc)) from None
 
     def finished(frozen):
-        done = _finished_record(records, record_name or name, frozen.params)
+        done = finished_sweep_record(records, record_name or name, frozen.params)
         return None if done is None else float(done["objective"])
 
     settled = studies.fail_stale(study, studies.GRACE_PERIOD if grace is None else grace, finished)
@@ -450,14 +436,6 @@ def build_outputs(profile: Profile, layout: Layout, quiet: bool = False) -> tupl
         print(f"[reproduce {profile.name}] {len(records)} run records -> {len(written)} table/figure files in "
               f"{_rel(layout.results)}", flush=True)
     return len(written), len(loaded.problems)
-
-
-def reuse_message(prof: Profile, layout: Layout, n_reused: int, todo: int) -> str:
-    where = _rel(layout.results)
-    left = "nothing left to run: only the tables are rebuilt" if todo == 0 else f"{todo} run(s) to do"
-    return (f"{n_reused} run record(s) reused from {where} (committed with the repository or from an earlier run), "
-            f"{left}. To run everything again from scratch on this machine, into "
-            f"{_rel(Layout.for_profile(prof.name, fresh=True).results)}: {fresh_command(prof.name)}")
 
 
 def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
