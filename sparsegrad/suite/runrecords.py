@@ -50,7 +50,7 @@ def folder_identity(results: Path, fresh: bool = False) -> dict:
         results.mkdir(parents=True, exist_ok=True)
         ident = {"id": time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "fresh": bool(fresh)}
-        tmp = results / f".run.json.{os.getpid()}"
+        tmp = results / f".run.json.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.write_text(json.dumps(ident, indent=1) + "\n", encoding="utf-8")
         try:
             os.link(tmp, path)
@@ -97,7 +97,7 @@ def harvest(work: Path, records_dir: Path, results_id: str | None) -> tuple[int,
         if target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         tmp.write_bytes(path.read_bytes())
         os.replace(tmp, target)
         copied += 1
@@ -242,7 +242,7 @@ class Claim:
             if age < self.grace:
                 return False
             try:  # stale: its driver died. Only one taker wins the rename.
-                os.rename(self.path, self.path.with_name(f"{self.path.name}.stale-{os.getpid()}"))
+                os.rename(self.path, self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{secrets.token_hex(2)}"))
             except FileNotFoundError:
                 pass
             if not self._create():
