@@ -57,8 +57,9 @@ reproduce-glue: assets
 tables: $(STAMP)
 	$(PY) -m scripts.reproduce_glue --profile $(PROFILE) --tables-only $(if $(RESULTS),--results $(RESULTS))
 
+# make bench BENCH_ARGS="--preset bf16": SmolLM2 loaded in bf16, every method with its master copies
 bench: assets
-	$(PY) -m experiments.benchmark
+	$(PY) -m experiments.benchmark $(BENCH_ARGS)
 
 bench-layer: $(STAMP)
 	$(PY) -m experiments.bench_layer

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from benchmarks.methods import METHODS, ROWS
+from benchmarks.precision import bf16_preset
 
 
 @dataclass
@@ -22,12 +23,14 @@ class Shape:
     layers: int | None = None
     pretrained: bool = False
     methods: list[str] = field(default_factory=lambda: list(ROWS))
+    dtype: str = "float32"  # the dtype the model is loaded in (bfloat16: see benchmarks.precision)
 
     @property
     def key(self) -> str:
         layers = f" ({self.layers} layers)" if self.layers else ""
         pad = "movie-padded" if self.padding == "movie" else "unpadded"
-        return f"{self.model}{layers} bs{self.batch}x{self.seq} {pad}"
+        dtype = f" {self.dtype}" if self.dtype != "float32" else ""
+        return f"{self.model}{layers} bs{self.batch}x{self.seq} {pad}{dtype}"
 
 
 @dataclass
@@ -88,6 +91,7 @@ PRESETS = {
     ),
 }
 
+PRESETS["bf16"] = bf16_preset(Preset, Shape)
 
 
 def plan(preset: Preset) -> list[tuple[int, Shape, str]]:

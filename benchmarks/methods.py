@@ -85,6 +85,8 @@ register(BenchMethod(
                                         "lora_rank": int(spec.extra.get("lora_rank", fam["lora_rank"]))})))
 register(BenchMethod("meprop", "top-k of dL/dW in the original space (paper's MeProp), lazy Adam",
                      _apply_config(lambda k, fam, spec: {"name": "meprop", "k": k})))
+register(BenchMethod("meprop_adamw", "the same top-k of dL/dW under dense AdamW (the authors' MeProp)",
+                     _apply_config(lambda k, fam, spec: {"name": "meprop", "k": k, "meprop_optimizer": "adamw"})))
 register(BenchMethod(
     "sparsegrad", "exact SparseGrad as the library builds it: only W stored (storage 'weight'; each k-sparse "
     "step applied as u_out·ΔW~·Rᵀ), formulation 'auto', sparse-by-dense, lazy Adam",

@@ -14,6 +14,7 @@ import statistics
 from benchmarks.costs import bytes_table, macs_table
 from benchmarks.measure import MB
 from benchmarks.methods import ROWS
+from benchmarks.precision import master_copies
 from benchmarks.summary import TARGETS
 
 
@@ -304,7 +305,7 @@ def basis_sweep(report: dict) -> list[str]:
     return basis_sweep_markdown(report.get("basis_sweep") or [], report["device"])
 
 
-SHAPE_PARTS = [shape_intro, method_table, repeat_spread, basis_in_runs, target_table, step_profile]
+SHAPE_PARTS = [shape_intro, method_table, master_copies, repeat_spread, basis_in_runs, target_table, step_profile]
 SECTIONS = [header, shapes, basis_sweep, analysis_markdown, energy, skipped]
 
 

@@ -82,7 +82,7 @@ def execute(preset: Preset, args, on_record=None) -> dict:
                 skipped.append({"shape": shape.key, "method": method, "repeat": rep, "why": why})
                 print(f"[{i}/{len(runs)}] skip {shape.key} / {method} (repeat {rep + 1}): {why}", flush=True)
                 continue
-            cache_key = slug(f"{shape.model}-{shape.layers}-{shape.batch}-{shape.pretrained}")
+            cache_key = slug(f"{shape.model}-{shape.layers}-{shape.batch}-{shape.pretrained}-{shape.dtype}")
             spec = {
                 "model": shape.model, "layers": shape.layers, "batch": shape.batch, "seq": shape.seq,
                 "padding": shape.padding, "method": method, "device": args.device,
@@ -90,7 +90,7 @@ def execute(preset: Preset, args, on_record=None) -> dict:
                 "threads": args.threads, "seed": args.seed, "basis_steps": preset.basis_steps,
                 "basis_micro_batch": preset.basis_micro_batch,
                 "basis_cache": os.path.join(cache_dir, f"basis-{cache_key}.pt"),
-                "pretrained": shape.pretrained, "block_factor": args.block_factor,
+                "pretrained": shape.pretrained, "block_factor": args.block_factor, "dtype": shape.dtype,
                 "profile": method == preset.profile_method and shape.key not in profiled,
             }  # fmt: skip
             if spec["profile"]:

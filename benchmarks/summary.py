@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 
 from benchmarks.measure import MB
+from benchmarks.precision import master_copy_mb
 
 # The speed and memory targets SparseGrad and its variant are checked against: figure -> bound
 # (ratios are method / reference; the sparse-by-dense speed-up is a lower bound, the rest upper bounds).
@@ -58,6 +59,7 @@ def summarize(records: list[dict], device: str, basis_sweep: list[dict] | None =
                 "peak_above_loaded_mb": _median([r["peak_above_loaded_bytes"] for r in ok]) / MB,
                 "optimizer_state_mb": _median([r["optimizer_state_bytes"] for r in ok]) / MB,
                 "method_buffer_mb": _median([r["method_buffer_bytes"] for r in ok]) / MB,
+                "master_copy_mb": master_copy_mb(ok),
                 "trainable_params": ok[0]["trainable_params"],
                 "model_params": ok[0]["model_params"],
                 "tokens_per_batch": ok[0]["tokens_per_batch"],

@@ -193,6 +193,9 @@ def run(spec: Spec) -> dict:
     result["optimizer_state_bytes"] = int(opt.state_bytes())
     result["optimizer_state_by_part"] = {k: int(v) for k, v in opt.state_bytes_by_part().items()}
     result["method_buffer_bytes"] = int(method_buffer_bytes(model))
+    from sparsegrad import account
+
+    result["master_bytes"] = int(account(model).master_bytes)  # float32 copies of a bf16 model's matrices
     if spec.profile:
         result["profile"] = profile_step(step, batches[0], device)
     return result

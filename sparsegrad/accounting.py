@@ -12,7 +12,9 @@
   coordinates that have received a gradient entry so far (the coordinates a lazy optimizer has moved;
   LeadingBlockLinear: the entries of its block B that are non-zero, i.e. that have moved from 0);
 * ``trainable_per_step = trainable_dense + sum(k)`` — the paper's "#trainable params" comparison
-  (LoRA r=7 on a BERT-base MLP pair is (768+3072)*7*2 = 53,760; SparseGrad k=28000 x 2 = 56,000).
+  (LoRA r=7 on a BERT-base MLP pair is (768+3072)*7*2 = 53,760; SparseGrad k=28000 x 2 = 56,000);
+* ``master_bytes`` — memory of the float32 master copies the method layers of a bf16/fp16 model keep
+  of their trained matrices (buffers ``*_master``; 0 for a float32 model).
 
 What a layer reports is up to the method that swapped it in (``budget`` and ``is_adapter_parameter``
 of its :class:`sparsegrad.Method`, found in :mod:`sparsegrad.registry`).
@@ -45,6 +47,7 @@ class MethodAccount:
     trainable_dense: int
     lora_params: int
     sparse_layers: list[LayerAccount] = field(default_factory=list)
+    master_bytes: int = 0
 
     @property
     def budget_total(self) -> int:
@@ -87,7 +90,8 @@ def account(model: nn.Module) -> MethodAccount:
             lora += p.numel()
         if p.requires_grad and id(p) not in sparse_ids:
             trainable += p.numel()
+    master_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("_master"))
     return MethodAccount(
         method=getattr(cfg, "name", None), total_params=total, trainable_dense=trainable,
-        lora_params=lora, sparse_layers=sparse_layers,
+        lora_params=lora, sparse_layers=sparse_layers, master_bytes=master_bytes,
     )  # fmt: skip

@@ -32,6 +32,11 @@ since the last forward (an optimizer step), the change ``D = B - B_applied`` is 
 fold accumulates float32 rounding of order ``eps |W|`` per step (a random walk; ~1e-6 relative after
 thousands of steps), checked against a float64 recomposition in ``tests/bench``.
 
+In a bf16/fp16 layer B and W have float32 master copies (buffers ``block_master``, ``weight_master``):
+the optimizer steps ``block_master`` (see :func:`sparsegrad.build_optimizer`), the fold adds to
+``weight_master`` in float32 and rounds it into ``weight`` — a fold into the bf16 W directly would
+lose a small change of B to rounding.
+
 Rows of dL/dY that are entirely zero (padding) are dropped before the backward products when
 ``sparse_by_dense`` is on (paper §3.3), as in the exact layer.
 """
@@ -46,7 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, topk_coo
-from .layers import ORIENTATIONS, plain_linear, save_linear_context
+from .layers import (
+    ORIENTATIONS,
+    current_master,
+    float32_master,
+    needs_master,
+    plain_linear,
+    save_linear_context,
+)
 from .optim import SparseGradOptimizer
 from .optim import build_optimizer as build_sparsegrad_optimizer
 from .targets import find_targets, set_submodule
@@ -150,9 +162,20 @@ class LeadingBlockLinear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, **factory))
         self.register_buffer("u_in", torch.eye(in_features, cols, **factory))
         self.register_buffer("u_out", torch.eye(out_features, rows, **factory))
-        self.register_buffer("block_applied", torch.zeros(rows, cols, **factory))
+        master_dtype = torch.float32 if needs_master(self.block.dtype) else self.block.dtype
+        self.register_buffer("block_applied", torch.zeros(rows, cols, device=device, dtype=master_dtype))
         self._applied_version: int | None = None
         nn.init.normal_(self.weight, std=0.02)
+        self.register_buffer("block_master", float32_master(self.block))
+        self.register_buffer("weight_master", float32_master(self.weight))
+
+    def master_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(block, block_master)]`` in a bf16/fp16 layer, else ``[]``."""
+        self.fold()  # a change of B made before a conversion goes into W first
+        master = current_master(self, "block", "block_master")
+        if current_master(self, "weight", "weight_master") is not None:
+            self.block_applied = self.block_applied.float()
+        return [] if master is None else [(self.block, master)]
 
     @property
     def sparse_block_grad(self) -> bool:
@@ -202,6 +225,8 @@ class LeadingBlockLinear(nn.Module):
             layer.u_in.copy_(r_mat[:, :cols])
             layer.u_out.copy_(u_out[:, :rows])
             layer.weight.copy_(w)
+            if layer.weight_master is not None:
+                layer.weight_master.copy_(w)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         layer.block.requires_grad_(w.requires_grad)
@@ -215,16 +240,22 @@ class LeadingBlockLinear(nn.Module):
         """Fold a change of B since the last fold into ``weight``: W += U_r (B - B_applied) V_c^T."""
         if self._applied_version == self.block._version:
             return
-        delta = self.block.detach() - self.block_applied
+        block = self.block.detach() if self.block_master is None else self.block_master
+        delta = block - self.block_applied
         if bool(delta.ne(0).any()):
-            # in the weight's precision, also when the forward runs under autocast
+            target = self.weight if self.weight_master is None else self.weight_master
+            # in the (master) weight's precision, also when the forward runs under autocast
             with torch.autocast(self.weight.device.type, enabled=False):
+                u_out, u_in = self.u_out.to(target.dtype), self.u_in.to(target.dtype)
+                delta = delta.to(target.dtype)
                 # (U_r D) V_c^T costs out r c + out c in; U_r (D V_c^T) costs r c in + out r in.
                 if self.rows <= self.cols:
-                    self.weight.addmm_(self.u_out, delta @ self.u_in.t())
+                    target.addmm_(u_out, delta @ u_in.t())
                 else:
-                    self.weight.addmm_(self.u_out @ delta, self.u_in.t())
-            self.block_applied.copy_(self.block.detach())
+                    target.addmm_(u_out @ delta, u_in.t())
+            if self.weight_master is not None:
+                self.weight.copy_(self.weight_master)
+            self.block_applied.copy_(block)
         self._applied_version = self.block._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

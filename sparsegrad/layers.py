@@ -42,6 +42,11 @@ Formulations (both exact; chosen per layer, see :mod:`sparsegrad.kernels` for mu
   does, refreshes it incrementally), ``dL/dx = G W_eff`` and ``dL/dW~ = u_out^T (G^T X) R`` with each
   rotation applied per token or once per call, whichever is cheaper.
 
+Precision: in a bf16/fp16 layer the trained matrix (W or W~) has a float32 master copy, the buffer
+``weight_master`` (saved with the model): :func:`sparsegrad.build_optimizer` steps the master and
+rounds it into ``weight``; the cached W_eff of storage "rotated" is float32 then, and is always built
+with autocast off.
+
 With ``sparse_by_dense=True`` (paper §3.3) the rows of dL/dY that are entirely zero — padding, tokens
 outside the loss — are dropped before every backward product and the dL/dx rows are scattered back.
 """
@@ -66,7 +71,8 @@ from .kernels import (
     topk_rows,
 )
 
-__all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES"]
+__all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES",
+           "needs_master", "float32_master", "current_master"]
 
 ORIENTATIONS = ("hosvd", "official")
 FORMULATIONS = ("auto", "regular")
@@ -77,6 +83,33 @@ MEPROP_MODES = ("weight", "output")
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def needs_master(dtype: torch.dtype) -> bool:
+    """Whether a trained matrix of this dtype gets a float32 master copy (bf16, fp16)."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+@torch.no_grad()
+def float32_master(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A float32 copy of a bf16/fp16 ``tensor`` to train in place of it; None for other dtypes."""
+    return tensor.detach().to(torch.float32, copy=True) if needs_master(tensor.dtype) else None
+
+
+@torch.no_grad()
+def current_master(module: nn.Module, param_name: str, master_name: str) -> torch.Tensor | None:
+    """The float32 master of ``module.<param_name>`` if the parameter is bf16/fp16, else None; created
+    from the parameter (and the buffer set) when the module was converted with ``.to()`` after it was
+    built, dropped when the parameter is float32 or wider."""
+    param, master = getattr(module, param_name), getattr(module, master_name)
+    if not needs_master(param.dtype):
+        if master is not None:
+            setattr(module, master_name, None)
+        return None
+    if master is None or master.dtype != torch.float32 or master.device != param.device:
+        master = float32_master(param)
+        setattr(module, master_name, master)
+    return master
 
 
 @torch.no_grad()
@@ -217,8 +250,11 @@ class SparseGradLinear(nn.Module):
         self.register_buffer("u_in", eye_in.t() if orientation == "hosvd" else eye_in)
         self.register_buffer("u_out", eye_out.t())
         self.register_buffer("updated_mask", new_bitmask(out_features * in_features, device))
+        self.register_buffer("weight_master", float32_master(self.weight))
+        # storage "rotated": saved with the model while it is valid (see _save_to_state_dict)
         self.register_buffer("effective_weight", None, persistent=False)
         self._eff_key: tuple | None = None
+        self._loaded_cache: tuple | None = None  # (W_eff, updates) from a checkpoint, see _adopt_loaded_cache
         self._n_incremental = 0
         self._pending_key: tuple | None = None  # storage "weight": W's (address, version) at the last backward
         nn.init.normal_(self.weight, std=0.02)
@@ -259,14 +295,22 @@ class SparseGradLinear(nn.Module):
         if layer.storage == "weight":
             with torch.no_grad():
                 layer.weight.copy_(w.detach())
+                if layer.weight_master is not None:
+                    layer.weight_master.copy_(w.detach())
             return layer
         with torch.no_grad():
-            u_in64 = u_in.detach().to(device=w.device, dtype=torch.float64)
-            u_out64 = u_out.detach().to(device=w.device, dtype=torch.float64)
-            r64 = u_in64 if layer.orientation == "hosvd" else u_in64.t()
-            layer.weight.copy_(u_out64.t() @ w.detach().double() @ r64)
+            # W~ with u_out W~ R^T = W for the basis as the layer holds it (rounded to its dtype: a
+            # bf16 basis is orthogonal only to ~4e-3, so u_out^T W R would not give back W): solved
+            # in float64, which for an orthogonal basis is u_out^T W R.
+            u_out64 = layer.u_out.to(torch.float64)
+            r64 = layer.right_rotation().to(torch.float64)
+            w_tilde = torch.linalg.solve(u_out64, w.detach().double())
+            w_tilde = torch.linalg.solve(r64, w_tilde.t()).t()
+            layer.weight.copy_(w_tilde)
+            if layer.weight_master is not None:
+                layer.weight_master.copy_(w_tilde)
             # The original W is the most exact effective weight there is.
-            layer.effective_weight = w.detach().clone()
+            layer.effective_weight = w.detach().to(layer._cache_dtype(), copy=True)
             layer._eff_key = layer._cache_key()
         return layer
 
@@ -294,16 +338,42 @@ class SparseGradLinear(nn.Module):
             key = prefix + name
             if key in destination:
                 destination[key] = destination[key].contiguous().clone()
+        # Storage "rotated": a valid cached W_eff (updated incrementally since its last full refresh)
+        # and the count of those updates, so that a resumed run computes with the same bits.
+        if self.effective_weight is not None and self._eff_key == self._cache_key():
+            eff = self.effective_weight
+            destination[prefix + "effective_weight"] = eff if keep_vars else eff.detach()
+            destination[prefix + "effective_weight_updates"] = torch.tensor(self._n_incremental)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        eff = state_dict.pop(prefix + "effective_weight", None)
+        n_updates = state_dict.pop(prefix + "effective_weight_updates", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._pending_key = None  # a loaded W is not an optimizer's step
+        self.effective_weight, self._eff_key, self._loaded_cache = None, None, None
+        if eff is not None and self.storage == "rotated" and tuple(eff.shape) == tuple(self.weight.shape):
+            # adopted at the next refresh, once the whole model (the shared basis too) is loaded
+            self._loaded_cache = (eff.detach().clone(), int(n_updates) if n_updates is not None else 0)
+
+    def master_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(weight, weight_master)]`` in a bf16/fp16 layer, else ``[]`` (see :func:`sparsegrad.build_optimizer`)."""
+        master = current_master(self, "weight", "weight_master")
+        return [] if master is None else [(self.weight, master)]
+
+    def _trained(self) -> torch.Tensor:
+        """The most precise value of the trained matrix: the float32 master, else the parameter."""
+        return self.weight.detach() if self.weight_master is None else self.weight_master
+
+    def _cache_dtype(self) -> torch.dtype:
+        return self._trained().dtype
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the same function: W (storage "weight"), or W = u_out W~ R^T
-        computed in float64 (storage "rotated")."""
-        w = self.weight
-        return plain_linear(w if self.storage == "weight" else self._compose(w, torch.float64), self.bias)
+        computed in float64 (storage "rotated"), from the master copy where there is one, in the
+        layer's dtype."""
+        w = self._trained()
+        w = w if self.storage == "weight" else self._compose(w, torch.float64)
+        return plain_linear(w.to(self.weight.dtype), self.bias)
 
     # ------------------------------------------------------------------------------------- the basis
     def right_rotation(self) -> torch.Tensor:
@@ -311,18 +381,22 @@ class SparseGradLinear(nn.Module):
         return self.u_in if self.orientation == "hosvd" else self.u_in.t()
 
     def rotated_weight(self, dtype=None) -> torch.Tensor:
-        """W~ = u_out^T W R (computed in ``dtype``, default the weight's; a copy in both storages)."""
-        w = self.weight.detach()
+        """W~ = u_out^T W R (computed in ``dtype``, default the trained matrix's — float32 where there
+        is a master copy; a copy in both storages)."""
+        w = self._trained()
         if self.storage == "rotated":
             return w.to(dtype or w.dtype, copy=True)
         dtype = dtype or w.dtype
-        return (self.u_out.to(dtype).t() @ w.to(dtype)) @ self.right_rotation().to(dtype)
+        with torch.autocast(w.device.type, enabled=False):
+            return (self.u_out.to(dtype).t() @ w.to(dtype)) @ self.right_rotation().to(dtype)
 
     def _compose(self, w_tilde: torch.Tensor, dtype=None) -> torch.Tensor:
+        """u_out W~ R^T computed in ``dtype`` (autocast off), returned in ``w_tilde``'s dtype."""
         dtype = dtype or w_tilde.dtype
-        u_out = self.u_out.to(dtype)
-        r_mat = self.right_rotation().to(dtype)
-        return ((u_out @ w_tilde.detach().to(dtype)) @ r_mat.t()).to(w_tilde.dtype)
+        with torch.autocast(w_tilde.device.type, enabled=False):
+            u_out = self.u_out.to(dtype)
+            r_mat = self.right_rotation().to(dtype)
+            return ((u_out @ w_tilde.detach().to(dtype)) @ r_mat.t()).to(w_tilde.dtype)
 
     def _cache_key(self) -> tuple:
         w = self.weight
@@ -333,17 +407,36 @@ class SparseGradLinear(nn.Module):
         )  # fmt: skip
 
     def current_effective_weight(self) -> torch.Tensor:
-        """W_eff = u_out W~ R^T, recomputed only when W~ (or the basis) changed since the last call."""
+        """W_eff = u_out W~ R^T, recomputed only when W~ (or the basis) changed since the last call.
+
+        Built from the master copy in float32 in a bf16/fp16 layer (otherwise in the layer's dtype),
+        with autocast off."""
         if (
             self.effective_weight is None
             or self._eff_key != self._cache_key()
             or self._n_incremental >= self.full_refresh_every
         ):
             with torch.no_grad():
-                self.effective_weight = self._compose(self.weight)
+                self.effective_weight = self._compose(self._trained())
             self._eff_key = self._cache_key()
             self._n_incremental = 0
+            self._adopt_loaded_cache()
         return self.effective_weight
+
+    def _adopt_loaded_cache(self) -> None:
+        """Continue with the cached W_eff a checkpoint carried (the same bits as the saved run), if it
+        belongs to the loaded W~: it must equal the fresh u_out W~ R^T up to accumulated rounding (a
+        state dict edited by hand may pair them wrongly)."""
+        loaded, self._loaded_cache = getattr(self, "_loaded_cache", None), None
+        if loaded is None:
+            return
+        eff, n_updates = loaded
+        fresh = self.effective_weight
+        eff = eff.to(device=fresh.device, dtype=fresh.dtype)
+        tol = 1000 * torch.finfo(fresh.dtype).eps * float(fresh.norm())
+        if n_updates < self.full_refresh_every and float((eff - fresh).norm()) <= tol:
+            self.effective_weight = eff
+            self._n_incremental = n_updates
 
     def _rotate_back(
         self, flat_indices: torch.Tensor, delta: torch.Tensor, dtype, allow_dense: bool = True
@@ -361,8 +454,14 @@ class SparseGradLinear(nn.Module):
         n_idx = flat_indices.numel()
         cost_rows = n_idx * d_in + d_out * u_rows.numel() * d_in
         cost_cols = n_idx * d_out + d_in * u_cols.numel() * d_out
+        with torch.autocast(delta.device.type, enabled=False):
+            return self._rotate_back_products(flat_indices, delta.to(dtype), dtype, allow_dense, rows_all, cols_all,
+                                              u_rows, inv_rows, u_cols, inv_cols, cost_rows, cost_cols)  # fmt: skip
+
+    def _rotate_back_products(self, flat_indices, delta, dtype, allow_dense, rows_all, cols_all,
+                              u_rows, inv_rows, u_cols, inv_cols, cost_rows, cost_cols):  # fmt: skip
+        d_out, d_in = self.out_features, self.in_features
         u_out, r_mat = self.u_out.to(dtype), self.right_rotation().to(dtype)
-        delta = delta.to(dtype)
         if min(cost_rows, cost_cols) >= d_out * d_in * (d_in + d_out):
             if not allow_dense:
                 return None
@@ -392,20 +491,45 @@ class SparseGradLinear(nn.Module):
 
     @torch.no_grad()
     def apply_rotated_step(self, flat_indices: torch.Tensor, delta: torch.Tensor, decay: float = 0.0) -> None:
-        """Storage "weight": apply a k-sparse step of W~ to W, ``W <- (1 - decay) W + u_out ΔW~ R^T``.
+        """Apply the optimizer's k-sparse step of W~ with decoupled decay of the whole matrix:
+        ``W~ <- (1 - decay) W~ + ΔW~``, i.e. ``W <- (1 - decay) W + u_out ΔW~ R^T``.
 
-        ``flat_indices`` (row-major into W~) and ``delta`` are the optimizer's step; ``decay`` is its
-        decoupled weight decay ``lr * weight_decay``, applied to the whole of W (rotation-invariant:
-        the same as decaying every coordinate of W~). Called by :func:`sparsegrad.build_optimizer`.
+        ``flat_indices`` (row-major into W~) and ``delta`` are the step; ``decay = lr * weight_decay``.
+        Decaying W~ as a whole is decaying W (rotation invariant), so both storages follow one
+        trajectory. Storage "weight" adds ``u_out ΔW~ R^T`` to W; storage "rotated" adds ΔW~ to W~ and
+        folds the same change into its cached W_eff (if valid) instead of recomputing it. The step is
+        made on the float32 master copy where there is one, then rounded into ``weight``. Called by
+        :func:`sparsegrad.build_optimizer`'s optimizer.
         """
-        if self.storage != "weight":
-            raise RuntimeError("apply_rotated_step is for storage='weight'; a rotated layer's W~ is its parameter")
-        w = self.weight
+        target = self._trained()
+        if self.storage == "weight":
+            if decay:
+                target.mul_(1.0 - decay)
+            if flat_indices.numel():
+                target.add_(self._rotate_back(flat_indices, delta, target.dtype))
+            if self.weight_master is not None:
+                self.weight.copy_(target)
+            self._pending_key = None
+            return
+        cache_valid = self.effective_weight is not None and self._eff_key == self._cache_key()
         if decay:
-            w.mul_(1.0 - decay)
-        if flat_indices.numel():
-            w.add_(self._rotate_back(flat_indices, delta, w.dtype))
-        self._pending_key = None
+            target.mul_(1.0 - decay)
+        target.view(-1).index_add_(0, flat_indices, delta.to(target.dtype))
+        if self.weight_master is not None:
+            if decay:
+                self.weight.copy_(target)
+            else:
+                self.weight.view(-1).index_copy_(0, flat_indices, target.view(-1)[flat_indices].to(self.weight.dtype))
+        if not cache_valid:
+            return
+        change = self._rotate_back(flat_indices, delta, self.effective_weight.dtype, allow_dense=False)
+        if change is None:
+            return  # as costly as a full refresh: the next forward recomputes W_eff
+        if decay:
+            self.effective_weight.mul_(1.0 - decay)
+        self.effective_weight.add_(change)
+        self._eff_key = self._cache_key()
+        self._n_incremental += 1
 
     def note_gradient(self) -> None:
         """Record W's state when a W~-space gradient was produced (storage "weight"; see forward)."""
@@ -458,6 +582,8 @@ class SparseGradLinear(nn.Module):
             w_eff = self.weight
         else:
             w_eff = self.current_effective_weight() if self.formulation == "auto" else None
+            if w_eff is not None and w_eff.dtype != self.weight.dtype:
+                w_eff = w_eff.to(self.weight.dtype)  # the float32 cache of a bf16/fp16 layer
         return apply_to_rows(_SparseGradFunction, x, self.out_features, self.weight, self.bias, w_eff, self)
 
     def num_updated(self) -> int:
@@ -495,6 +621,8 @@ class _MePropFunction(torch.autograd.Function):
                 grad_w = topk_coo(grad_w, layer.k)
                 idx = grad_w.indices()
                 mark_bits(layer.updated_mask, idx[0] * layer.in_features + idx[1])
+                if layer.dense_weight_grad:  # the same top-k entries, as a dense tensor for AdamW
+                    grad_w = grad_w.to_dense()
             else:
                 mark_bits(layer.updated_mask, grad_w.reshape(-1).ne(0).nonzero().squeeze(1))
         if ctx.needs_input_grad[2] and ctx.has_bias:
@@ -512,6 +640,13 @@ class MePropLinear(nn.Module):
     ``mode="output"`` (meProp of Sun et al., 2017): each row of dL/dY keeps its top-``k`` entries
     (``k``: count or fraction of out per row); dL/dx, the dense dL/dW and the bias gradient are all
     computed from that sparsified dL/dY.
+
+    ``dense_weight_grad=True`` (mode "weight"): the same top-k gradient as a dense tensor (zeros
+    elsewhere), for a dense optimizer — the authors' MeProp baseline ran under dense AdamW, whose
+    momentum keeps moving weights outside each step's top-k. The default sparse COO gradient goes to
+    the lazy sparse Adam (only the top-k coordinates move).
+
+    In a bf16/fp16 layer ``weight_master`` is a float32 master copy of W (see :class:`SparseGradLinear`).
     """
 
     def __init__(
@@ -523,11 +658,13 @@ class MePropLinear(nn.Module):
         bias: bool = True,
         *,
         sparse_by_dense: bool = True,
+        dense_weight_grad: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         _check_choice("meprop mode", mode, MEPROP_MODES)
+        self.dense_weight_grad = dense_weight_grad
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -538,11 +675,17 @@ class MePropLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.register_buffer("updated_mask", new_bitmask(out_features * in_features, device))
         nn.init.normal_(self.weight, std=0.02)
+        self.register_buffer("weight_master", float32_master(self.weight))
 
     @property
     def sparse_weight_grad(self) -> bool:
         """Whether the weight gradient is a sparse COO tensor (needs a sparse-capable optimizer)."""
-        return self.mode == "weight"
+        return self.mode == "weight" and not self.dense_weight_grad
+
+    def master_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(weight, weight_master)]`` in a bf16/fp16 layer, else ``[]``."""
+        master = current_master(self, "weight", "weight_master")
+        return [] if master is None else [(self.weight, master)]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, k: int | float, mode: str = "weight", **options) -> MePropLinear:
@@ -553,6 +696,8 @@ class MePropLinear(nn.Module):
         )  # fmt: skip
         with torch.no_grad():
             layer.weight.copy_(w)
+            if layer.weight_master is not None:
+                layer.weight_master.copy_(w)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         layer.weight.requires_grad_(w.requires_grad)
@@ -561,7 +706,7 @@ class MePropLinear(nn.Module):
         return layer
 
     def to_linear(self) -> nn.Linear:
-        return plain_linear(self.weight, self.bias)
+        return plain_linear(self.weight, self.bias)  # the parameter is the master rounded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_to_rows(_MePropFunction, x, self.out_features, self.weight, self.bias, self)
@@ -572,5 +717,5 @@ class MePropLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
-            f"mode={self.mode}, bias={self.bias is not None}"
+            f"mode={self.mode}, bias={self.bias is not None}, dense_weight_grad={self.dense_weight_grad}"
         )

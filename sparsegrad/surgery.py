@@ -50,8 +50,15 @@ class MethodConfig:
         ``block_factor * k`` entries; the top-k of its gradient train (dense when it has exactly k).
     meprop_mode: "weight" (top-k of dL/dW, the paper's baseline) or "output" (top-k of dL/dY per row,
         Sun et al. 2017) with ``meprop_k_per_row`` entries kept per row (count or fraction of out).
+    meprop_optimizer: "lazy_adam" (mode "weight": the sparse top-k gradient goes to the lazy sparse
+        Adam, only the top-k coordinates move) or "adamw" (the authors' MeProp: the same top-k
+        gradient as a dense tensor under dense AdamW, whose momentum keeps moving the other weights);
+        None: "lazy_adam" in mode "weight", "adamw" in mode "output" (its gradient is dense).
     lora_rank / lora_alpha / lora_dropout: peft LoRA (paper: rank 7 base encoders, 10 large,
         32 LLaMA-2); ``lora_alpha=None`` means alpha = rank (scale 1).
+    lora_variant: "standard" (peft as configured by lora_alpha / lora_dropout) or "authors" (the
+        authors' BERT/RoBERTa LoRA: alpha = 1, i.e. scale 1/r, A Kaiming-uniform drawn as their
+        in x r matrix, B zero, no dropout; lora_alpha and lora_dropout must be left unset / 0).
     orientation: "hosvd" (Tucker core) or "official" (the authors' code); formulation: "auto" or
         "regular"; sparse_by_dense: drop zero rows of dL/dY (paper §3.3); storage: "weight" (keep only
         W; the default except for the regular formulation; needs :func:`sparsegrad.build_optimizer`) or
@@ -72,9 +79,11 @@ class MethodConfig:
     k: int | float = 0.01
     meprop_mode: str = "weight"
     meprop_k_per_row: int | float = 0.05
+    meprop_optimizer: str | None = None
     lora_rank: int = 7
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
+    lora_variant: str = "standard"
     orientation: str = "hosvd"
     formulation: str = "auto"
     storage: str | None = None

@@ -3,7 +3,8 @@
 Options: ``k`` (entries of dL/dW~ per step: count or fraction of in*out), ``orientation`` ("hosvd" or
 "official"), ``formulation`` ("auto" or "regular"), ``storage`` ("weight": keep only W, the lazy sparse
 Adam hands each step to the layer, which adds ``u_out ΔW~ R^T`` to W; "rotated": keep W~ and a cached W
-that the layer refreshes from the step; None: automatic), ``sparse_by_dense``, and the basis options
+that the layer refreshes from the step; None: automatic; both storages follow one trajectory, weight
+decay included), ``sparse_by_dense``, and the basis options
 ``basis_steps`` / ``basis_per_layer`` / ``basis_micro_batch`` used when apply_method estimates the basis.
 The layers of a group share one converted copy of the group's basis. Merging: ``W = u_out W~ R^T``.
 """
@@ -64,7 +65,7 @@ class SparseGrad(Method):
     def attach_optimizer(self, module: SparseGradLinear, sparse_optimizer) -> None:
         if not module.weight.requires_grad:
             return
-        if module.storage == "weight":  # W is kept; the layer turns the step of W~ into one of W
-            sparse_optimizer.register_applier(module.weight, module.apply_rotated_step)
-        else:  # W~ is the parameter; the layer refreshes its cached W from the change
-            sparse_optimizer.register_update_listener(module.weight, module.note_sparse_update)
+        # storage "weight": the layer turns the step of W~ into one of W; storage "rotated": it adds
+        # the step to W~ and folds it into its cached W; both decay the whole matrix (and step the
+        # float32 master copy of a bf16/fp16 layer)
+        sparse_optimizer.register_applier(module.weight, module.apply_rotated_step)

@@ -62,7 +62,8 @@ BASIS_KINDS = _BasisKinds()
 
 # MethodSettings field -> MethodConfig option; passed when the method reads that option (and it is set).
 SETTING_OPTIONS = {"k": "k", "mode": "meprop_mode", "rank": "lora_rank", "alpha": "lora_alpha",
-                   "dropout": "lora_dropout", "orientation": "orientation", "basis_steps": "basis_steps"}  # fmt: skip
+                   "dropout": "lora_dropout", "orientation": "orientation", "basis_steps": "basis_steps",
+                   "lora_variant": "lora_variant", "optimizer": "meprop_optimizer"}  # fmt: skip
 
 
 @dataclass
@@ -77,6 +78,9 @@ class MethodSettings:
     rank: Annotated[int, Ge(1)] | None = None  # lora
     alpha: float | None = None  # lora
     dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0  # lora
+    # lora: standard (peft as configured) | authors (alpha 1, scale 1/r; alpha and dropout not passed)
+    lora_variant: Literal["standard", "authors"] | None = None
+    optimizer: Literal["lazy_adam", "adamw"] | None = None  # meprop: lazy_adam (lazy sparse Adam) | adamw (the authors')
     orientation: Literal["hosvd", "official"] | None = None  # sparsegrad, leading_block
     target_patterns: dict[str, str] | list[str] | None = None  # group -> regex over module names (None: per architecture)
     every_nth_block: Annotated[int, Ge(1)] | None = None
@@ -101,6 +105,9 @@ def method_config(settings: MethodSettings) -> dict:
         value = getattr(settings, field_name)
         if option in reads and value is not None:
             cfg[option] = value
+    if cfg.get("lora_variant") == "authors":  # alpha 1 and no dropout are part of that variant
+        cfg.pop("lora_alpha", None)
+        cfg.pop("lora_dropout", None)
     cfg.update(settings.options or {})
     return cfg
 
@@ -151,6 +158,7 @@ def accounting(model, optimizer=None) -> dict:
         "sparse_budget_total": int(acc.budget_total) if budgets else None,
         "updated_coordinates_union": int(acc.updated_total) if budgets else None,
         "optimizer_state_bytes": state_bytes,
+        "master_copy_bytes": int(acc.master_bytes),  # float32 copies of a bf16/fp16 model's trained matrices
     }
 
 

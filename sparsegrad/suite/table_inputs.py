@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PAPER_CSV = Path(__file__).resolve().parents[2] / "results" / "paper" / "paper_numbers.csv"
+# the paper's row a method config stands for (the paper's LoRA and MeProp numbers are the authors' variants)
+PAPER_METHOD = {"lora_authors": "lora", "meprop_adamw": "meprop"}
 # (out x in) of each MLP matrix, to turn a budget k (a count) into the kept share
 MLP_MATRIX_ENTRIES = {"tiny_bert": 32 * 64, "tiny_roberta": 32 * 64, "minilm": 384 * 1536, "bert_base": 768 * 3072,
                       "roberta_base": 768 * 3072, "roberta_large": 1024 * 4096, "smollm2": 576 * 1536,
@@ -52,10 +54,12 @@ class Paper:
         return cls(rows)
 
     def raw(self, table, model, method, task, quantity, setting="") -> str | None:
+        method = PAPER_METHOD.get(method, method)
         hit = self.rows.get((table, model, method, setting, task, quantity))
         return hit[0] if hit else None
 
     def get(self, table, model, method, task, quantity, setting="") -> tuple[float | None, float | None]:
+        method = PAPER_METHOD.get(method, method)
         hit = self.rows.get((table, model, method, setting, task, quantity))
         if not hit:
             return None, None

@@ -46,10 +46,12 @@ from sparsegrad.suite.table_inputs import (
 
 # leading_block (sparsegrad.fixed_support) is our variant, not a method of the paper: it sits right after the
 # exact SparseGrad it approximates, and its paper columns stay "—" (no paper row names it).
-METHOD_ORDER = ("full", "lora", "sparsegrad", "leading_block", "meprop", "sparsegrad_official",
-                "meprop_output")
-METHOD_LABEL = {"full": "Regular FT", "lora": "LoRA", "sparsegrad": "SparseGrad",
-                "leading_block": "SparseGrad, leading block (variant)", "meprop": "MeProp",
+METHOD_ORDER = ("full", "lora", "lora_authors", "sparsegrad", "leading_block", "meprop", "meprop_adamw",
+                "sparsegrad_official", "meprop_output")
+# which LoRA (conf/method/lora*.yaml) and which MeProp optimizer (conf/method/meprop*.yaml) a row used
+METHOD_LABEL = {"full": "Regular FT", "lora": "LoRA (peft, α = r)", "lora_authors": "LoRA (authors': α = 1, scale 1/r)",
+                "sparsegrad": "SparseGrad", "leading_block": "SparseGrad, leading block (variant)",
+                "meprop": "MeProp (lazy sparse Adam)", "meprop_adamw": "MeProp (authors': dense AdamW)",
                 "sparsegrad_official": "SparseGrad (authors' basis)", "meprop_output": "meProp (dL/dY)"}
 VARIANTS = ("leading_block",)  # ours, not the paper's: no paper number exists for them
 TASK_ORDER = ("stsb", "cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "wnli",

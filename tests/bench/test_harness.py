@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import cli, costs, grid
+from benchmarks import cli, costs, grid, precision
 from benchmarks.machine import machine_info
 from benchmarks.measure import MB
 from benchmarks.methods import METHODS
@@ -207,3 +207,25 @@ def test_unknown_row_names_the_valid_ones():
         run(Spec(model="tiny-bert", method="nope"))
     with pytest.raises(SystemExit, match="unknown method"):
         grid.build_preset(cli.parse_args(["--methods", "full,nope"]))
+
+
+def test_bf16_preset_and_master_copies_in_the_report(tmp_path):
+    """The bf16 preset loads SmolLM2 in bf16; a bf16 run records its float32 master copies, and the
+    report lists them beside the method table."""
+    preset = grid.PRESETS["bf16"]
+    assert [s.dtype for s in preset.shapes] == ["bfloat16"] and preset.shapes[0].model == "smollm2"
+    assert preset.shapes[0].key.endswith("bfloat16") and "full" in preset.shapes[0].methods
+    results = []
+    for method in ("full", "meprop"):
+        spec = Spec(model="tiny-llama", batch=2, seq=16, padding="none", method=method, steps=1, warmup=0,
+                    threads=1, dtype="bfloat16")  # fmt: skip
+        res = run(spec)
+        res.update(shape="tiny bf16", method=method, repeat=0)
+        results.append(res)
+    full, meprop = results
+    assert full["master_bytes"] == 0
+    assert meprop["master_bytes"] == 2 * 2 * 4 * 32 * 48  # blocks 0 and 3: up and down, 4 bytes an entry
+    block = summarize(results, "cpu")["tiny bf16"]
+    assert block["methods"]["meprop"]["master_copy_mb"] == pytest.approx(2 * 2 * 4 * 32 * 48 / MB)
+    lines = "\n".join(precision.master_copies("tiny bf16", block, {}))
+    assert "- meprop:" in lines and "- full:" not in lines

@@ -100,7 +100,7 @@ def test_paper_profile_names_need_no_analogue_note():
     rs = [record("seeds", "lora", "cola", s, v, model="roberta_base", metric="matthews_correlation")
           for s, v in ((1, 0.60), (2, 0.62))]
     t = {t.key: t for t in tables.build_all(rs)}["table10"]
-    assert t.rows == [["roberta_base", "LoRA", "cola", "cola", "61.0 ± 1.0", "2", "60.6 ± 1.7", "+0.4"]]
+    assert t.rows == [["roberta_base", "LoRA (peft, α = r)", "cola", "cola", "61.0 ± 1.0", "2", "60.6 ± 1.7", "+0.4"]]
     assert not any("stand-ins" in n for n in t.notes)
 
 
@@ -112,7 +112,8 @@ def test_cuda_bench_records_are_used_and_named(tmp_path):
     bench = tables.load_bench(tmp_path)
     t = tables.table3([], tables.Paper.load(), bench)
     assert [r[:4] for r in t.rows] == [["roberta_base", "Regular FT", "cuda:0 NVIDIA H100 (cuda-h100.json)", "8.00"],
-                                       ["roberta_base", "LoRA", "cuda:0 NVIDIA H100 (cuda-h100.json)", "10.00"]]
+                                       ["roberta_base", "LoRA (peft, α = r)", "cuda:0 NVIDIA H100 (cuda-h100.json)",
+                                        "10.00"]]
     assert t.rows[1][5] == "1.25"  # 10 / 8 steps/s relative to full fine-tuning on the same device
 
 
@@ -172,6 +173,20 @@ def test_leading_block_variant_sits_after_sparsegrad_with_empty_paper_columns():
         assert any(n.startswith(label + ": this repository's variant") for n in ts[key].notes), key
     assert not any("variant" in n for n in build()["table09"].notes)  # no variant row, no note
     assert r"SparseGrad, leading block (variant) & movie\_sentiment" in t9.latex()
+
+
+def test_rows_say_which_lora_and_which_meprop_optimizer_and_share_the_paper_row():
+    """lora / lora_authors and meprop / meprop_adamw are separate rows with their variant in the label;
+    the authors' variants are compared with the paper's LoRA and MeProp numbers."""
+    runs = [record("seeds", method, "movie_sentiment", s, 0.75, lr=3e-4, bs=8)
+            for method in ("lora", "lora_authors", "meprop", "meprop_adamw") for s in (1, 2)]
+    ts = {t.key: t for t in tables.build_all(glue_like_records() + runs, analogue=tables.Analogue(**ANALOGUE))}
+    rows = {r[1]: r for r in ts["table09"].rows if r[2] == "movie_sentiment"}
+    assert {"LoRA (peft, α = r)", "LoRA (authors': α = 1, scale 1/r)", "MeProp (lazy sparse Adam)",
+            "MeProp (authors': dense AdamW)"} <= set(rows)
+    paper = tables.Paper.load()
+    assert paper.get("9", "bert_base", "lora_authors", "sst2", "score") == paper.get("9", "bert_base", "lora", "sst2", "score")
+    assert rows["LoRA (authors': α = 1, scale 1/r)"][6] == rows["LoRA (peft, α = r)"][6] != "—"
 
 
 COMMITTED = sorted(p.parent.name for p in (Path(__file__).resolve().parents[2] / "results").glob("*/tables.md"))

@@ -21,7 +21,8 @@ TASK_NAMES = options("task")
 def test_config_groups_list_the_spec():
     assert set(MODELS) == {"bert_base", "roberta_base", "roberta_large", "llama2_7b", "minilm", "smollm2",
                            "tiny_bert", "tiny_roberta", "tiny_llama"}
-    assert set(METHODS) == {"full", "lora", "meprop", "meprop_output", "sparsegrad", "sparsegrad_official",
+    assert set(METHODS) == {"full", "lora", "lora_authors", "meprop", "meprop_adamw", "meprop_output", "sparsegrad",
+                            "sparsegrad_official",
                             "leading_block"}
     assert set(TASK_NAMES) == set(TASKS)
 
@@ -131,3 +132,24 @@ def test_paper_trainer_composes_with_every_kind_of_task(compose, task, tmp_path)
     cfg = compose(["trainer=paper", f"task={task}"])
     settings = settings_from_config(OmegaConf.to_container(cfg, resolve=True), str(tmp_path), check_files=False)
     assert settings.trainer.eval_every == {"mnli": 5000}.get(task)
+
+
+def test_authors_baseline_switches_reach_the_method_layer(compose, tmp_path):
+    """lora_authors / meprop_adamw: the switch is in the method config (and so in the run record), and
+    the paper profiles use them."""
+    from sparsegrad.suite.methods import method_config
+
+    lora = _check(compose(["model=bert_base", "method=lora_authors"]), "bert_base", "lora_authors",
+                  "movie_sentiment", tmp_path).method
+    cfg = method_config(lora)
+    assert cfg["lora_variant"] == "authors" and "lora_alpha" not in cfg and "lora_dropout" not in cfg
+    assert method_config(_check(compose(["model=bert_base", "method=lora"]), "bert_base", "lora",
+                                "movie_sentiment", tmp_path).method)["lora_variant"] == "standard"
+    meprop = _check(compose(["model=bert_base", "method=meprop_adamw"]), "bert_base", "meprop_adamw",
+                    "movie_sentiment", tmp_path).method
+    assert method_config(meprop)["meprop_optimizer"] == "adamw"
+    for profile in ("paper", "paper_best"):
+        methods = OmegaConf.load(CONF_DIR / "profile" / f"{profile}.yaml").methods
+        assert "lora_authors" in methods and "meprop_adamw" in methods and "lora" not in methods
+    for profile in ("llama", "llama_offline"):
+        assert "meprop_adamw" in OmegaConf.load(CONF_DIR / "profile" / f"{profile}.yaml").methods
