@@ -7,7 +7,8 @@
 ``make reproduce-glue``; ``--analogue`` names a profile whose ``paper_analogue`` maps stand-in models and
 tasks to the paper's (e.g. minilm -> bert_base); ``--analysis`` is the sparsity-analysis record for
 Figures 2-3 and the findings table's claim (f) (default: <out>/analysis/sparsity.json, else the one beside
-the records folder).
+the records folder). A record that cannot be read is named on screen (and the exit code is 1); the tables
+are built from the others.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--analogue", default=None, help="profile whose paper_analogue to use (default: --profile)")
     parser.add_argument("--analysis", type=Path, default=None)
     args = parser.parse_args(argv)
-    from sparsegrad.suite import figures, sweep, tables
+    from sparsegrad.suite import figures, runrecords, sweep, tables
 
     try:
         if args.profile:
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give --profile, or --records and --out")
         analogue_profile = args.analogue or args.profile
         analogue = sweep.load_profile(analogue_profile).paper_analogue if analogue_profile else {}
-        records = sweep.load_records(args.records)
+        loaded = runrecords.load_records(args.records)
+        records = loaded.records
+        for line in runrecords.describe_problems(loaded.problems):
+            print(line)
         if not records:
             print(f"no run records under {args.records}")
             return 1
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}")
         return 1
     print(f"{len(records)} run records -> {len(written)} files under {args.out}")
-    return 0
+    return 1 if loaded.problems else 0
 
 
 if __name__ == "__main__":

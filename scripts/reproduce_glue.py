@@ -5,6 +5,8 @@
     python -m scripts.reproduce_glue --profile paper --roberta-large --launcher slurm --jobs 8
     python -m scripts.reproduce_glue --profile llama --lr 9e-5      # the authors' code's learning rate
     python -m scripts.reproduce_glue --profile smoke --dry-run      # print the commands, run nothing
+    python -m scripts.reproduce_glue --profile default --fresh      # everything again, into results/local/
+    python -m scripts.reproduce_glue --profile default --results results/local   # resume that fresh run
 
 Profiles are conf/profile/*.yaml; the work is done by sparsegrad.suite.sweep. Until every stage of the
 pipeline exists, this stops with one line naming what is missing instead of failing half-way.
@@ -53,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="trials / seeds launched at once (with --launcher)")
     parser.add_argument("--lr", type=float, default=None, help="profiles without a sweep: the learning rate")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore every earlier record and study of the profile: run everything again from "
+                             "scratch into results/local/<profile> (an earlier one there is moved aside)")
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="results root other than results/ (e.g. results/local to resume a --fresh run)")
     args = parser.parse_args(argv)
     missing = missing_stages()
     if missing:
@@ -62,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_profile(
         args.profile, tables_only=args.tables_only, launcher=args.launcher, jobs=args.jobs, lr=args.lr,
-        dry_run=args.dry_run, extra_models=("roberta_large",) if args.roberta_large else (),
+        dry_run=args.dry_run, extra_models=("roberta_large",) if args.roberta_large else (), fresh=args.fresh,
+        results=args.results,
     )
 
 

@@ -50,8 +50,10 @@ def best(records: list[dict]) -> dict | None:
     done = [r for r in records if r.get("status") == "completed" and r.get("objective") is not None]
     if not done:
         return None
+    from sparsegrad.suite.studies import pick_best  # the one tie-break rule the tables use too
+
     higher = (done[0].get("main_metric") or {}).get("higher_is_better", True)
-    return (max if higher else min)(done, key=lambda r: float(r["objective"]))
+    return pick_best(((float(r["objective"]), f"{r.get('started_at') or ''}|{r.get('run_id', '')}", r) for r in done), higher)
 
 
 def run_grid(driver, model: str, method: str, task: str) -> dict | None:

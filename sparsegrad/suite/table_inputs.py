@@ -153,17 +153,10 @@ def final_runs(records: list[dict]) -> list[dict]:
 
 
 def best_trials(records: list[dict]) -> dict[tuple[str, str, str], dict]:
-    """The completed sweep trial with the best objective, per (model, method, task)."""
-    best: dict[tuple[str, str, str], dict] = {}
-    for r in by_stage(records, "sweep"):
-        if r.get("status") != "completed" or r.get("objective") is None:
-            continue
-        key = (r["model"], r["method"], r["task"])
-        higher = (r.get("main_metric") or {}).get("higher_is_better", True)
-        cur = best.get(key)
-        if cur is None or (r["objective"] > cur["objective"] if higher else r["objective"] < cur["objective"]):
-            best[key] = r
-    return best
+    """The best completed sweep trial per (model, method, task), by the driver's own tie-break rule."""
+    from sparsegrad.suite.runrecords import best_sweep_records
+
+    return best_sweep_records(records)
 
 
 @dataclass

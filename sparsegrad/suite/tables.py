@@ -462,6 +462,12 @@ def table6(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
                   "paper valid loss", "Δ"], rows, notes)
 
 
+def history_table(records: list[dict]) -> Table:
+    from sparsegrad.suite.sweep_history import history_table as build  # each study's best-trial history
+
+    return build(records)
+
+
 def build_all(records: list[dict], paper: Paper | None = None, analogue: Analogue | None = None,
               bench: list[dict] | None = None) -> list[Table]:
     paper = paper or Paper.load()
@@ -469,7 +475,7 @@ def build_all(records: list[dict], paper: Paper | None = None, analogue: Analogu
     bench = bench or []
     return [table3(records, paper, bench), table7(records, paper, analogue), table8(records, paper, analogue),
             table5(records, paper, analogue), *score_tables(records, paper, analogue),
-            table_best(records, paper, analogue), table_kept(records, paper, analogue),
+            table_best(records, paper, analogue), history_table(records), table_kept(records, paper, analogue),
             table6(records, paper, analogue)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -23,10 +22,10 @@ TINY_OVERRIDES = [
 ]
 
 
-def tiny_driver(tmp_path, n_trials=2, **options) -> sweep.Driver:
+def tiny_driver(tmp_path, n_trials=2, steps=3, **options) -> sweep.Driver:
     profile = sweep.Profile(name="t", models=["tiny_bert"], methods=["full"], tasks=["movie_sentiment"], seeds=[1],
                             sweep={"search": "lr_batch_narrow", "n_trials": n_trials, "seed": 34},
-                            overrides=TINY_OVERRIDES)
+                            overrides=[*TINY_OVERRIDES, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}"])
     layout = sweep.Layout(results=tmp_path / "results", work=tmp_path / "work")
     return sweep.Driver(profile, layout, sweep.Options(quiet=True, **options))
 
@@ -41,7 +40,6 @@ def trials(tmp_path, name="tiny_bert-full-movie_sentiment"):
 @pytest.fixture(autouse=True)
 def _local_storage(monkeypatch):
     monkeypatch.delenv(sweep.STORAGE_ENV, raising=False)
-    monkeypatch.delenv(sweep.WORKER_ENV, raising=False)
 
 
 # ------------------------------------------------------------------------------------------- fast
@@ -84,19 +82,6 @@ def test_dry_run_of_the_paper_profiles_composes_commands(capsys):
     assert "trainer.lr=9e-05" in capsys.readouterr().out
 
 
-def test_trial_guard_turns_a_nan_objective_into_a_failed_job():
-    from hydra.core.utils import JobReturn, JobStatus
-
-    from experiments.sweep_callbacks import TrialFailed, TrialGuard
-
-    ret = JobReturn(status=JobStatus.COMPLETED, _return_value=math.nan)
-    TrialGuard().on_job_end(config=None, job_return=ret)
-    assert ret.status == JobStatus.FAILED and isinstance(ret._return_value, TrialFailed)
-    ok = JobReturn(status=JobStatus.COMPLETED, _return_value=0.5)
-    TrialGuard().on_job_end(config=None, job_return=ok)
-    assert ok.status == JobStatus.COMPLETED and ok.return_value == 0.5
-
-
 def test_diverged_and_crashed_trials_are_recorded_as_fail_and_the_sweep_goes_on(tmp_path):
     import optuna
 
@@ -122,7 +107,7 @@ def test_interrupted_sweep_resumes_without_running_anything_twice(tmp_path, asse
     import optuna
 
     asset("movie_reviews")
-    driver = tiny_driver(tmp_path, n_trials=2)
+    driver = tiny_driver(tmp_path, n_trials=3, steps=40)  # trials long enough to be caught running
     outcome = {}
 
     def target():
@@ -148,19 +133,19 @@ def test_interrupted_sweep_resumes_without_running_anything_twice(tmp_path, asse
     thread.join(timeout=240)
     assert outcome.get("interrupted"), outcome
 
-    best = tiny_driver(tmp_path, n_trials=2).sweep("tiny_bert", "full", "movie_sentiment")
+    best = tiny_driver(tmp_path, n_trials=3, steps=40).sweep("tiny_bert", "full", "movie_sentiment")
     assert best is not None
     state = optuna.trial.TrialState
     ts = trials(tmp_path)
     complete = [t for t in ts if t.state == state.COMPLETE]
-    assert len(complete) == 2
+    assert len(complete) == 3
     assert [t.number for t in ts] == list(range(len(ts)))  # the trial count continues
-    assert len({(t.params["trainer.lr"], t.params["trainer.batch_size"]) for t in complete}) == 2
+    assert len({(t.params["trainer.lr"], t.params["trainer.batch_size"]) for t in complete}) == 3
     assert all(t.user_attrs.get("interrupted") for t in ts if t.state == state.FAIL)
     records = [r for r in sweep.load_records(tmp_path / "results" / "records") if r["_stage"] == "sweep"]
-    assert len(records) == 2 and all(r["status"] == "completed" for r in records)
+    assert len(records) == 3 and all(r["status"] == "completed" for r in records)
 
-    again = tiny_driver(tmp_path, n_trials=2)
+    again = tiny_driver(tmp_path, n_trials=3, steps=40)
     again.sweep("tiny_bert", "full", "movie_sentiment")
     assert again.commands == [] and len(trials(tmp_path)) == len(ts)  # nothing left to run
 
@@ -222,13 +207,14 @@ def test_harvest_copies_finished_records_once_and_done_seeds_matches_the_setting
     import json
 
     layout = sweep.Layout(results=tmp_path / "results", work=tmp_path / "work")
+    own = layout.identity["id"]
 
     def write(folder, status, seed, lr, stage="seeds"):
         d = layout.work / folder
         d.mkdir(parents=True)
+        meta = {"stage": stage, "results_id": own} if stage else {}
         rec = {"run_id": folder, "model": "minilm", "method": "full", "task": "movie_score", "seed": seed,
-               "status": status, "config": {"trainer": {"lr": lr, "batch_size": 16},
-                                            "reproduce": {"stage": stage} if stage else {}}}
+               "status": status, "config": {"trainer": {"lr": lr, "batch_size": 16}, "reproduce": meta}}
         (d / "record.json").write_text(json.dumps(rec), encoding="utf-8")
 
     write("a", "completed", 1, 1e-4)
@@ -244,23 +230,29 @@ def test_harvest_copies_finished_records_once_and_done_seeds_matches_the_setting
     assert sweep.done_seeds(records, "seeds", "minilm", "full", "movie_score", 1e-4, 8) == set()
 
 
-def test_stale_trials_are_settled_from_their_run_records(tmp_path):
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_stale_trials_are_settled_from_their_run_records_or_retried_once(tmp_path):
     import optuna
-    from optuna.distributions import CategoricalDistribution, LogUniformDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     storage, name = f"sqlite:///{tmp_path / 'optuna.db'}", "minilm-full-movie_score"
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-    space = {"trainer.lr": LogUniformDistribution(1e-5, 1e-3), "trainer.batch_size": CategoricalDistribution([8, 16])}
-    finished, lost = study.ask(space), study.ask(space)  # both left RUNNING by a killed sweeper
+    space = {"trainer.lr": FloatDistribution(1e-5, 1e-3, log=True),
+             "trainer.batch_size": CategoricalDistribution([8, 16])}
+    finished, lost = study.ask(space), study.ask(space)  # both left RUNNING by a killed worker
     rec = {"_stage": "sweep", "run_id": "r1", "model": "minilm", "method": "full", "task": "movie_score",
            "status": "completed", "objective": 0.7,
            "config": {"trainer": {"lr": finished.params["trainer.lr"], "batch_size": finished.params["trainer.batch_size"]}}}
-    state = sweep.study_state(storage, name, "maximize", mark_stale=True, records=[rec])
-    assert state["finished"] == 1 and state["marked_stale"] == 1 and state["running"] == 0
+    alive = sweep.study_state(storage, name, "maximize", records=[rec])  # heartbeats younger than the grace period
+    assert alive["settled"] == 0 and alive["running"] == 2
+    state = sweep.study_state(storage, name, "maximize", records=[rec], grace=0)
+    assert state["settled"] == 2 and state["running"] == 0 and state["waiting"] == 1
     assert state["best"]["value"] == 0.7 and state["best"]["number"] == finished.number
     trials = {t.number: t for t in optuna.load_study(study_name=name, storage=storage).trials}
-    assert trials[finished.number].user_attrs["recovered_from_record"] == "r1"
-    assert trials[lost.number].state == optuna.trial.TrialState.FAIL and trials[lost.number].user_attrs["interrupted"]
+    assert trials[finished.number].user_attrs["recovered_from_record"]
+    assert trials[lost.number].state == optuna.trial.TrialState.FAIL and trials[lost.number].user_attrs["stale_heartbeat"]
+    retry = trials[max(trials)]  # the lost trial's setting, queued once more
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.params == lost.params
 
 
 def _fake_runs(driver: sweep.Driver, calls: list[tuple[str, str]]) -> None:
@@ -269,7 +261,6 @@ def _fake_runs(driver: sweep.Driver, calls: list[tuple[str, str]]) -> None:
     import json
 
     import optuna
-    from optuna.distributions import CategoricalDistribution, LogUniformDistribution
 
     def run(overrides, what, log_name):
         over = dict(o.split("=", 1) for o in overrides if "=" in o)
@@ -278,13 +269,18 @@ def _fake_runs(driver: sweep.Driver, calls: list[tuple[str, str]]) -> None:
         name = sweep.study_name(model, method, task)
         folder = driver.layout.records / stage / name
         folder.mkdir(parents=True, exist_ok=True)
-        if stage == "sweep":
-            study = optuna.load_study(study_name=name, storage=over["hydra.sweeper.storage"])
-            space = {"trainer.lr": LogUniformDistribution(1e-6, 1e-1),
-                     "trainer.batch_size": CategoricalDistribution([8, 16, 32])}
-            for i in range(int(over["hydra.sweeper.n_trials"])):
+        if stage == "sweep":  # claim the study's queued trials and finish them (the highest lr wins)
+            from sparsegrad.suite import studies
+
+            study = optuna.load_study(study_name=over["hydra.sweeper.study_name"],
+                                      storage=over["hydra.sweeper.storage"])
+            for i, trial_id in enumerate(studies.claim(study, 100)):
                 params = {"trainer.lr": 1e-4 * (i + 1), "trainer.batch_size": 16}
-                study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=0.5 + i / 10))
+                study._storage.set_trial_system_attr(trial_id, "fixed_params", params)
+                trial = optuna.Trial(study, trial_id)
+                trial.suggest_float("trainer.lr", 1e-6, 1e-1, log=True)
+                trial.suggest_categorical("trainer.batch_size", [8, 16, 32])
+                study.tell(trial, 0.5 + i / 10)
             return 0
         for seed in over["seed"].split(","):
             rec = {"run_id": f"{name}-{seed}", "model": model, "method": method, "task": task, "seed": int(seed),
@@ -327,7 +323,7 @@ def test_a_method_added_to_a_finished_profile_runs_only_its_own_studies(tmp_path
     storage = layout.storage()
     for method in ("full", "sparsegrad", "leading_block"):
         for task in ("movie_sentiment", "movie_score"):
-            state = sweep.study_state(storage, sweep.study_name("minilm", method, task), "maximize", mark_stale=False)
+            state = sweep.study_state(storage, sweep.study_name("minilm", method, task), "maximize")
             assert state["total"] == state["finished"] == 2, (method, task, state)
 
     calls.clear()
