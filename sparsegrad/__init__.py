@@ -21,7 +21,8 @@ registered by name in :mod:`~sparsegrad.registry`; ``apply_method``, ``merge``, 
 :class:`sparsegrad.Method` subclass.
 
 Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices),
-:mod:`~sparsegrad.layers` (SparseGradLinear, MePropLinear), :mod:`~sparsegrad.kernels` (top-k,
+:mod:`~sparsegrad.layers` (SparseGradLinear; its autograd in :mod:`~sparsegrad.sparsegrad_autograd`),
+:mod:`~sparsegrad.meprop_layer` (MePropLinear), :mod:`~sparsegrad.kernels` (top-k,
 sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mod:`~sparsegrad.surgery`
 (apply / merge), :mod:`~sparsegrad.accounting` (trainable and updated parameters),
 :mod:`~sparsegrad.integrations` (transformers Trainer, TRL, DistributedDataParallel, accelerate).
@@ -34,7 +35,8 @@ _EXPORTS = {
     "accounting": ("LayerAccount", "MethodAccount", "account"),
     "basis": ("Basis", "GroupBasis", "estimate_basis", "random_basis", "spectrum_concentration"),
     "integrations": ("prepare_trainer",),
-    "layers": ("MePropLinear", "SparseGradLinear"),
+    "layers": ("SparseGradLinear",),
+    "meprop_layer": ("MePropLinear",),
     "optim": ("LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm"),
     "registry": ("LayerBudget", "Method", "get_method", "register_method", "unregister_method"),
     "surgery": ("METHODS", "MethodConfig", "apply_method", "merge"),

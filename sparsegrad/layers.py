@@ -1,4 +1,5 @@
-"""SparseGradLinear and MePropLinear: drop-in replacements for ``nn.Linear`` with sparse weight gradients.
+"""SparseGradLinear and MePropLinear (defined in :mod:`sparsegrad.meprop_layer`, re-exported here):
+drop-in replacements for ``nn.Linear`` with sparse weight gradients.
 
 Conventions (row vectors, as ``nn.Linear``): a layer holds ``W`` (out x in) and computes ``y = x W^T + b``.
 The transition matrices of a layer's group are ``u_in`` (in x in) and ``u_out`` (out x out), orthogonal,
@@ -54,178 +55,41 @@ outside the loss — are dropped before every backward product and the dL/dx row
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .kernels import (
     apply_to_rows,
-    cheapest_rotation_sides,
     column_major_layout,
     count_bits,
-    drop_zero_rows,
     mark_bits,
     new_bitmask,
     resolve_k,
-    scatter_rows,
     topk_coo,
-    topk_rows,
 )
+from .layer_common import (
+    FORMULATIONS,
+    MEPROP_MODES,
+    ORIENTATIONS,
+    STORAGES,
+    TOPK_AT,
+    check_choice,
+    check_data_parallel,
+    check_topk_at,
+    current_master,
+    float32_master,
+    needs_master,
+    plain_linear,
+    save_linear_context,
+)
+from .meprop_layer import MePropLinear
+from .sparsegrad_autograd import SparseGradFunction
 
+# MePropLinear lives in :mod:`sparsegrad.meprop_layer`, the autograd function of SparseGradLinear in
+# :mod:`sparsegrad.sparsegrad_autograd` and the shared helpers in :mod:`sparsegrad.layer_common`; the
+# names below stay importable from here.
 __all__ = ["SparseGradLinear", "MePropLinear", "ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES",
-           "TOPK_AT", "needs_master", "float32_master", "current_master"]  # fmt: skip
-
-ORIENTATIONS = ("hosvd", "official")
-FORMULATIONS = ("auto", "regular")
-STORAGES = ("weight", "rotated")
-MEPROP_MODES = ("weight", "output")
-# When the top-k of a weight gradient is taken: in every backward pass (the paper's; the gradient is
-# sparse COO from the start) or once per optimizer step, from the dense gradient summed over the
-# micro-batches and all-reduced by DistributedDataParallel (the optimizer takes it).
-TOPK_AT = ("backward", "step")
-
-
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-
-def needs_master(dtype: torch.dtype) -> bool:
-    """Whether a trained matrix of this dtype gets a float32 master copy (bf16, fp16)."""
-    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
-
-
-@torch.no_grad()
-def float32_master(tensor: torch.Tensor) -> torch.Tensor | None:
-    """A float32 copy of a bf16/fp16 ``tensor`` to train in place of it; None for other dtypes."""
-    return tensor.detach().to(torch.float32, copy=True) if needs_master(tensor.dtype) else None
-
-
-@torch.no_grad()
-def current_master(module: nn.Module, param_name: str, master_name: str) -> torch.Tensor | None:
-    """The float32 master of ``module.<param_name>`` if the parameter is bf16/fp16, else None; created
-    from the parameter (and the buffer set) when the module was converted with ``.to()`` after it was
-    built, dropped when the parameter is float32 or wider."""
-    param, master = getattr(module, param_name), getattr(module, master_name)
-    if not needs_master(param.dtype):
-        if master is not None:
-            setattr(module, master_name, None)
-        return None
-    if master is None or master.dtype != torch.float32 or master.device != param.device:
-        master = float32_master(param)
-        setattr(module, master_name, master)
-    return master
-
-
-@torch.no_grad()
-def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding copies of ``weight`` (out x in) and ``bias``: what ``to_linear`` returns."""
-    out_f, in_f = weight.shape
-    linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    linear.weight.copy_(weight)
-    if bias is not None:
-        linear.bias.copy_(bias)
-    return linear
-
-
-def check_topk_at(topk_at: str) -> None:
-    if topk_at not in TOPK_AT:
-        raise ValueError(f"unknown topk_at {topk_at!r}; valid: {', '.join(TOPK_AT)}")
-
-
-def check_data_parallel(layer: nn.Module) -> None:
-    """Refuse per-backward top-k when several processes train one model: DistributedDataParallel cannot
-    all-reduce a sparse gradient, and each replica's own top-k would not be the whole batch's."""
-    if layer.topk_at != "backward" or not (layer.training and torch.is_grad_enabled()):
-        return
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(
-            f"{type(layer).__name__} takes the top-k of its weight gradient in every backward pass "
-            f"(topk_at='backward'), but {dist.get_world_size()} processes are training: data parallelism "
-            "(DistributedDataParallel, accelerate) needs topk_at='step', which keeps the gradient dense "
-            "for the all-reduce and takes the top-k of the whole batch's gradient in the optimizer step. "
-            "Apply the method with {'topk_at': 'step', ...} (conf: method.topk_at=step)."
-        )
-
-
-def save_linear_context(ctx, x: torch.Tensor, bias, layer, *saved: torch.Tensor) -> None:
-    """What the backward of a row-wise linear autograd function needs: the layer, whether there is a
-    bias, the input's dtype (dL/dx is returned in it) and the ``saved`` tensors."""
-    ctx.layer = layer
-    ctx.has_bias = bias is not None
-    ctx.x_dtype = x.dtype
-    ctx.save_for_backward(*saved)
-
-
-class _SparseGradFunction(torch.autograd.Function):
-    """Autograd of SparseGradLinear; ``layer`` supplies the basis, budget and formulation."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, w_eff, layer):
-        u_out, r_mat = layer.u_out, layer.right_rotation()
-        if layer.formulation == "regular":
-            x_saved = x @ r_mat  # x~ = x R, saved as the authors do
-            y = F.linear(F.linear(x_saved, weight), u_out, bias)
-        else:
-            x_saved = x
-            y = F.linear(x, w_eff, bias)
-        save_linear_context(ctx, x, bias, layer, x_saved, weight, w_eff)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        layer = ctx.layer
-        x_saved, weight, w_eff = ctx.saved_tensors
-        u_out, r_mat = layer.u_out, layer.right_rotation()
-        n_tokens = grad_y.shape[0]
-        rows, g, xs = drop_zero_rows(grad_y, x_saved, layer.sparse_by_dense, weight.dtype)
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_x = grad_w = grad_b = None
-
-        # topk_at "step" with storage "weight": the parameter is W and its gradient dL/dW, rotated and
-        # sparsified once per optimizer step (select_gradient); no rotation in the backward pass.
-        unrotated = layer.topk_at == "step" and layer.storage == "weight"
-        if layer.formulation == "regular":
-            g_rot = g @ u_out  # dL/dY~ = dL/dY u_out, per token
-            if need_x:
-                grad_x = scatter_rows((g_rot @ weight) @ r_mat.t(), rows, n_tokens)
-            if need_w:
-                grad_dense = g_rot.t() @ xs
-        else:
-            if need_x:
-                grad_x = scatter_rows(g @ w_eff, rows, n_tokens)
-            if need_w:
-                grad_dense = g.t() @ xs if unrotated else _rotated_weight_grad(g, xs, u_out, r_mat)
-        if need_w:
-            if layer.topk_at == "step":
-                grad_w = grad_dense
-            else:
-                grad_w = topk_coo(grad_dense, layer.k, overwrite=True)  # grad_dense is this call's temporary
-                del grad_dense
-                mark_bits(layer.updated_mask, grad_w.indices()[0] * layer.in_features + grad_w.indices()[1])
-            layer.note_gradient()
-        if need_b and ctx.has_bias:
-            grad_b = g.sum(0)
-        if grad_x is not None:
-            grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, grad_w, grad_b, None, None
-
-
-def _rotated_weight_grad(g: torch.Tensor, x: torch.Tensor, u_out: torch.Tensor, r_mat: torch.Tensor):
-    """dL/dW~ = u_out^T (g^T x) R with each rotation on its cheaper side (per token or once)."""
-    n_rows, d_out = g.shape
-    d_in = x.shape[1]
-    per_token_in, per_token_out = cheapest_rotation_sides(n_rows, d_in, d_out)
-    if per_token_in:
-        x = x @ r_mat
-    if per_token_out:
-        g = g @ u_out
-    grad = g.t() @ x
-    if not per_token_out:
-        grad = u_out.t() @ grad
-    if not per_token_in:
-        grad = grad @ r_mat
-    return grad
+           "TOPK_AT", "needs_master", "float32_master", "current_master", "check_topk_at",
+           "check_data_parallel", "plain_linear", "save_linear_context"]  # fmt: skip
 
 
 class SparseGradLinear(nn.Module):
@@ -255,12 +119,12 @@ class SparseGradLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_choice("orientation", orientation, ORIENTATIONS)
-        _check_choice("formulation", formulation, FORMULATIONS)
-        _check_choice("topk_at", topk_at, TOPK_AT)
+        check_choice("orientation", orientation, ORIENTATIONS)
+        check_choice("formulation", formulation, FORMULATIONS)
+        check_choice("topk_at", topk_at, TOPK_AT)
         self.topk_at = topk_at
         storage = storage or ("rotated" if formulation == "regular" else "weight")
-        _check_choice("storage", storage, STORAGES)
+        check_choice("storage", storage, STORAGES)
         if formulation == "regular" and storage == "weight":
             raise ValueError(
                 "formulation='regular' (the paper's 3-product layer) computes with W~ itself; "
@@ -645,7 +509,7 @@ class SparseGradLinear(nn.Module):
             w_eff = self.current_effective_weight() if self.formulation == "auto" else None
             if w_eff is not None and w_eff.dtype != self.weight.dtype:
                 w_eff = w_eff.to(self.weight.dtype)  # the float32 cache of a bf16/fp16 layer
-        return apply_to_rows(_SparseGradFunction, x, self.out_features, self.weight, self.bias, w_eff, self)
+        return apply_to_rows(SparseGradFunction, x, self.out_features, self.weight, self.bias, w_eff, self)
 
     def num_updated(self) -> int:
         """Number of distinct W~ coordinates that have received a gradient entry so far."""
@@ -656,158 +520,4 @@ class SparseGradLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
             f"bias={self.bias is not None}, orientation={self.orientation}, formulation={self.formulation}, "
             f"storage={self.storage}, sparse_by_dense={self.sparse_by_dense}, topk_at={self.topk_at}"
-        )
-
-
-class _MePropFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer):
-        save_linear_context(ctx, x, bias, layer, x, weight)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        layer = ctx.layer
-        x, weight = ctx.saved_tensors
-        n_tokens = grad_y.shape[0]
-        rows, g, xs = drop_zero_rows(grad_y, x, layer.sparse_by_dense, weight.dtype)
-        if layer.mode == "output":  # after the row drop: top-k keeps a non-zero row non-zero
-            g = topk_rows(g, layer.k)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = scatter_rows(g @ weight, rows, n_tokens).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = g.t() @ xs
-            if layer.mode == "weight" and layer.topk_at == "step":
-                pass  # dense until the optimizer step (select_gradient)
-            elif layer.mode == "weight":
-                grad_w = topk_coo(grad_w, layer.k)
-                idx = grad_w.indices()
-                mark_bits(layer.updated_mask, idx[0] * layer.in_features + idx[1])
-                if layer.dense_weight_grad:  # the same top-k entries, as a dense tensor for AdamW
-                    grad_w = grad_w.to_dense()
-            else:
-                mark_bits(layer.updated_mask, grad_w.reshape(-1).ne(0).nonzero().squeeze(1))
-        if ctx.needs_input_grad[2] and ctx.has_bias:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None
-
-
-class MePropLinear(nn.Module):
-    """A Linear layer with a top-k sparsified backward pass in the original space (no basis change).
-
-    ``mode="weight"`` (the SparseGrad paper's MeProp baseline): the weight gradient is the top-``k``
-    entries of dL/dW by magnitude, as sparse COO (``k``: count or fraction of in*out); dL/dx and the
-    bias gradient are exact.
-
-    ``mode="output"`` (meProp of Sun et al., 2017): each row of dL/dY keeps its top-``k`` entries
-    (``k``: count or fraction of out per row); dL/dx, the dense dL/dW and the bias gradient are all
-    computed from that sparsified dL/dY.
-
-    ``topk_at`` (mode "weight"): "backward" (top-k of each backward pass's dL/dW) or "step" (dL/dW kept
-    dense until the optimizer step, which takes the top-k of the summed gradient; see
-    :data:`TOPK_AT`).
-
-    ``dense_weight_grad=True`` (mode "weight"): the same top-k gradient as a dense tensor (zeros
-    elsewhere), for a dense optimizer — the authors' MeProp baseline ran under dense AdamW, whose
-    momentum keeps moving weights outside each step's top-k. The default sparse COO gradient goes to
-    the lazy sparse Adam (only the top-k coordinates move).
-
-    In a bf16/fp16 layer ``weight_master`` is a float32 master copy of W (see :class:`SparseGradLinear`).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        k: int | float,
-        mode: str = "weight",
-        bias: bool = True,
-        *,
-        sparse_by_dense: bool = True,
-        topk_at: str = "backward",
-        dense_weight_grad: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        _check_choice("meprop mode", mode, MEPROP_MODES)
-        _check_choice("topk_at", topk_at, TOPK_AT)
-        if mode == "output" and topk_at == "step":
-            raise ValueError(
-                "meprop mode 'output' sparsifies dL/dY in every backward pass (its weight gradient is dense); "
-                "topk_at='step' applies to mode 'weight'"
-            )
-        if dense_weight_grad and topk_at == "step":
-            raise ValueError(
-                "dense_weight_grad (meprop_optimizer='adamw': the top-k of each backward pass as a dense "
-                "tensor under AdamW) and topk_at='step' (the top-k taken by the lazy sparse Adam's step) "
-                "exclude each other; use meprop_optimizer='lazy_adam' with topk_at='step'"
-            )
-        self.topk_at = topk_at
-        self.dense_weight_grad = dense_weight_grad
-        factory = {"device": device, "dtype": dtype}
-        self.in_features = in_features
-        self.out_features = out_features
-        self.mode = mode
-        self.k = resolve_k(k, in_features * out_features if mode == "weight" else out_features)
-        self.sparse_by_dense = sparse_by_dense
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        self.register_buffer("updated_mask", new_bitmask(out_features * in_features, device))
-        nn.init.normal_(self.weight, std=0.02)
-        self.register_buffer("weight_master", float32_master(self.weight))
-
-    @property
-    def sparse_weight_grad(self) -> bool:
-        """Whether the weight gradient is a sparse COO tensor (needs a sparse-capable optimizer)."""
-        return self.mode == "weight" and not self.dense_weight_grad
-
-    def master_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``[(weight, weight_master)]`` in a bf16/fp16 layer, else ``[]``."""
-        master = current_master(self, "weight", "weight_master")
-        return [] if master is None else [(self.weight, master)]
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, k: int | float, mode: str = "weight", **options) -> MePropLinear:
-        w = linear.weight
-        layer = cls(
-            w.shape[1], w.shape[0], k, mode, bias=linear.bias is not None, device=w.device, dtype=w.dtype,
-            **options,
-        )  # fmt: skip
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if layer.weight_master is not None:
-                layer.weight_master.copy_(w)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.weight.requires_grad_(w.requires_grad)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
-        return layer
-
-    def to_linear(self) -> nn.Linear:
-        return plain_linear(self.weight, self.bias)  # the parameter is the master rounded
-
-    @torch.no_grad()
-    def select_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """``topk_at="step"``: the top-k (COO) of the dense dL/dW summed over the step's backward passes."""
-        selected = topk_coo(grad, self.k)
-        idx = selected.indices()
-        mark_bits(self.updated_mask, idx[0] * self.in_features + idx[1])
-        return selected
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "weight":
-            check_data_parallel(self)
-        return apply_to_rows(_MePropFunction, x, self.out_features, self.weight, self.bias, self)
-
-    def num_updated(self) -> int:
-        return count_bits(self.updated_mask)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
-            f"mode={self.mode}, bias={self.bias is not None}, topk_at={self.topk_at}, "
-            f"dense_weight_grad={self.dense_weight_grad}"
         )

@@ -1,0 +1,98 @@
+"""What the sparse-gradient linear layers share: the option choices, float32 master copies of bf16/fp16
+trained matrices, the plain ``nn.Linear`` a layer merges into, the data-parallel check of per-backward
+top-k and the context a row-wise linear autograd function saves.
+
+Used by :mod:`sparsegrad.layers` (SparseGradLinear), :mod:`sparsegrad.meprop_layer` (MePropLinear) and
+:mod:`sparsegrad.fixed_support` (LeadingBlockLinear); imports nothing of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES", "TOPK_AT", "needs_master",
+           "float32_master", "current_master", "plain_linear", "check_topk_at", "check_data_parallel",
+           "save_linear_context", "check_choice"]  # fmt: skip
+
+ORIENTATIONS = ("hosvd", "official")
+FORMULATIONS = ("auto", "regular")
+STORAGES = ("weight", "rotated")
+MEPROP_MODES = ("weight", "output")
+# When the top-k of a weight gradient is taken: in every backward pass (the paper's; the gradient is
+# sparse COO from the start) or once per optimizer step, from the dense gradient summed over the
+# micro-batches and all-reduced by DistributedDataParallel (the optimizer takes it).
+TOPK_AT = ("backward", "step")
+
+
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def needs_master(dtype: torch.dtype) -> bool:
+    """Whether a trained matrix of this dtype gets a float32 master copy (bf16, fp16)."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+@torch.no_grad()
+def float32_master(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A float32 copy of a bf16/fp16 ``tensor`` to train in place of it; None for other dtypes."""
+    return tensor.detach().to(torch.float32, copy=True) if needs_master(tensor.dtype) else None
+
+
+@torch.no_grad()
+def current_master(module: nn.Module, param_name: str, master_name: str) -> torch.Tensor | None:
+    """The float32 master of ``module.<param_name>`` if the parameter is bf16/fp16, else None; created
+    from the parameter (and the buffer set) when the module was converted with ``.to()`` after it was
+    built, dropped when the parameter is float32 or wider."""
+    param, master = getattr(module, param_name), getattr(module, master_name)
+    if not needs_master(param.dtype):
+        if master is not None:
+            setattr(module, master_name, None)
+        return None
+    if master is None or master.dtype != torch.float32 or master.device != param.device:
+        master = float32_master(param)
+        setattr(module, master_name, master)
+    return master
+
+
+@torch.no_grad()
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (out x in) and ``bias``: what ``to_linear`` returns."""
+    out_f, in_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
+
+
+def check_topk_at(topk_at: str) -> None:
+    if topk_at not in TOPK_AT:
+        raise ValueError(f"unknown topk_at {topk_at!r}; valid: {', '.join(TOPK_AT)}")
+
+
+def check_data_parallel(layer: nn.Module) -> None:
+    """Refuse per-backward top-k when several processes train one model: DistributedDataParallel cannot
+    all-reduce a sparse gradient, and each replica's own top-k would not be the whole batch's."""
+    if layer.topk_at != "backward" or not (layer.training and torch.is_grad_enabled()):
+        return
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"{type(layer).__name__} takes the top-k of its weight gradient in every backward pass "
+            f"(topk_at='backward'), but {dist.get_world_size()} processes are training: data parallelism "
+            "(DistributedDataParallel, accelerate) needs topk_at='step', which keeps the gradient dense "
+            "for the all-reduce and takes the top-k of the whole batch's gradient in the optimizer step. "
+            "Apply the method with {'topk_at': 'step', ...} (conf: method.topk_at=step)."
+        )
+
+
+def save_linear_context(ctx, x: torch.Tensor, bias, layer, *saved: torch.Tensor) -> None:
+    """What the backward of a row-wise linear autograd function needs: the layer, whether there is a
+    bias, the input's dtype (dL/dx is returned in it) and the ``saved`` tensors."""
+    ctx.layer = layer
+    ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(*saved)
