@@ -20,12 +20,14 @@ registered by name in :mod:`~sparsegrad.registry`; ``apply_method``, ``merge``, 
 ``account`` look it up there. Add one with ``@sparsegrad.register_method`` on a
 :class:`sparsegrad.Method` subclass.
 
-Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices),
-:mod:`~sparsegrad.layers` (SparseGradLinear; its autograd in :mod:`~sparsegrad.sparsegrad_autograd`),
-:mod:`~sparsegrad.meprop_layer` (MePropLinear), :mod:`~sparsegrad.kernels` (top-k,
-sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.optim` (optimizer), :mod:`~sparsegrad.surgery`
-(apply / merge), :mod:`~sparsegrad.accounting` (trainable and updated parameters),
-:mod:`~sparsegrad.integrations` (transformers Trainer, TRL, DistributedDataParallel, accelerate).
+Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices;
+the Gram accumulation in :mod:`~sparsegrad.gram`), :mod:`~sparsegrad.layers` (SparseGradLinear; its
+autograd in :mod:`~sparsegrad.sparsegrad_autograd`, shared helpers in :mod:`~sparsegrad.layer_common`),
+:mod:`~sparsegrad.meprop_layer` (MePropLinear), :mod:`~sparsegrad.kernels` (top-k, sparse-by-dense,
+multiply-add counts), :mod:`~sparsegrad.optim` (optimizer; the lazy sparse Adam in
+:mod:`~sparsegrad.lazy_adam`), :mod:`~sparsegrad.surgery` (apply / merge), :mod:`~sparsegrad.accounting`
+(trainable and updated parameters), :mod:`~sparsegrad.integrations` (transformers Trainer, TRL,
+DistributedDataParallel, accelerate).
 """
 
 # The names below load on first use (PEP 562): ``import sparsegrad.suite.settings``, a config check that
@@ -37,7 +39,8 @@ _EXPORTS = {
     "integrations": ("prepare_trainer",),
     "layers": ("SparseGradLinear",),
     "meprop_layer": ("MePropLinear",),
-    "optim": ("LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm"),
+    "lazy_adam": ("LazySparseAdam",),
+    "optim": ("SparseGradOptimizer", "build_optimizer", "clip_grad_norm"),
     "registry": ("LayerBudget", "Method", "get_method", "register_method", "unregister_method"),
     "surgery": ("METHODS", "MethodConfig", "apply_method", "merge"),
     "targets": ("DEFAULT_PATTERNS", "Target", "find_targets"),
