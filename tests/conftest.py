@@ -11,9 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def asset():
-    """Path of an offline asset; a missing asset fails the test with the command that fetches it."""
+    """Path of an offline asset; a missing asset fails the test with the command that fetches it.
+    Session-scoped (it holds no state) so that module-scoped fixtures can use it too."""
     from sparsegrad.suite.assets import AssetMissingError, asset_path
 
     def get(name):

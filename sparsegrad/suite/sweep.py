@@ -291,16 +291,21 @@ class Driver:
             if not todo:
                 self.say(f"seeds {name}: all {len(self.profile.seeds)} seed runs done (lr {lr:.3g}, batch {bs})")
                 return True
-            over = [*self.base_overrides(model, method, task, "seeds"), f"trainer.lr={lr!r}",
-                    f"trainer.batch_size={bs}", f"seed={','.join(str(s) for s in todo)}",
-                    f"hydra.sweep.dir={self.layout.work / 'seeds' / name / _stamp()}",
-                    *self.launcher_overrides(sweep=False)]
+            over = self.setting_overrides(model, method, task, "seeds", name, lr, bs,
+                                          f"seed={','.join(str(s) for s in todo)}")  # fmt: skip
             self.say(f"seeds {name}: seeds {todo} at lr {lr:.3g}, batch {bs}")
             self.run(over, f"seeds {name}", f"seeds-{name}")
             return True
         finally:
             if claim is not None:
                 claim.release()
+
+    def setting_overrides(self, model: str, method: str, task: str, stage: str, name: str, lr: float, bs: int,
+                          *extra: str) -> list[str]:  # fmt: skip
+        """The overrides of a multirun at one fixed setting (lr, batch size): seed or kept-fraction runs."""
+        return [*self.base_overrides(model, method, task, stage), f"trainer.lr={lr!r}", f"trainer.batch_size={bs}",
+                *extra, f"hydra.sweep.dir={self.layout.work / stage / name / _stamp()}",
+                *self.launcher_overrides(sweep=False)]  # fmt: skip
 
     def kept_one(self, model: str, task: str, setting: dict) -> bool:
         """The kept-fraction runs of one (model, task); False when another driver holds them."""
@@ -323,11 +328,9 @@ class Driver:
             for k in sorted({k for k, _ in todo}):
                 by_seeds.setdefault(tuple(s for kk, s in todo if kk == k), []).append(k)
             for seeds, ks in by_seeds.items():  # one multirun per seed set: k x seeds
-                over = [*self.base_overrides(model, "sparsegrad", task, "kept"), f"trainer.lr={lr!r}",
-                        f"trainer.batch_size={bs}", f"method.k={','.join(map(str, ks))}",
-                        f"seed={','.join(map(str, seeds))}",
-                        f"hydra.sweep.dir={self.layout.work / 'kept' / name / _stamp()}",
-                        *self.launcher_overrides(sweep=False)]
+                over = self.setting_overrides(model, "sparsegrad", task, "kept", name, lr, bs,
+                                              f"method.k={','.join(map(str, ks))}",
+                                              f"seed={','.join(map(str, seeds))}")  # fmt: skip
                 shares = ", ".join(f"{100 * float(k):.2g}%" for k in ks)
                 self.say(f"kept fraction {name}: k = {', '.join(map(str, ks))} ({shares} kept), seeds {list(seeds)}")
                 self.run(over, f"kept {name}", f"kept-{name}")

@@ -37,19 +37,6 @@ def chat(asset):
     return path, tokenizer, dataset, basis_batches
 
 
-@pytest.fixture(scope="module")
-def asset():
-    from sparsegrad.suite.assets import AssetMissingError, asset_path
-
-    def get(name):
-        try:
-            return asset_path(name)
-        except AssetMissingError as exc:
-            pytest.fail(str(exc))
-
-    return get
-
-
 def sft(chat, method, out, max_grad_norm, max_steps=3, resume=None):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
