@@ -50,6 +50,10 @@ with autocast off.
 
 With ``sparse_by_dense=True`` (paper §3.3) the rows of dL/dY that are entirely zero — padding, tokens
 outside the loss — are dropped before every backward product and the dL/dx rows are scattered back.
+
+The file is a little over 500 lines because SparseGradLinear is one class (two storages, two
+formulations, master copies, applying rotated steps); its autograd function and the helpers it shares
+with the other layers are in :mod:`sparsegrad.sparsegrad_autograd` and :mod:`sparsegrad.layer_common`.
 """
 
 from __future__ import annotations

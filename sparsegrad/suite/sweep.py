@@ -23,6 +23,9 @@ to ``results/<profile>/records/<stage>/<study>/<run_id>.json``; the Hydra run fo
 ``outputs/reproduce/<profile>/``, one folder per run. ``--fresh`` ignores every earlier record and
 study: it runs everything again into ``results/local/<profile>`` (an earlier one there is moved aside).
 Nothing here raises to the user: failures print one line and a non-zero exit code.
+
+Longer than 500 lines because :class:`Driver` is one job, the stages above with the claims, subprocesses
+and messages they share; the study state, grid and progress helpers are in their own modules already.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def _shown(objective: float | None, higher: bool) -> str:
 
 def history_table(records: list[dict]):
     """Table ``sweep_history``: per (model, method, task), every sweep trial and the best so far."""
-    from sparsegrad.suite.tables import Table, fmt_lr
+    from sparsegrad.suite.table_format import Table, fmt_lr
 
     studies: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in records:
