@@ -15,30 +15,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from sparsegrad.suite.plotting import pyplot as _plt
+from sparsegrad.suite.plotting import save_figure as _save
 from sparsegrad.suite.tables import METHOD_LABEL, METHOD_ORDER, final_runs, mean_std, score_of
 
 SPACE_LABEL = {"original": "original space", "hosvd": "SparseGrad (HOSVD basis)",
                "official": "authors' orientation", "random": "random orthogonal basis"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{stem}.{ext}"
-        fig.savefig(path, dpi=130, bbox_inches="tight", metadata={"CreationDate": None} if ext == "pdf" else None)
-        paths.append(path)
-    _plt().close(fig)
-    return paths
 
 
 def figure2(analysis: dict, out_dir: Path) -> list[Path]:

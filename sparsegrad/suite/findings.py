@@ -120,7 +120,7 @@ def _steps_per_s(record: dict) -> float | None:
 
 def seed_runs(records: list[dict]) -> dict[tuple[str, str, str], dict[int, dict]]:
     """(model, method, task) -> {seed: record} of the final seed re-runs (one setting per cell)."""
-    from sparsegrad.suite.tables import final_runs
+    from sparsegrad.suite.table_inputs import final_runs
 
     out: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
     for r in final_runs(records):

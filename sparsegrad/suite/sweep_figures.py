@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from sparsegrad.suite.plotting import pyplot, save_figure
+
 
 def _trials(records: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
     out: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
@@ -36,11 +38,9 @@ def _value(r: dict) -> float | None:
 
 
 def _grid(n: int):
-    from sparsegrad.suite.figures import _plt
-
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = _plt().subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, layout="constrained")
+    fig, axes = pyplot().subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
@@ -48,8 +48,6 @@ def _grid(n: int):
 
 def _per_study(records: list[dict], out_dir: Path, draw, xlabel: str, title: str, name: str) -> list[Path]:
     """One panel per study: ``draw(ax, trial_records, higher_is_better)`` fills it, the frame is shared."""
-    from sparsegrad.suite.figures import _save
-
     studies = _trials(records)
     if not studies:
         return []
@@ -62,7 +60,7 @@ def _per_study(records: list[dict], out_dir: Path, draw, xlabel: str, title: str
         ax.set_ylabel("objective" + (" (x100)" if higher else ""))
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def _draw_history(ax, rs: list[dict], higher: bool) -> None:
