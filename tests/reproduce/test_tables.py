@@ -193,7 +193,7 @@ COMMITTED = sorted(p.parent.name for p in (Path(__file__).resolve().parents[2] /
 
 
 def test_committed_profiles_are_found():
-    assert {"default", "smoke"} <= set(COMMITTED)
+    assert {"default_40steps", "smoke"} <= set(COMMITTED)
 
 
 @pytest.mark.parametrize("profile", COMMITTED)
