@@ -30,6 +30,7 @@ and messages they share; the study state, grid and progress helpers are in their
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import secrets
@@ -271,6 +272,17 @@ class Driver:
             fixed["lr"] = self.opt.lr
         return {"lr": float(fixed["lr"]), "batch_size": int(fixed["batch_size"])}
 
+    @contextlib.contextmanager
+    def held(self, key: str):
+        """Hold the claim on ``key`` for the block; yields False when another driver holds it (a dry run
+        claims nothing and yields True)."""
+        claim = None if self.opt.dry_run else self.claim(key)
+        try:
+            yield claim is not None or self.opt.dry_run
+        finally:
+            if claim is not None:
+                claim.release()
+
     def claim(self, key: str) -> Claim | None:
         """A claim on a unit of work shared with other drivers of this results folder, or None if held."""
         if self.opt.dry_run:
@@ -285,10 +297,9 @@ class Driver:
         """Run the missing seeds of the best setting; False when another driver holds them."""
         name = study_name(model, method, task)
         lr, bs = setting["lr"], setting["batch_size"]
-        claim = None if self.opt.dry_run else self.claim(f"seeds-{name}")
-        if claim is None and not self.opt.dry_run:
-            return False
-        try:
+        with self.held(f"seeds-{name}") as ours:
+            if not ours:
+                return False
             records = [] if self.opt.dry_run else self.harvest()
             todo = [s for s in self.profile.seeds if s not in done_seeds(records, "seeds", model, method, task, lr, bs)]
             if not todo:
@@ -299,9 +310,6 @@ class Driver:
             self.say(f"seeds {name}: seeds {todo} at lr {lr:.3g}, batch {bs}")
             self.run(over, f"seeds {name}", f"seeds-{name}")
             return True
-        finally:
-            if claim is not None:
-                claim.release()
 
     def setting_overrides(self, model: str, method: str, task: str, stage: str, name: str, lr: float, bs: int,
                           *extra: str) -> list[str]:  # fmt: skip
@@ -315,10 +323,9 @@ class Driver:
         kf = self.profile.kept_fraction or {}
         lr, bs = setting["lr"], setting["batch_size"]
         name = study_name(model, "sparsegrad", task)
-        claim = None if self.opt.dry_run else self.claim(f"kept-{name}")
-        if claim is None and not self.opt.dry_run:
-            return False
-        try:
+        with self.held(f"kept-{name}") as ours:
+            if not ours:
+                return False
             records = [] if self.opt.dry_run else self.harvest()
             todo = []
             for k in kf["k"]:
@@ -338,9 +345,6 @@ class Driver:
                 self.say(f"kept fraction {name}: k = {', '.join(map(str, ks))} ({shares} kept), seeds {list(seeds)}")
                 self.run(over, f"kept {name}", f"kept-{name}")
             return True
-        finally:
-            if claim is not None:
-                claim.release()
 
     def analysis(self) -> bool:
         """The sparsity analysis (Figures 2-3); False when another driver runs it."""
@@ -351,14 +355,10 @@ class Driver:
         if out.exists():
             self.say(f"sparsity analysis: {out.relative_to(self.layout.results.parent)} exists")
             return True
-        claim = None if self.opt.dry_run else self.claim("sparsity-analysis")
-        if claim is None and not self.opt.dry_run:
-            return False
-        try:
+        with self.held("sparsity-analysis") as ours:
+            if not ours:
+                return False
             self._analysis(args, out)
-        finally:
-            if claim is not None:
-                claim.release()
         return True
 
     def _analysis(self, args: list, out: Path) -> None:
