@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import apply_to_rows, drop_zero_rows, resolve_k, scatter_rows, topk_coo
+from .layer_common import copy_weight_and_bias
 from .layers import (
     ORIENTATIONS,
     TOPK_AT,
@@ -232,14 +233,8 @@ class LeadingBlockLinear(nn.Module):
             r_mat = u_in if orientation == "hosvd" else u_in.t()
             layer.u_in.copy_(r_mat[:, :cols])
             layer.u_out.copy_(u_out[:, :rows])
-            layer.weight.copy_(w)
-            if layer.weight_master is not None:
-                layer.weight_master.copy_(w)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        copy_weight_and_bias(layer, linear)
         layer.block.requires_grad_(w.requires_grad)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
         layer._applied_version = layer.block._version
         return layer
 

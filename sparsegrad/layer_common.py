@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = ["ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES", "TOPK_AT", "needs_master",
            "float32_master", "current_master", "plain_linear", "check_topk_at", "check_data_parallel",
-           "save_linear_context", "check_choice"]  # fmt: skip
+           "save_linear_context", "check_choice", "copy_weight_and_bias"]  # fmt: skip
 
 ORIENTATIONS = ("hosvd", "official")
 FORMULATIONS = ("auto", "regular")
@@ -55,6 +55,18 @@ def current_master(module: nn.Module, param_name: str, master_name: str) -> torc
         master = float32_master(param)
         setattr(module, master_name, master)
     return master
+
+
+@torch.no_grad()
+def copy_weight_and_bias(layer: nn.Module, linear: nn.Linear) -> None:
+    """Copy ``linear``'s weight (and its float32 master, where the layer keeps one) and bias into a new
+    layer whose ``weight`` holds W; the bias keeps ``linear``'s ``requires_grad``."""
+    layer.weight.copy_(linear.weight)
+    if getattr(layer, "weight_master", None) is not None:
+        layer.weight_master.copy_(linear.weight)
+    if linear.bias is not None:
+        layer.bias.copy_(linear.bias)
+        layer.bias.requires_grad_(linear.bias.requires_grad)
 
 
 @torch.no_grad()

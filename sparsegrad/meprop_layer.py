@@ -28,6 +28,7 @@ from .layer_common import (
     TOPK_AT,
     check_choice,
     check_data_parallel,
+    copy_weight_and_bias,
     current_master,
     float32_master,
     plain_linear,
@@ -153,15 +154,8 @@ class MePropLinear(nn.Module):
             w.shape[1], w.shape[0], k, mode, bias=linear.bias is not None, device=w.device, dtype=w.dtype,
             **options,
         )  # fmt: skip
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if layer.weight_master is not None:
-                layer.weight_master.copy_(w)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        copy_weight_and_bias(layer, linear)
         layer.weight.requires_grad_(w.requires_grad)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
     def to_linear(self) -> nn.Linear:
