@@ -9,7 +9,19 @@ import platform
 import time
 from pathlib import Path
 
-from benchmarks.layer import METHODS
+# Every method the layer benchmark times, with the label its report prints.
+METHODS = {
+    "dense": "nn.Linear pair + AdamW (full fine-tuning of the pair)",
+    "lora": "peft LoRA r=7 on both linears (biases train), AdamW",
+    "meprop_weight": "MeProp, top-k of dL/dW (paper's baseline), lazy sparse Adam",
+    "meprop_output": "meProp (Sun et al.), top-k per row of dL/dY, AdamW",
+    "sparsegrad_regular": "SparseGrad, paper's 3-product formulation, no row dropping",
+    "sparsegrad_regular_sd": "SparseGrad, 3-product + sparse-by-dense (paper's SD)",
+    "sparsegrad_auto_nosd": "SparseGrad, 'auto' formulation (only W stored, steps applied as u_out dW~ R^T), no row dropping",
+    "sparsegrad_auto_rotated": "SparseGrad, 'auto' formulation with storage 'rotated' (W~ + cached W_eff) + sparse-by-dense",
+    "sparsegrad_auto": "SparseGrad, 'auto' formulation (only W stored) + sparse-by-dense (ours, default)",
+    "sparsegrad_auto_compact": "same, with compact optimizer state (moments only for touched coordinates)",
+}
 
 
 def _macs(args, n_rows: int) -> dict[str, int]:

@@ -58,13 +58,14 @@ def best(records: list[dict]) -> dict | None:
 
 def run_grid(driver, model: str, method: str, task: str) -> dict | None:
     """Run the grid's missing values for one study through ``driver`` (a sweep.Driver); the best setting."""
-    from sparsegrad.suite.sweep import load_records, study_name
+    from sparsegrad.suite.profiles import study_name
+    from sparsegrad.suite.runrecords import load_records
 
     sweep = driver.profile.sweep or {}
     lrs = grid_values(sweep, model, method)
     bs = int(sweep.get("batch_size", 16))
     name = study_name(model, method, task)
-    have = grid_records(load_records(driver.layout.records), model, method, task, lrs, bs)
+    have = grid_records(load_records(driver.layout.records).records, model, method, task, lrs, bs)
     todo = [v for v in lrs if not any(_same(float(r["config"]["trainer"]["lr"]), v) for r in have)]
     if todo:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -77,7 +78,7 @@ def run_grid(driver, model: str, method: str, task: str) -> dict | None:
         driver.say(f"grid {name}: all {len(lrs)} learning rates done")
     if driver.opt.dry_run:
         return {"lr": float("nan"), "batch_size": bs}
-    chosen = best(grid_records(load_records(driver.layout.records), model, method, task, lrs, bs))
+    chosen = best(grid_records(load_records(driver.layout.records).records, model, method, task, lrs, bs))
     if chosen is None:
         driver.failures.append(f"grid {name}: no completed run")
         return None
