@@ -11,8 +11,8 @@ the optimum there, and should be extended on that side.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
+import time
 from collections.abc import Mapping
 
 
@@ -58,24 +58,30 @@ def best(records: list[dict]) -> dict | None:
 
 def run_grid(driver, model: str, method: str, task: str) -> dict | None:
     """Run the grid's missing values for one study through ``driver`` (a sweep.Driver); the best setting."""
-    from sparsegrad.suite.profiles import study_name
-    from sparsegrad.suite.runrecords import load_records
+    from sparsegrad.suite.profiles import POLL_SECONDS, study_name
+    from sparsegrad.suite.runrecords import load_records, run_folder_stamp
 
     sweep = driver.profile.sweep or {}
     lrs = grid_values(sweep, model, method)
     bs = int(sweep.get("batch_size", 16))
     name = study_name(model, method, task)
-    have = grid_records(load_records(driver.layout.records).records, model, method, task, lrs, bs)
-    todo = [v for v in lrs if not any(_same(float(r["config"]["trainer"]["lr"]), v) for r in have)]
-    if todo:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        over = [*driver.base_overrides(model, method, task, "sweep"), f"trainer.lr={','.join(repr(v) for v in todo)}",
-                f"trainer.batch_size={bs}", f"hydra.sweep.dir={driver.layout.work / 'sweep' / name / stamp}",
-                *driver.launcher_overrides(sweep=False)]
-        driver.say(f"grid {name}: lr {', '.join(f'{v:.2g}' for v in todo)} to run (of {len(lrs)}; batch {bs})")
-        driver.run(over, f"grid {name}", f"sweep-{name}")
-    else:
-        driver.say(f"grid {name}: all {len(lrs)} learning rates done")
+    while True:  # the missing values run under a claim, as seed runs do: two drivers never run one twice
+        with driver.held(f"grid-{name}") as ours:
+            if ours:
+                records = load_records(driver.layout.records).records if driver.opt.dry_run else driver.harvest()
+                have = grid_records(records, model, method, task, lrs, bs)
+                todo = [v for v in lrs if not any(_same(float(r["config"]["trainer"]["lr"]), v) for r in have)]
+                if todo:
+                    over = [*driver.base_overrides(model, method, task, "sweep"),
+                            f"trainer.lr={','.join(repr(v) for v in todo)}", f"trainer.batch_size={bs}",
+                            f"hydra.sweep.dir={driver.layout.work / 'sweep' / name / run_folder_stamp()}",
+                            *driver.launcher_overrides(sweep=False)]  # fmt: skip
+                    driver.say(f"grid {name}: lr {', '.join(f'{v:.2g}' for v in todo)} to run (of {len(lrs)}; batch {bs})")
+                    driver.run(over, f"grid {name}", f"sweep-{name}")
+                else:
+                    driver.say(f"grid {name}: all {len(lrs)} learning rates done")
+                break
+        time.sleep(POLL_SECONDS)  # another driver runs them: its records come in through the harvest
     if driver.opt.dry_run:
         return {"lr": float("nan"), "batch_size": bs}
     chosen = best(grid_records(load_records(driver.layout.records).records, model, method, task, lrs, bs))

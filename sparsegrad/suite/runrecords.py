@@ -206,6 +206,11 @@ def best_sweep_records(records: list[dict]) -> dict[tuple[str, str, str], dict]:
     return out
 
 
+def run_folder_stamp() -> str:
+    """A run folder name no other worker uses: time, host, process and a random tag (threads)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
 # -------------------------------------------------------------------------------------------- claims
 class Claim:
     """An exclusive claim on a unit of work, shared through a folder: ``with Claim(dir, key) as got:``."""

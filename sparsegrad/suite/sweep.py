@@ -31,11 +31,7 @@ and messages they share; the study state, grid and progress helpers are in their
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,6 +50,7 @@ from sparsegrad.suite.runrecords import STAGES, Claim, best_sweep_records, descr
 from sparsegrad.suite.runrecords import done_seeds, finished_sweep_record, runs_to_do, same_lr, setting  # noqa: F401
 from sparsegrad.suite.runrecords import harvest as _harvest
 from sparsegrad.suite.runrecords import load_records as _load_records
+from sparsegrad.suite.runrecords import run_folder_stamp
 from sparsegrad.suite.errors import signal_message
 
 
@@ -129,11 +126,6 @@ class Options:
     quiet: bool = False
     fresh: bool = False  # ignore every earlier record and study: run again into results/local/<profile>
     results: str | None = None  # another results root (results/local resumes a fresh start)
-
-
-def _stamp() -> str:
-    """A run folder name no other worker uses: time, host, process and a random tag (threads)."""
-    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 class Driver:
@@ -237,7 +229,7 @@ class Driver:
                     f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={oname}",
                     f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.direction={direction}",
                     f"hydra.sweeper.sampler.seed={int(sweep.get('seed', 34))}",
-                    f"hydra.sweep.dir={self.layout.work / 'sweep' / name / _stamp()}",
+                    f"hydra.sweep.dir={self.layout.work / 'sweep' / name / run_folder_stamp()}",
                     *self.launcher_overrides(sweep=True)]
             left = n_trials if state is None else state["waiting"] + state["running"]
             self.say(f"sweep {name}: {left} of {n_trials} trial(s) to run (shared by every worker on this study)")
@@ -315,7 +307,7 @@ class Driver:
                           *extra: str) -> list[str]:  # fmt: skip
         """The overrides of a multirun at one fixed setting (lr, batch size): seed or kept-fraction runs."""
         return [*self.base_overrides(model, method, task, stage), f"trainer.lr={lr!r}", f"trainer.batch_size={bs}",
-                *extra, f"hydra.sweep.dir={self.layout.work / stage / name / _stamp()}",
+                *extra, f"hydra.sweep.dir={self.layout.work / stage / name / run_folder_stamp()}",
                 *self.launcher_overrides(sweep=False)]  # fmt: skip
 
     def kept_one(self, model: str, task: str, setting: dict) -> bool:
