@@ -9,16 +9,20 @@ resumed profile plans only the rest) and estimates how long they take from measu
 per (model, method), taken from this profile's own run records where it has some (their median
 ``steps_per_second``, ``optimizer_steps`` and the rest of ``wall_seconds`` as overhead), else from the
 profile's ``plan`` section (numbers measured on 2 CPU cores, one thread per run; keyed by method, with
-an optional ``default``). Runs launched ``jobs`` at a time divide the sum by ``jobs``.
+an optional ``default``). Runs launched ``jobs`` at a time divide the sum by ``jobs`` where the speed was
+measured in this profile's records (their wall times already include the sharing of the cores), and by
+``min(jobs, cores / threads per run)`` where it comes from the plan section (the speed of a run alone):
+three one-thread runs at a time on 2 cores go no faster than two.
 
 :class:`RunProgress` shows one tqdm bar over the planned runs. The driver's runs are Hydra subprocesses,
 so the bar polls the work folder for new ``record.json`` files while the driver waits on each
-subprocess (:meth:`RunProgress.wait`). Its ETA is the plan's until the first run finishes, then the
-measured pace (elapsed / runs done) times the runs left.
+subprocess (:meth:`RunProgress.wait`). Its ETA is the plan's (less the time elapsed) until a first
+batch of ``jobs`` runs has finished, then the measured pace (elapsed / runs done) times the runs left.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +46,7 @@ class PlannedStudy:
     kept: int = 0  # kept-fraction runs to run
     seconds_per_run: float = 0.0
     source: str = ""  # where the estimate comes from
+    measured: bool = False  # the estimate comes from this profile's records (wall times under sharing)
 
     @property
     def runs(self) -> int:
@@ -55,21 +60,27 @@ class Plan:
     jobs: int = 1
     done: int = 0  # runs already in the records (reused)
     notes: list[str] = field(default_factory=list)
+    slots: int | None = None  # runs the cores can carry at once (cores / threads per run); None: jobs
 
     @property
     def runs(self) -> int:
         return sum(s.runs for s in self.studies)
 
     @property
+    def parallel(self) -> int:
+        return max(1, min(self.jobs, self.slots or self.jobs))
+
+    @property
     def seconds(self) -> float:
-        return sum(s.runs * s.seconds_per_run for s in self.studies) / max(1, self.jobs)
+        return sum(s.runs * s.seconds_per_run / max(1, self.jobs if s.measured else self.parallel)
+                   for s in self.studies)
 
     def describe(self) -> str:
         by_stage = (sum(s.sweep for s in self.studies), sum(s.seeds for s in self.studies),
                     sum(s.kept for s in self.studies))
         lines = [f"plan: {self.runs} runs to do ({by_stage[0]} sweep trials, {by_stage[1]} seed re-runs, "
-                 f"{by_stage[2]} kept-fraction runs; {self.done} already in the records), {self.jobs} at a time; "
-                 f"expected {fmt_duration(self.seconds)}"]
+                 f"{by_stage[2]} kept-fraction runs; {self.done} already in the records), {self.jobs} at a time"
+                 f"{f' on {self.slots} cores' if self.slots and self.slots < self.jobs else ''}; expected {fmt_duration(self.seconds)}"]
         per: dict[tuple[str, str], list[PlannedStudy]] = defaultdict(list)
         for s in self.studies:
             per[(s.model, s.method)].append(s)
@@ -124,8 +135,21 @@ def seconds_per_run(est: dict[str, float]) -> float:
     return est["overhead_seconds"] + est["steps_per_run"] / max(est["steps_per_second"], 1e-9)
 
 
-def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[str] | None = None) -> Plan:
-    """The runs ``profile`` (a :class:`sparsegrad.suite.sweep.Profile`) still has to do, with their duration."""
+def threads_per_run(overrides: Iterable[str]) -> int:
+    """``trainer.threads=N`` among a profile's overrides (1 when it is not set there)."""
+    for o in overrides or ():
+        key, _, value = str(o).partition("=")
+        if key.lstrip("+~") == "trainer.threads" and value.strip().isdigit():
+            return max(1, int(value))
+    return 1
+
+
+def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[str] | None = None,
+              cores: int | None = None) -> Plan:
+    """The runs ``profile`` (a :class:`sparsegrad.suite.sweep.Profile`) still has to do, with their duration.
+
+    ``cores``: the CPU cores the runs share (default: this machine's).
+    """
     models = list(models or profile.models)
     speed = measured_speed(records)
     section = getattr(profile, "plan", None)
@@ -155,11 +179,13 @@ def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[
                 else:
                     est, source = _profile_estimate(section, method), "profile plan section" if section else "default guess"
                 studies.append(PlannedStudy(model, method, task, max(0, n_trials - trials), todo_seeds,
-                                            max(0, kept_total - kept_done), seconds_per_run(est), source))
+                                            max(0, kept_total - kept_done), seconds_per_run(est), source,
+                                            measured=(model, method) in speed))
     notes = []
     if section and section.get("measured"):
         notes.append(f"speeds measured: {section['measured']}")
-    return Plan(profile.name, studies, max(1, int(jobs)), done, notes)
+    slots = max(1, (cores or os.cpu_count() or 1) // threads_per_run(getattr(profile, "overrides", None) or ()))
+    return Plan(profile.name, studies, max(1, int(jobs)), done, notes, slots=slots)
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -185,9 +211,9 @@ class RunProgress:
         done, total = self.bar.n, self.plan.runs
         if total <= 0:
             return 0.0
-        if done == 0:
-            return self.plan.seconds
         elapsed = time.perf_counter() - self.started
+        if done < self.plan.jobs:  # runs finish a batch at a time: one run of a batch says little of the pace
+            return max(0.0, self.plan.seconds - elapsed)
         return elapsed / done * max(0, total - done)
 
     def _show_eta(self) -> None:

@@ -35,6 +35,22 @@ def test_plan_counts_the_remaining_runs_and_their_duration():
     assert "speeds measured: 2 CPU cores, load 2" in text
 
 
+def test_plan_counts_no_more_runs_at_once_than_the_cores_carry():
+    # 3 one-thread runs at a time on 2 cores: the plan section's speeds (a run alone) are shared by 2 slots
+    prof = fixture_profile(overrides=["trainer.threads=1"])
+    plan = progress.make_plan(prof, [], jobs=3, cores=2)
+    assert plan.parallel == 2 and plan.seconds == (5 * 60 + 5 * 110) / 2
+    assert "3 at a time on 2 cores; expected" in plan.describe()
+    # two threads per run on 2 cores: one run at a time, however many are launched
+    assert progress.make_plan(fixture_profile(overrides=["trainer.threads=2"]), [], jobs=3, cores=2).parallel == 1
+    # speeds measured in the profile's own records already include the sharing: divided by the jobs
+    r = record("seeds", "full", "movie_sentiment", 1, 0.8)
+    r["training"].update(optimizer_steps=200, steps_per_second=4.0)
+    r["wall_seconds"] = 90.0
+    plan = progress.make_plan(prof, [r], jobs=3, cores=2)
+    assert plan.seconds == (4 * 90) / 3 + (5 * 110) / 2
+
+
 def test_plan_prefers_speed_measured_in_the_profiles_own_records():
     r = record("seeds", "full", "movie_sentiment", 1, 0.8)
     r["training"].update(optimizer_steps=200, steps_per_second=4.0)
@@ -51,7 +67,7 @@ def test_progress_bar_counts_records_and_shows_an_eta(tmp_path):
     (tmp_path / "old" / "record.json").write_text("{}")  # from before: not counted
     out = io.StringIO()
     bar = progress.RunProgress(plan, tmp_path, file=out, poll_seconds=0.05)
-    assert bar.eta_seconds() == 60.0  # the plan's estimate until a run finishes
+    assert 59.0 < bar.eta_seconds() <= 60.0  # the plan's estimate, less the time elapsed, until a run finishes
     script = textwrap.dedent(f"""
         import pathlib, time
         for i in range(3):
@@ -67,3 +83,20 @@ def test_progress_bar_counts_records_and_shows_an_eta(tmp_path):
     text = out.getvalue()
     assert "fixture: 0/3 runs" in text and "ETA 60 s" in text
     assert "3/3 runs" in text and "done" in text
+
+
+def test_eta_waits_for_a_first_batch_of_runs_before_it_trusts_the_pace(tmp_path):
+    # 3 runs at a time: the first of a batch to finish says nothing of the pace of the other 2
+    plan = progress.Plan("fixture", [progress.PlannedStudy("m", "full", "t", 12, 0, 0, 30.0, "x")], jobs=3)
+    bar = progress.RunProgress(plan, tmp_path, file=io.StringIO())
+    bar.started -= 25.0  # 25 s in, one run of the first batch finished
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "record.json").write_text("{}")
+    bar.poll()
+    assert 94.0 < bar.eta_seconds() <= 95.0  # the plan's 120 s less 25 s, not 25 s x 11 runs
+    for name in "bc":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "record.json").write_text("{}")
+    bar.poll()
+    assert 74.0 < bar.eta_seconds() <= 76.0  # now the pace: ~25 s / 3 runs x 9 runs left
+    bar.close()
