@@ -155,26 +155,6 @@ def done_seeds(records: list[dict], stage: str, model: str, method: str, task: s
     return seeds
 
 
-def runs_to_do(profile, records: list[dict], models: Sequence[str]) -> int:
-    """How many runs the profile still has to do, at most (seeds counted as if the best setting stays)."""
-    n_trials = int((profile.sweep or {}).get("n_trials", 10)) if profile.best_from == "sweep" else 0
-    todo = 0
-    for model in models:
-        for task in profile.tasks:
-            for method in profile.methods:
-                mine = [r for r in records if (r["model"], r["method"], r["task"]) == (model, method, task)]
-                todo += max(0, n_trials - sum(1 for r in mine if r["_stage"] == "sweep"))
-                done = {int(r["seed"]) for r in mine if r["_stage"] == "seeds"
-                        and r.get("status") in ("completed", "diverged")}
-                todo += len(set(profile.seeds) - done)
-    kf = profile.kept_fraction or {}
-    for model in set(kf.get("models", [])) & set(models):
-        for task in kf.get("tasks", []):
-            kept = sum(1 for r in records if r["_stage"] == "kept" and (r["model"], r["task"]) == (model, task))
-            todo += max(0, len(kf.get("k", [])) * len(kf.get("seeds", profile.seeds)) - kept)
-    return todo
-
-
 def finished_sweep_record(records: Sequence[dict], name: str, params: dict) -> dict | None:
     """The completed sweep record of study ``name`` run with exactly these trial params, if any."""
     lr, bs = params.get("trainer.lr"), params.get("trainer.batch_size")

@@ -47,7 +47,7 @@ from sparsegrad.suite.profiles import Layout, Profile, ReproduceError, _rel, ava
 from sparsegrad.suite.profiles import load_profile, paper_best_setting, resume_command, start_fresh  # noqa: F401
 from sparsegrad.suite.profiles import fresh_command, reuse_message, study_name  # noqa: F401
 from sparsegrad.suite.runrecords import STAGES, Claim, best_sweep_records, describe_problems  # noqa: F401
-from sparsegrad.suite.runrecords import done_seeds, finished_sweep_record, runs_to_do, same_lr, setting  # noqa: F401
+from sparsegrad.suite.runrecords import done_seeds, finished_sweep_record, same_lr, setting  # noqa: F401
 from sparsegrad.suite.runrecords import harvest as _harvest
 from sparsegrad.suite.runrecords import load_records as _load_records
 from sparsegrad.suite.runrecords import run_folder_stamp
@@ -479,9 +479,11 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
         records = []
         if not opts.dry_run:
             records = driver.harvest()
-            if records:
-                driver.say(reuse_message(prof, layout, len(records), runs_to_do(prof, records, driver.models())))
+        elif not opts.fresh:  # a dry run copies nothing, but plans only what the records do not hold yet
+            records = load_records(layout.records)
         plan = progress.make_plan(prof, records, opts.jobs, driver.models())
+        if records:
+            driver.say(reuse_message(prof, layout, len(records), plan.runs))
         if not opts.quiet:
             print(plan.describe() + "".join(f"\n{w}" for w in [progress.describe_budget(plan, prof.budget_minutes)] if w),
                   flush=True)
