@@ -128,6 +128,24 @@ def seed_runs(records: list[dict]) -> dict[tuple[str, str, str], dict[int, dict]
     return out
 
 
+ROLES = ("full", "lora", "meprop", "sparsegrad")  # the methods a claim compares, by the kind of method
+
+
+def by_role(cells: Mapping[tuple[str, str, str], dict[int, dict]]):
+    """Re-key ``cells`` by role: a variant (``meprop_adamw``, ``lora_authors``) fills its kind's role when the
+    profile has no run of the plain method. Returns (cells, {(model, role): the variant's name})."""
+    kinds: dict[tuple[str, str], set[str]] = defaultdict(set)  # (model, role) -> method names of that kind
+    for (model, method, _task), runs in cells.items():
+        record = next(iter(runs.values()))
+        kind = str(((record.get("config") or {}).get("method") or {}).get("kind") or method)
+        if kind in ROLES:
+            kinds[(model, kind)].add(method)
+    chosen = {key: (key[1] if key[1] in names else sorted(names)[0]) for key, names in kinds.items()}
+    out = {(model, role, task): cells[(model, name, task)]
+           for (model, role), name in chosen.items() for (m, n, task) in cells if (m, n) == (model, name)}
+    return out, {key: name for key, name in chosen.items() if name != key[1]}
+
+
 def per_seed(cells: Mapping[tuple[str, str, str], dict[int, dict]], model: str, method: str, tasks: list[str],
              value) -> dict[int, float]:
     """{seed: mean over ``tasks`` of value(record)}, for seeds with a value on every task."""
@@ -300,7 +318,7 @@ def build(records: list[dict], analysis: dict | None = None,
     """Every finding this profile's records support, ordered by claim, then model."""
     analogue = analogue or {}
     amodels, atasks = analogue.get("models", {}), analogue.get("tasks", {})
-    cells = seed_runs(records)
+    cells, variants = by_role(seed_runs(records))
     by_model: dict[str, set[str]] = defaultdict(set)
     for model, method, task in cells:
         if method == "sparsegrad":
@@ -317,6 +335,11 @@ def build(records: list[dict], analysis: dict | None = None,
             ptask = atasks.get(group[0], group[0])
             out += score_findings(cells, model, group, higher, amodels.get(model, model), ptask)
         out += order_findings(cells, model, tasks)
+        for f in out:
+            named = [f"{role}: the {name} variant" for (m, role), name in sorted(variants.items())
+                     if m == model and role in f.ours.lower()]
+            if f.model == model and named:
+                f.notes = [*f.notes, "; ".join(named)]
     out += sparsity_finding(analysis)
     return sorted(out, key=lambda f: (f.claim, f.model))
 

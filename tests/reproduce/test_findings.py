@@ -161,3 +161,28 @@ def test_table6_shows_the_interval_over_seeds():
     t6 = tables.table6(rs, tables.Paper.load(), tables.Analogue())
     half = T2 / math.sqrt(3)
     assert t6.rows[0][6] == f"[{2 - half:.3f}, {2 + half:.3f}]"
+
+
+def test_a_variant_fills_its_kinds_role():
+    # the llama profiles run MeProp as the authors did (dense AdamW: method meprop_adamw, kind meprop)
+    rs = []
+    losses = {"sparsegrad": (1.20, 1.21, 1.19), "lora": (1.30, 1.32, 1.31), "full": (1.25, 1.26, 1.24),
+              "meprop_adamw": (1.30, 1.31, 1.29)}
+    for method, vs in losses.items():
+        for seed, v in zip((1, 2, 3), vs):
+            r = record("seeds", method, "chat", seed, v, model="smollm2", metric="loss")
+            r["main_metric"]["higher_is_better"] = False
+            r["config"]["method"] = {"name": method, "kind": method.split("_")[0]}
+            rs.append(r)
+    fs = by_claim(findings.build(rs))
+    assert fs[("b", "smollm2")].verdict == stats.CONFIRMED  # 0.1 lower than MeProp on every seed
+    g = fs[("g", "smollm2")]
+    assert g.verdict == stats.CONFIRMED and "meprop: the meprop_adamw variant" in g.notes
+    assert not any("variant" in n for n in fs[("a", "smollm2")].notes)  # (a) does not involve MeProp
+    # with the plain method present as well, the plain one fills the role
+    plain = [dict(r, method="meprop", config={**r["config"], "method": {"name": "meprop", "kind": "meprop"}})
+             for r in rs if r["method"] == "meprop_adamw"]
+    for r, v in zip(plain, (1.10, 1.11, 1.09)):
+        r["best"] = {**r["best"], "score": v}
+    fs = by_claim(findings.build(rs + plain))
+    assert fs[("b", "smollm2")].verdict == stats.CONTRADICTED
