@@ -17,11 +17,13 @@ three one-thread runs at a time on 2 cores go no faster than two.
 :class:`RunProgress` shows one tqdm bar over the planned runs. The driver's runs are Hydra subprocesses,
 so the bar polls the work folder for new ``record.json`` files while the driver waits on each
 subprocess (:meth:`RunProgress.wait`). Its ETA is the plan's (less the time elapsed) until a first
-batch of ``jobs`` runs has finished, then the measured pace (elapsed / runs done) times the runs left.
+batch of ``jobs`` runs has finished (or the plan's time has passed), then the measured pace (elapsed / runs
+done) times the runs left.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -213,12 +215,19 @@ class RunProgress:
             return 0.0
         elapsed = time.perf_counter() - self.started
         if done < self.plan.jobs:  # runs finish a batch at a time: one run of a batch says little of the pace
-            return max(0.0, self.plan.seconds - elapsed)
+            if elapsed < self.plan.seconds:
+                return self.plan.seconds - elapsed
+            if done == 0:
+                return math.nan  # past the plan, and no run finished yet: unknown
         return elapsed / done * max(0, total - done)
 
     def _show_eta(self) -> None:
-        left = self.plan.runs - self.bar.n
-        text = f"ETA {fmt_duration(self.eta_seconds())}" if left > 0 else "done"
+        left, eta = self.plan.runs - self.bar.n, self.eta_seconds()
+        if math.isnan(eta):
+            text = "ETA unknown (past the plan)"
+        else:  # to 10 s under 90 s: a log file is not given a new line every poll
+            text = f"ETA {fmt_duration(eta if eta >= 90 else 10 * math.ceil(eta / 10))}"
+        text = text if left > 0 else "done"
         now = time.perf_counter()
         # redraw on news, else every 30 s: a log file gets a line per change, a terminal a ticking clock
         if text != getattr(self, "_shown", None) or now - getattr(self, "_drawn", 0.0) >= 30:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 import textwrap
@@ -99,4 +100,18 @@ def test_eta_waits_for_a_first_batch_of_runs_before_it_trusts_the_pace(tmp_path)
         (tmp_path / name / "record.json").write_text("{}")
     bar.poll()
     assert 74.0 < bar.eta_seconds() <= 76.0  # now the pace: ~25 s / 3 runs x 9 runs left
+    bar.close()
+
+
+def test_eta_past_the_plan(tmp_path):
+    plan = progress.Plan("fixture", [progress.PlannedStudy("m", "full", "t", 4, 0, 0, 30.0, "x")], jobs=2)
+    out = io.StringIO()
+    bar = progress.RunProgress(plan, tmp_path, file=out)
+    bar.started -= 100.0  # the plan said 60 s; nothing has finished
+    bar.poll()
+    assert math.isnan(bar.eta_seconds()) and "ETA unknown (past the plan)" in out.getvalue()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "record.json").write_text("{}")
+    bar.poll()
+    assert 299.0 < bar.eta_seconds() <= 301.0  # one run in 100 s: the pace, 3 runs left
     bar.close()
