@@ -117,15 +117,21 @@ def test_runs_at_the_step_cap_are_noted():
     assert "1/6 runs stopped by the step cap or the end of the epochs" in f.notes[0]
 
 
-def test_loss_task_claims_and_table6_row():
+def chat_records(losses: dict[str, tuple[float, ...]]) -> list[dict]:
+    """Seed runs of smollm2 on chat: method -> validation loss per seed 1, 2, 3 (lower is better)."""
     rs = []
-    losses = {"sparsegrad": (1.20, 1.21, 1.19), "lora": (1.30, 1.32, 1.31), "full": (1.25, 1.26, 1.24),
-              "meprop": (1.202, 1.22, 1.18)}
     for method, vs in losses.items():
         for seed, v in zip((1, 2, 3), vs):
             r = record("seeds", method, "chat", seed, v, model="smollm2", metric="loss")
             r["main_metric"]["higher_is_better"] = False
+            r["config"]["method"] = {"name": method, "kind": method.split("_")[0]}
             rs.append(r)
+    return rs
+
+
+def test_loss_task_claims_and_table6_row():
+    rs = chat_records({"sparsegrad": (1.20, 1.21, 1.19), "lora": (1.30, 1.32, 1.31), "full": (1.25, 1.26, 1.24),
+                       "meprop": (1.202, 1.22, 1.18)})
     fs = by_claim(findings.build(rs, None, {"models": {"smollm2": "llama2_7b"}, "tasks": {"chat": "oasst1"}}))
     assert fs[("a", "smollm2")].verdict == stats.CONFIRMED  # lower loss than LoRA
     assert fs[("b", "smollm2")].verdict == stats.INCONCLUSIVE  # MeProp about the same
@@ -165,15 +171,8 @@ def test_table6_shows_the_interval_over_seeds():
 
 def test_a_variant_fills_its_kinds_role():
     # the llama profiles run MeProp as the authors did (dense AdamW: method meprop_adamw, kind meprop)
-    rs = []
-    losses = {"sparsegrad": (1.20, 1.21, 1.19), "lora": (1.30, 1.32, 1.31), "full": (1.25, 1.26, 1.24),
-              "meprop_adamw": (1.30, 1.31, 1.29)}
-    for method, vs in losses.items():
-        for seed, v in zip((1, 2, 3), vs):
-            r = record("seeds", method, "chat", seed, v, model="smollm2", metric="loss")
-            r["main_metric"]["higher_is_better"] = False
-            r["config"]["method"] = {"name": method, "kind": method.split("_")[0]}
-            rs.append(r)
+    rs = chat_records({"sparsegrad": (1.20, 1.21, 1.19), "lora": (1.30, 1.32, 1.31), "full": (1.25, 1.26, 1.24),
+                       "meprop_adamw": (1.30, 1.31, 1.29)})
     fs = by_claim(findings.build(rs))
     assert fs[("b", "smollm2")].verdict == stats.CONFIRMED  # 0.1 lower than MeProp on every seed
     g = fs[("g", "smollm2")]
