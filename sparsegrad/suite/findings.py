@@ -141,8 +141,9 @@ def by_role(cells: Mapping[tuple[str, str, str], dict[int, dict]]):
         if kind in ROLES:
             kinds[(model, kind)].add(method)
     chosen = {key: (key[1] if key[1] in names else sorted(names)[0]) for key, names in kinds.items()}
-    out = {(model, role, task): cells[(model, name, task)]
-           for (model, role), name in chosen.items() for (m, n, task) in cells if (m, n) == (model, name)}
+    role_of = {(model, name): role for (model, role), name in chosen.items()}
+    out = {(model, role_of[(model, method)], task): runs for (model, method, task), runs in cells.items()
+           if (model, method) in role_of}
     return out, {key: name for key, name in chosen.items() if name != key[1]}
 
 
@@ -335,10 +336,10 @@ def build(records: list[dict], analysis: dict | None = None,
             ptask = atasks.get(group[0], group[0])
             out += score_findings(cells, model, group, higher, amodels.get(model, model), ptask)
         out += order_findings(cells, model, tasks)
-        for f in out:
-            named = [f"{role}: the {name} variant" for (m, role), name in sorted(variants.items())
-                     if m == model and role in f.ours.lower()]
-            if f.model == model and named:
+        mine = sorted((role, name) for (m, role), name in variants.items() if m == model)
+        for f in (f for f in out if f.model == model):
+            named = [f"{role}: the {name} variant" for role, name in mine if role in f.ours.lower()]
+            if named:
                 f.notes = [*f.notes, "; ".join(named)]
     out += sparsity_finding(analysis)
     return sorted(out, key=lambda f: (f.claim, f.model))
