@@ -26,15 +26,15 @@ def mlp_shapes(model: str, layers: int | None) -> dict:
 
 
 def leading_block_dims(d_in: int, d_out: int, k: int, factor: float) -> tuple[int, int]:
-    from sparsegrad.fixed_support import leading_block_shape
+    from sparsegrad.methods.leading_block.layer import leading_block_shape
 
     return leading_block_shape(d_out, d_in, math.ceil(factor * k))
 
 
 def macs_table(model: str, layers: int | None, tokens: int, rows_nonzero: float, block_factor: float) -> list[dict]:
     """Multiply-adds per training step of one MLP matrix under each formulation (kernels' cost model)."""
-    from sparsegrad.fixed_support import block_gradient_macs
     from sparsegrad.kernels import cheapest_rotation_sides, macs_auto, macs_dense, macs_lora, macs_regular
+    from sparsegrad.methods.leading_block.layer import block_gradient_macs
 
     info = mlp_shapes(model, layers)
     fam = info["family"]

@@ -3,7 +3,7 @@
 The transition basis orders its directions by gradient energy (eigenvalues of the Gram matrices,
 descending), so the largest entries of the rotated gradient dL/dW~ = u_out^T (dL/dW) R may sit in the
 leading rows and columns. If they do, a layer that trains only the leading r x c block of W~
-(:class:`sparsegrad.fixed_support.LeadingBlockLinear`) captures most of what the exact method keeps,
+(:class:`sparsegrad.methods.leading_block.layer.LeadingBlockLinear`) captures most of what the exact method keeps,
 at about LoRA's cost.
 
 Procedure: a model with real pretrained weights (MiniLM, the ``minilm`` asset) and a fresh
@@ -92,7 +92,7 @@ def measure(basis_batches: int = 8, eval_batches: int = 4, batch_size: int = 16,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import sparsegrad
-    from sparsegrad.suite.assets import asset_path, load_movie_reviews
+    from sparsegrad.suite.run.assets import asset_path, load_movie_reviews
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -242,7 +242,7 @@ def section(mode: str, out_dir: Path) -> tuple[str | None, dict | None]:
         return to_markdown(result), result
     if mode == "auto":
         try:
-            from sparsegrad.suite.assets import is_ready
+            from sparsegrad.suite.run.assets import is_ready
 
             if not (is_ready("minilm") and is_ready("movie_reviews")):
                 return None, None

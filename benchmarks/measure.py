@@ -20,7 +20,7 @@ def rss() -> int:
 
 
 def release_freed_memory() -> None:
-    from sparsegrad.basis import release_freed_memory as trim
+    from sparsegrad.methods.sparsegrad.basis import release_freed_memory as trim
 
     trim()
 

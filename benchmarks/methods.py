@@ -100,7 +100,7 @@ register(BenchMethod(
     "sparsegrad_regular", "exact SparseGrad, the paper's 3-product layer ('regular'), dense backward (paper's 'Reg')",
     _sparsegrad("regular", "rotated", False), needs_basis=True))
 register(BenchMethod(
-    "leading_block", "variant: SparseGrad restricted to the leading block of W~ (sparsegrad.fixed_support)",
+    "leading_block", "variant: SparseGrad restricted to the leading block of W~ (sparsegrad.methods.leading_block.layer)",
     _apply_config(lambda k, fam, spec: {"name": "leading_block", "k": k, "block_factor": spec.block_factor}),
     needs_basis=True))
 

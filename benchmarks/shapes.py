@@ -63,7 +63,7 @@ def real_movie_lengths() -> list[int] | None:
     try:
         from transformers import AutoTokenizer
 
-        from sparsegrad.suite.assets import asset_path, load_movie_reviews
+        from sparsegrad.suite.run.assets import asset_path, load_movie_reviews
 
         tok = AutoTokenizer.from_pretrained(asset_path("minilm"))
         return [len(ids) for ids in tok([t for _, _, t in load_movie_reviews()])["input_ids"]]
@@ -115,7 +115,7 @@ def build_model(spec):
     model = None
     if spec.pretrained and spec.model in ("minilm", "smollm2"):
         try:
-            from sparsegrad.suite.assets import asset_path
+            from sparsegrad.suite.run.assets import asset_path
 
             path = asset_path(spec.model)
             kwargs = {"num_hidden_layers": spec.layers} if spec.layers else {}

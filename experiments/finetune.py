@@ -100,7 +100,7 @@ def run_from_config(cfg, output_dir: str | Path) -> dict:
     The config is checked first (every problem at once, as a ConfigError) before anything heavy loads.
     """
     from sparsegrad.suite.errors import SuiteError
-    from sparsegrad.suite.runner import finetune, settings_from_config
+    from sparsegrad.suite.run.runner import finetune, settings_from_config
 
     resolved = resolve(cfg)
     settings = settings_from_config(resolved, str(output_dir))
@@ -146,9 +146,9 @@ def _hydra_main():
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from sparsegrad.suite.assets import AssetMissingError
         from sparsegrad.suite.errors import SuiteError
-        from sparsegrad.suite.runner import objective_value, summary_line
+        from sparsegrad.suite.run.assets import AssetMissingError
+        from sparsegrad.suite.run.runner import objective_value, summary_line
 
         hydra_cfg = HydraConfig.get()
         output_dir = hydra_cfg.runtime.output_dir
@@ -174,7 +174,7 @@ def cli(argv: list[str] | None = None) -> None:
     message = check_choices(argv)
     if message:
         _fail(message)
-    from sparsegrad.suite.settings import check_override_keys
+    from sparsegrad.suite.run.settings import check_override_keys
 
     problems = check_override_keys(argv) + check_output_location(argv)
     if problems:

@@ -4,8 +4,8 @@
     python -m experiments.sparsity_analysis --model bert_base --task sst2 --out sparsity.json   # Hub
 
 Composes the suite settings of (model, sparsegrad, task) from the Hydra configs and writes the JSON
-record of :func:`sparsegrad.suite.sparsity.analyse` (what it measures is described there), which
-``sparsegrad.suite.figures`` turns into Figures 2 and 3. Offline by default (MiniLM on movie-review
+record of :func:`sparsegrad.suite.run.sparsity.analyse` (what it measures is described there), which
+``sparsegrad.suite.report.figures`` turns into Figures 2 and 3. Offline by default (MiniLM on movie-review
 sentences, 2 CPU cores: about a minute).
 """
 
@@ -24,7 +24,7 @@ def compose_settings(model: str, task: str, extra: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sparsegrad.suite.runner import settings_from_config
+    from sparsegrad.suite.run.runner import settings_from_config
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={model}", f"task={task}", "method=sparsegrad", "logger=none", *extra])
@@ -33,7 +33,7 @@ def compose_settings(model: str, task: str, extra: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparsegrad.suite import sparsity
+    from sparsegrad.suite.run import sparsity
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="the JSON record to write")

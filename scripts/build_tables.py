@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--analogue", default=None, help="profile whose paper_analogue to use (default: --profile)")
     parser.add_argument("--analysis", type=Path, default=None)
     args = parser.parse_args(argv)
-    from sparsegrad.suite import figures, runrecords, sweep, tables
+    from sparsegrad.suite.report import figures, tables
+    from sparsegrad.suite.sweep.driver import driver as sweep
+    from sparsegrad.suite.sweep.driver import runrecords
 
     try:
         if args.profile:

@@ -25,7 +25,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from sparsegrad.suite.assets import ASSETS, Asset, cache_root, is_ready, marker_path
+from sparsegrad.suite.run.assets import ASSETS, Asset, cache_root, is_ready, marker_path
 
 
 class FetchError(RuntimeError):

@@ -8,7 +8,7 @@
     python -m scripts.reproduce_glue --profile default --fresh      # everything again, into results/local/
     python -m scripts.reproduce_glue --profile default --results results/local   # resume that fresh run
 
-Profiles are conf/profile/*.yaml; the work is done by sparsegrad.suite.sweep. Until every stage of the
+Profiles are conf/profile/*.yaml; the work is done by sparsegrad.suite.sweep.driver. Until every stage of the
 pipeline exists, this stops with one line naming what is missing instead of failing half-way.
 """
 
@@ -24,8 +24,8 @@ CONF_PROFILES = Path(__file__).resolve().parents[1] / "conf" / "profile"
 # (what must exist, what it is) for each stage of the pipeline, in order.
 STAGES = (
     ("experiments.finetune", "the fine-tuning entry point (python -m experiments.finetune)"),
-    ("sparsegrad.suite.sweep", "the Optuna sweep and seed re-runs"),
-    ("sparsegrad.suite.tables", "the table and figure builders"),
+    ("sparsegrad.suite.sweep.driver", "the Optuna sweep and seed re-runs"),
+    ("sparsegrad.suite.report.tables", "the table and figure builders"),
 )
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"make reproduce-glue (PROFILE={args.profile}): not built yet: {'; '.join(missing)}. Nothing was run.")
         return 3
-    from sparsegrad.suite.sweep import run_profile  # noqa: PLC0415  (only once it exists)
+    from sparsegrad.suite.sweep.driver import run_profile  # noqa: PLC0415  (only once it exists)
 
     return run_profile(
         args.profile, tables_only=args.tables_only, launcher=args.launcher, jobs=args.jobs, lr=args.lr,

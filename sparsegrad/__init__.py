@@ -15,30 +15,32 @@ A SparseGradLinear keeps only W (``storage="weight"``): its gradient is the k-sp
 config to train W~ itself with any sparse optimizer (one more out x in matrix per layer).
 ``estimate_basis(..., micro_batch=4)`` runs one backward pass per 4 rows: a fraction of the activations.
 
-A method is one module (:mod:`sparsegrad.methods`: full, lora, meprop, sparsegrad, leading_block)
-registered by name in :mod:`~sparsegrad.registry`; ``apply_method``, ``merge``, ``build_optimizer`` and
-``account`` look it up there. Add one with ``@sparsegrad.register_method`` on a
+A method is one folder under :mod:`sparsegrad.methods` (full, lora, meprop, sparsegrad, leading_block),
+as PEFT lays out its tuners: its layer(s), its data-driven initialisation if it has one (SparseGrad's
+basis: :mod:`~sparsegrad.methods.sparsegrad.gram`, :mod:`~sparsegrad.methods.sparsegrad.basis`), and its
+registration by name in :mod:`~sparsegrad.registry`, where ``apply_method``, ``merge``,
+``build_optimizer`` and ``account`` look it up. Add one with ``@sparsegrad.register_method`` on a
 :class:`sparsegrad.Method` subclass.
 
-Modules: :mod:`~sparsegrad.targets` (which linears), :mod:`~sparsegrad.basis` (transition matrices;
-the Gram accumulation in :mod:`~sparsegrad.gram`), :mod:`~sparsegrad.layers` (SparseGradLinear; its
-autograd in :mod:`~sparsegrad.sparsegrad_autograd`, shared helpers in :mod:`~sparsegrad.layer_common`),
-:mod:`~sparsegrad.meprop_layer` (MePropLinear), :mod:`~sparsegrad.kernels` (top-k, sparse-by-dense,
-multiply-add counts), :mod:`~sparsegrad.optim` (optimizer; the lazy sparse Adam in
-:mod:`~sparsegrad.lazy_adam`), :mod:`~sparsegrad.surgery` (apply / merge), :mod:`~sparsegrad.accounting`
-(trainable and updated parameters), :mod:`~sparsegrad.integrations` (transformers Trainer, TRL,
-DistributedDataParallel, accelerate).
+What every method shares stays here: :mod:`~sparsegrad.targets` (which linears),
+:mod:`~sparsegrad.kernels` (top-k, sparse-by-dense, multiply-add counts), :mod:`~sparsegrad.layer_common`
+(helpers of the sparse layers), :mod:`~sparsegrad.optim` (optimizer; the lazy sparse Adam in
+:mod:`~sparsegrad.lazy_adam`), :mod:`~sparsegrad.registry`, :mod:`~sparsegrad.surgery` (apply / merge),
+:mod:`~sparsegrad.accounting` (trainable and updated parameters), :mod:`~sparsegrad.integrations`
+(transformers Trainer, TRL, DistributedDataParallel, accelerate). Module paths of earlier releases
+(``sparsegrad.layers``, ``sparsegrad.basis``, ``sparsegrad.suite.runner``, ...) still import: see
+:mod:`sparsegrad._moved`.
 """
 
-# The names below load on first use (PEP 562): ``import sparsegrad.suite.settings``, a config check that
+# The names below load on first use (PEP 562): ``import sparsegrad.suite.run.settings``, a config check that
 # must fail fast, then does not pay for importing torch. The first name used loads every module listed
 # (and the built-in methods register themselves), exactly what an eager import would have done.
 _EXPORTS = {
     "accounting": ("LayerAccount", "MethodAccount", "account"),
-    "basis": ("Basis", "GroupBasis", "estimate_basis", "random_basis", "spectrum_concentration"),
+    "methods.sparsegrad.basis": ("Basis", "GroupBasis", "estimate_basis", "random_basis", "spectrum_concentration"),
     "integrations": ("prepare_trainer",),
-    "layers": ("SparseGradLinear",),
-    "meprop_layer": ("MePropLinear",),
+    "methods.sparsegrad.layer": ("SparseGradLinear",),
+    "methods.meprop.layer": ("MePropLinear",),
     "lazy_adam": ("LazySparseAdam",),
     "optim": ("SparseGradOptimizer", "build_optimizer", "clip_grad_norm"),
     "registry": ("LayerBudget", "Method", "get_method", "register_method", "unregister_method"),
@@ -93,3 +95,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Old module paths (sparsegrad.layers, sparsegrad.suite.runner, ...) resolve to their new homes.
+from sparsegrad import _moved  # noqa: E402
+
+_moved.install()

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .registry import registered_methods, swapped_modules
+from sparsegrad.registry import registered_methods, swapped_modules
 
 __all__ = ["LayerAccount", "MethodAccount", "account"]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .optim import clip_grad_norm
+from sparsegrad.optim import clip_grad_norm
 
 __all__ = ["prepare_trainer"]
 

@@ -1,6 +1,6 @@
 """Sparse kernels of SparseGrad: exact top-k selection, sparse-by-dense row selection, cost model.
 
-Everything here is a pure tensor function; the layers in :mod:`sparsegrad.layers` compose them.
+Everything here is a pure tensor function; the layers in :mod:`sparsegrad.methods.sparsegrad.layer` compose them.
 
 * :func:`topk_coo` keeps exactly ``k`` entries of a dense matrix by magnitude and returns them as a
   coalesced COO tensor. Ties at the threshold are broken by the lowest flat (row-major) index, so the

@@ -2,8 +2,8 @@
 trained matrices, the plain ``nn.Linear`` a layer merges into, the data-parallel check of per-backward
 top-k and the context a row-wise linear autograd function saves.
 
-Used by :mod:`sparsegrad.layers` (SparseGradLinear), :mod:`sparsegrad.meprop_layer` (MePropLinear) and
-:mod:`sparsegrad.fixed_support` (LeadingBlockLinear); imports nothing of them.
+Used by :mod:`sparsegrad.methods.sparsegrad.layer` (SparseGradLinear), :mod:`sparsegrad.methods.meprop.layer` (MePropLinear) and
+:mod:`sparsegrad.methods.leading_block.layer` (LeadingBlockLinear); imports nothing of them.
 """
 
 from __future__ import annotations

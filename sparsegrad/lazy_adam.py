@@ -20,7 +20,7 @@ bf16 ulp of the entries it lands on, and would round away.
 
 A parameter may have an *applier* (:meth:`LazySparseAdam.register_applier`): the optimizer then hands
 it the step (coordinates, change, ``lr * weight_decay``) instead of adding the change to the parameter
-itself. A :class:`~sparsegrad.layers.SparseGradLinear` with storage "weight" holds W and receives
+itself. A :class:`~sparsegrad.methods.sparsegrad.layer.SparseGradLinear` with storage "weight" holds W and receives
 dL/dW~, so its applier adds ``u_out ΔW~ R^T`` to W (and decays W as a whole); with storage "rotated" it adds ΔW~
 to W~ and folds the change into its cached W. Other parameters may have
 a listener that is told what changed after the step (``note_sparse_update``: a layer with storage

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .lazy_adam import STATE_LAYOUTS, LazySparseAdam  # noqa: F401 (STATE_LAYOUTS re-exported)
-from .registry import method_for_layer, swapped_modules
+from sparsegrad.lazy_adam import STATE_LAYOUTS, LazySparseAdam  # noqa: F401 (STATE_LAYOUTS re-exported)
+from sparsegrad.registry import method_for_layer, swapped_modules
 
 __all__ = ["LazySparseAdam", "SparseGradOptimizer", "build_optimizer", "clip_grad_norm", "make_schedule",
            "master_copies"]  # fmt: skip

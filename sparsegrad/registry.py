@@ -27,7 +27,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from .targets import set_submodule
+from sparsegrad.targets import set_submodule
 
 __all__ = ["METHODS", "LayerBudget", "Method", "get_method", "method_for_layer", "register_method",
            "registered_methods", "swapped_modules", "unregister_method"]  # fmt: skip

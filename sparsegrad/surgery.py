@@ -7,9 +7,9 @@
 
 * ``full``       — targets stay ``nn.Linear`` and train densely;
 * ``lora``       — peft LoRA adapters on the targets (the returned model is a ``PeftModel``);
-* ``meprop``     — :class:`~sparsegrad.layers.MePropLinear` (mode "weight" or "output");
-* ``sparsegrad`` — :class:`~sparsegrad.layers.SparseGradLinear` in a transition basis;
-* ``leading_block`` — :class:`~sparsegrad.fixed_support.LeadingBlockLinear`: SparseGrad restricted to
+* ``meprop``     — :class:`~sparsegrad.methods.sparsegrad.layer.MePropLinear` (mode "weight" or "output");
+* ``sparsegrad`` — :class:`~sparsegrad.methods.sparsegrad.layer.SparseGradLinear` in a transition basis;
+* ``leading_block`` — :class:`~sparsegrad.methods.leading_block.layer.LeadingBlockLinear`: SparseGrad restricted to
   the leading ``~block_factor * k`` entries of the transition basis (same basis as ``sparsegrad``).
 
 Settings: ``train_non_mlp=True`` (the paper's encoder setting) keeps every non-target parameter
@@ -30,12 +30,12 @@ from typing import Any
 
 from torch import nn
 
-from . import (
+from sparsegrad import (
     methods as _builtin_methods,  # noqa: F401  (registers full, lora, meprop, sparsegrad, leading_block)
 )
-from .basis import Basis, estimate_basis
-from .registry import METHODS, get_method, registered_methods, swapped_modules
-from .targets import Target, find_targets, set_submodule
+from sparsegrad.methods.sparsegrad.basis import Basis, estimate_basis
+from sparsegrad.registry import METHODS, get_method, registered_methods, swapped_modules
+from sparsegrad.targets import Target, find_targets, set_submodule
 
 __all__ = ["METHODS", "MethodConfig", "apply_method", "merge", "set_submodule"]
 

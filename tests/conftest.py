@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 def asset():
     """Path of an offline asset; a missing asset fails the test with the command that fetches it.
     Session-scoped (it holds no state) so that module-scoped fixtures can use it too."""
-    from sparsegrad.suite.assets import AssetMissingError, asset_path
+    from sparsegrad.suite.run.assets import AssetMissingError, asset_path
 
     def get(name):
         try:

@@ -48,7 +48,7 @@ def test_smollm2_generates_with_its_chat_template(asset):
 
 
 def test_movie_reviews_parse_with_their_scores(asset):
-    from sparsegrad.suite.assets import load_movie_reviews
+    from sparsegrad.suite.run.assets import load_movie_reviews
 
     asset("movie_reviews")
     rows = load_movie_reviews()
@@ -61,7 +61,7 @@ def test_movie_reviews_parse_with_their_scores(asset):
 
 
 def test_chatterbot_conversations_alternate_turns(asset):
-    from sparsegrad.suite.assets import chatterbot_messages
+    from sparsegrad.suite.run.assets import chatterbot_messages
 
     asset("chatterbot")
     conversations = chatterbot_messages()

@@ -17,7 +17,7 @@ def test_import_sparsegrad_pulls_no_hydra_wandb_or_pandas():
 
 
 def test_missing_asset_names_make_assets(tmp_path, monkeypatch):
-    from sparsegrad.suite.assets import AssetMissingError, asset_path, cache_root
+    from sparsegrad.suite.run.assets import AssetMissingError, asset_path, cache_root
 
     monkeypatch.setenv("SPARSEGRAD_CACHE", str(tmp_path))
     assert cache_root() == tmp_path

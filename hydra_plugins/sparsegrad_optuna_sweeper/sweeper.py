@@ -2,7 +2,7 @@
 
 Hydra's own plugin (hydra-optuna-sweeper 1.3) pins Optuna below 3; its 1.4 line is a release candidate
 without heartbeats. This one drives Optuna >= 5 and lets any number of workers share one study
-(:mod:`sparsegrad.suite.studies`): the budget ``n_trials`` is for the study in total, each worker
+(:mod:`sparsegrad.suite.sweep.studies`): the budget ``n_trials`` is for the study in total, each worker
 claims queued trials, samples a claimed trial's setting with the seed ``sampler.seed + trial number``,
 launches a batch of ``n_jobs`` through the configured Hydra launcher (basic, joblib, submitit), keeps
 a heartbeat on its running trials and retries once the trial of a worker that died. A job that raises
@@ -132,7 +132,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list:
         import optuna
 
-        from sparsegrad.suite import studies
+        from sparsegrad.suite.sweep.driver import studies
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         c = self.conf
@@ -223,7 +223,7 @@ class OptunaSweeper(Sweeper):
         """Trials this worker still holds get no result: FAIL, not counted (user attribute), slot queued again."""
         import optuna
 
-        from sparsegrad.suite import studies
+        from sparsegrad.suite.sweep.driver import studies
 
         for trial_id in trial_ids:
             heartbeat.remove(trial_id)
@@ -238,7 +238,7 @@ class OptunaSweeper(Sweeper):
                 log.warning(f"trial id {trial_id}: could not be given back ({err}); retried after the grace period")
 
     def _write_results(self, study) -> None:
-        from sparsegrad.suite import studies
+        from sparsegrad.suite.sweep.driver import studies
 
         best = studies.best_trial(study)
         out = {"name": "optuna", "study": study.study_name,

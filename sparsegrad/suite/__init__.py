@@ -1,18 +1,11 @@
-"""The reproduction suite around the method layer: tasks, training loop, run records.
+"""The reproduction suite around the method layer, one subpackage per job:
 
-Modules, one job each:
+* :mod:`sparsegrad.suite.run` — one fine-tuning run: settings, tasks and data, models, the training loop,
+  measuring, the run record;
+* :mod:`sparsegrad.suite.sweep` — the sweep: profiles, studies, the driver, its progress and records folder;
+* :mod:`sparsegrad.suite.report` — tables, findings and their statistics, figures (pure functions of records);
+* :mod:`sparsegrad.suite.errors` — the one-line user errors every job raises.
 
-* :mod:`~sparsegrad.suite.assets` — the offline models and data (``make assets``)
-* :mod:`~sparsegrad.suite.tasks` — task facts (GLUE, oasst1, offline tasks), loading, split protocol
-* :mod:`~sparsegrad.suite.data` — tokenisation, chat rendering with assistant-only labels, batching
-* :mod:`~sparsegrad.suite.models` — pretrained / tiny models and tokenizers, head compatibility
-* :mod:`~sparsegrad.suite.methods` — the only contact with the method layer (apply, optimise, account)
-* :mod:`~sparsegrad.suite.trainer` — the training loop, evaluation, early stopping
-* :mod:`~sparsegrad.suite.metrics` — GLUE metrics with scikit-learn / scipy
-* :mod:`~sparsegrad.suite.measure` — peak memory per phase, environment description
-* :mod:`~sparsegrad.suite.record` — the run record schema, validation and atomic writing
-* :mod:`~sparsegrad.suite.tracking` — W&B (offline by default) or nothing
-* :mod:`~sparsegrad.suite.runner` — one fine-tuning run end to end (used by ``experiments/finetune.py``)
-
-Nothing here imports Hydra; ``import sparsegrad`` never imports this subpackage.
+It depends on the method layer, never the other way round. Nothing here imports Hydra; ``import
+sparsegrad`` never imports this subpackage.
 """

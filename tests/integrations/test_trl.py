@@ -25,7 +25,7 @@ def chat(asset):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from sparsegrad.suite.assets import chatterbot_messages
+    from sparsegrad.suite.run.assets import chatterbot_messages
 
     path = asset("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(path)

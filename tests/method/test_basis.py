@@ -7,7 +7,7 @@ from method_fixtures import make_batches, make_model
 from torch import nn
 
 from sparsegrad import estimate_basis, find_targets
-from sparsegrad.basis import Basis, eigenbasis
+from sparsegrad.methods.sparsegrad.basis import Basis, eigenbasis
 
 
 def _align_signs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -125,7 +125,7 @@ def test_targets_given_as_names_or_modules():
 
 @pytest.mark.parametrize("n_rows", [5, 60])  # fewer token rows than features (factored) and more (direct)
 def test_gram_accumulator_routes_agree_with_the_weight_gradient(n_rows):
-    from sparsegrad.basis import _GramAccumulator, gram_macs
+    from sparsegrad.methods.sparsegrad.basis import _GramAccumulator, gram_macs
 
     gen = torch.Generator().manual_seed(0)
     d_in, d_out = 24, 40
@@ -144,7 +144,7 @@ def test_gram_accumulator_routes_agree_with_the_weight_gradient(n_rows):
 
 
 def test_symmetric_product_fills_the_upper_triangle():
-    from sparsegrad.basis import add_symmetric_product, upper_symmetric
+    from sparsegrad.methods.sparsegrad.basis import add_symmetric_product, upper_symmetric
 
     gen = torch.Generator().manual_seed(1)
     for n in (40, 1500):  # a full update, and the blocked upper-triangle update

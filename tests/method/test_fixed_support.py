@@ -8,7 +8,7 @@ from method_fixtures import make_batches, make_model, random_orthogonal
 from torch import nn
 
 import sparsegrad
-from sparsegrad.fixed_support import (
+from sparsegrad.methods.leading_block.layer import (
     LeadingBlockLinear,
     apply_leading_block,
     build_optimizer,
@@ -73,7 +73,7 @@ def test_forward_and_gradients_match_float64_reference(orientation):
 
 @pytest.mark.parametrize("order", ["project_both", "project_input_first", "project_output_first", None])
 def test_every_association_order_of_the_block_gradient_is_exact(order):
-    from sparsegrad.fixed_support import block_gradient
+    from sparsegrad.methods.leading_block.layer import block_gradient
 
     gen = torch.Generator().manual_seed(5)
     g = torch.randn(9, OUT, generator=gen, dtype=torch.float64)

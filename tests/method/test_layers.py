@@ -1,4 +1,4 @@
-"""SparseGradLinear / MePropLinear against float64 references of the math in sparsegrad.layers."""
+"""SparseGradLinear / MePropLinear against float64 references of the math in sparsegrad.methods.sparsegrad.layer."""
 
 import copy
 import io

@@ -1,4 +1,4 @@
-"""The "leading_block" method (sparsegrad.fixed_support.LeadingBlockLinear) through the public API:
+"""The "leading_block" method (sparsegrad.methods.leading_block.layer.LeadingBlockLinear) through the public API:
 apply_method, build_optimizer, account, merge."""
 
 import pytest
@@ -7,8 +7,8 @@ from method_fixtures import make_batches, make_model
 from torch import nn
 
 import sparsegrad
-from sparsegrad.fixed_support import LeadingBlockLinear
-from sparsegrad.fixed_support import build_optimizer as fixed_support_optimizer
+from sparsegrad.methods.leading_block.layer import LeadingBlockLinear
+from sparsegrad.methods.leading_block.layer import build_optimizer as fixed_support_optimizer
 
 
 def _layers(model):
@@ -74,7 +74,7 @@ def test_apply_method_trains_the_leading_block_and_merges_to_a_plain_bert():
 def test_method_matches_apply_leading_block(orientation):
     batches = make_batches("bert", n=2, seed=4)
     basis = sparsegrad.estimate_basis(make_model("bert"), batches[:1], steps=1)
-    from sparsegrad.fixed_support import apply_leading_block
+    from sparsegrad.methods.leading_block.layer import apply_leading_block
 
     a = sparsegrad.apply_method(make_model("bert"), {"name": "leading_block", "k": 40, "block_factor": 3.0,
                                                      "orientation": orientation}, basis=basis)  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 from method_fixtures import make_batches, make_model
 
 import sparsegrad
-from sparsegrad.fixed_support import LeadingBlockLinear
+from sparsegrad.methods.leading_block.layer import LeadingBlockLinear
 from sparsegrad.optim import LazySparseAdam, sparse_param, sparse_weight_modules
 
 LR_CODE = 9e-5  # the learning rate of the authors' LLaMA code

@@ -9,7 +9,7 @@ from torch import nn
 
 import sparsegrad
 from sparsegrad import LayerBudget, Method, register_method, unregister_method
-from sparsegrad.suite import methods as suite_methods
+from sparsegrad.suite.run import methods as suite_methods
 
 
 # -- a toy method: train only the rows of W with the largest gradient norm, ``rows`` of them per step ------

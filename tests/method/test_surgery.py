@@ -7,7 +7,7 @@ from torch import nn
 
 import sparsegrad
 from sparsegrad import MePropLinear, SparseGradLinear, account, find_targets
-from sparsegrad.fixed_support import LeadingBlockLinear
+from sparsegrad.methods.leading_block.layer import LeadingBlockLinear
 
 METHOD_CFGS = {
     "full": {"name": "full"},

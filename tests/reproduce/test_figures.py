@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sparsegrad.suite import figures
+from sparsegrad.suite.report import figures
 from tests.reproduce.fixture_records import glue_like_records
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sparsegrad.suite import findings, stats
+from sparsegrad.suite.report import findings, stats
 from tests.reproduce.fixture_records import record
 
 T2 = 4.302652729911275  # t(0.975, 2 degrees of freedom)
@@ -142,7 +142,7 @@ def test_loss_task_claims_and_table6_row():
 
 
 def test_markdown_and_tables_md_start_with_findings(tmp_path):
-    from sparsegrad.suite import tables
+    from sparsegrad.suite.report import tables
 
     (tmp_path / "analysis").mkdir()
     import json
@@ -157,7 +157,7 @@ def test_markdown_and_tables_md_start_with_findings(tmp_path):
 
 
 def test_table6_shows_the_interval_over_seeds():
-    from sparsegrad.suite import tables
+    from sparsegrad.suite.report import tables
 
     rs = []
     for seed, v in zip((1, 2, 3), (1.0, 2.0, 3.0)):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sparsegrad.suite import grid, progress, search, sweep
+from sparsegrad.suite.sweep.driver import driver as sweep
+from sparsegrad.suite.sweep.driver import grid, progress, search
 from tests.reproduce.fixture_records import record
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsegrad.suite import tables
+from sparsegrad.suite.report import tables
 from tests.reproduce.fixture_records import ANALOGUE, glue_like_records, record
 
 

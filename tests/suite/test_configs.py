@@ -9,9 +9,9 @@ from suite_fixtures import CONF_DIR, REPO
 
 from experiments.finetune import check_choices, options
 from sparsegrad.suite.errors import IncompatibleTaskError
-from sparsegrad.suite.models import check_compatible
-from sparsegrad.suite.runner import settings_from_config
-from sparsegrad.suite.tasks import TASKS, get_task
+from sparsegrad.suite.run.models import check_compatible
+from sparsegrad.suite.run.runner import settings_from_config
+from sparsegrad.suite.run.tasks import TASKS, get_task
 
 MODELS = options("model")
 METHODS = options("method")
@@ -97,7 +97,7 @@ def test_paper_trainer_takes_the_tasks_eval_interval(compose):
 
 def test_leading_block_options_reach_the_method_layer(compose, tmp_path):
     from sparsegrad import MethodConfig
-    from sparsegrad.suite.methods import BASIS_KINDS, method_config
+    from sparsegrad.suite.run.methods import BASIS_KINDS, method_config
 
     for overrides, factor in (([], 2.0), (["method.options.block_factor=3.0"], 3.0)):
         cfg = compose(["model=tiny_bert", "method=leading_block", *overrides])
@@ -137,7 +137,7 @@ def test_paper_trainer_composes_with_every_kind_of_task(compose, task, tmp_path)
 def test_authors_baseline_switches_reach_the_method_layer(compose, tmp_path):
     """lora_authors / meprop_adamw: the switch is in the method config (and so in the run record), and
     the paper profiles use them."""
-    from sparsegrad.suite.methods import method_config
+    from sparsegrad.suite.run.methods import method_config
 
     lora = _check(compose(["model=bert_base", "method=lora_authors"]), "bert_base", "lora_authors",
                   "movie_sentiment", tmp_path).method

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from suite_fixtures import data_files_override
 
-from sparsegrad.suite.convergence import EarlyStopping, converged, hit_cap
+from sparsegrad.suite.run.convergence import EarlyStopping, converged, hit_cap
 
 
 def run_sequence(stopper: EarlyStopping, values: list[float]) -> tuple[int, int]:
@@ -78,7 +78,7 @@ def test_mlp_only_setting_trains_the_mlps_and_the_head(run_tiny, glue_files):
 def test_task_head_of_a_peft_model():
     import torch.nn as nn
 
-    from sparsegrad.suite.heads import task_head_parameters, unfreeze_task_head
+    from sparsegrad.suite.run.heads import task_head_parameters, unfreeze_task_head
 
     class Backbone(nn.Module):
         def __init__(self):

@@ -8,11 +8,11 @@ import sys
 import pytest
 from suite_fixtures import REPO
 
-from sparsegrad.suite import record as record_lib
+from sparsegrad.suite.run import record as record_lib
 
 
 def _assets_or_skip():
-    from sparsegrad.suite.assets import cache_root, is_ready
+    from sparsegrad.suite.run.assets import cache_root, is_ready
 
     missing = [name for name in ("minilm", "movie_reviews") if not is_ready(name)]
     if missing:

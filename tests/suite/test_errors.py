@@ -7,8 +7,8 @@ import sys
 import pytest
 from suite_fixtures import REPO
 
-from sparsegrad.suite import models, tasks
 from sparsegrad.suite.errors import HubUnreachableError, IncompatibleTaskError
+from sparsegrad.suite.run import models, tasks
 
 
 def test_hub_model_unreachable_names_offline_models(monkeypatch):
@@ -19,7 +19,7 @@ def test_hub_model_unreachable_names_offline_models(monkeypatch):
 
 
 def test_missing_asset_names_make_assets(monkeypatch, tmp_path):
-    from sparsegrad.suite.assets import AssetMissingError
+    from sparsegrad.suite.run.assets import AssetMissingError
 
     monkeypatch.setenv("SPARSEGRAD_CACHE", str(tmp_path / "empty"))
     with pytest.raises(AssetMissingError, match="make assets"):
@@ -55,9 +55,9 @@ def test_decoder_on_regression_task_says_which():
 
 
 def test_suite_imports_no_hydra_or_wandb():
-    code = ("import sys, sparsegrad, sparsegrad.suite.runner, sparsegrad.suite.trainer; "
+    code = ("import sys, sparsegrad, sparsegrad.suite.run.runner, sparsegrad.suite.run.trainer; "
             "bad = [m for m in ('hydra', 'wandb', 'pandas', 'omegaconf') if m in sys.modules]; "
-            "assert not bad, bad; assert 'sparsegrad.suite.runner' not in sys.modules or True")
+            "assert not bad, bad; assert 'sparsegrad.suite.run.runner' not in sys.modules or True")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
-    code = "import sys, sparsegrad; assert 'sparsegrad.suite.runner' not in sys.modules"
+    code = "import sys, sparsegrad; assert 'sparsegrad.suite.run.runner' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

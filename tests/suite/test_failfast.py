@@ -20,10 +20,10 @@ import pytest
 from suite_fixtures import REPO, data_files_override
 
 from experiments.finetune import resolve
-from sparsegrad.suite import runner
 from sparsegrad.suite.errors import ConfigError, SuiteError, hub_model_message, signal_message
-from sparsegrad.suite.settings import check_data_files, check_override_keys, closest, settings_from_config
-from sparsegrad.suite.trainer import divergence
+from sparsegrad.suite.run import runner
+from sparsegrad.suite.run.settings import check_data_files, check_override_keys, closest, settings_from_config
+from sparsegrad.suite.run.trainer import divergence
 
 
 def _problems(compose, overrides, tmp_path) -> list[str]:
@@ -288,7 +288,7 @@ def test_signal_messages():
 
 
 def test_the_sweep_driver_reports_a_sigkilled_child_as_a_likely_oom(tmp_path):
-    from sparsegrad.suite import sweep
+    from sparsegrad.suite.sweep.driver import driver as sweep
 
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\nkill -9 $$\n")
@@ -341,7 +341,7 @@ def test_an_unknown_method_kind_is_refused_before_any_data_loads(run_tiny, glue_
 
 def test_the_settings_check_imports_no_torch_and_the_method_layer_still_loads_whole():
     code = ("import sys\n"
-            "import sparsegrad.suite.settings, sparsegrad.suite.runner\n"
+            "import sparsegrad.suite.run.settings, sparsegrad.suite.run.runner\n"
             "assert 'torch' not in sys.modules\n"
             "import sparsegrad\n"
             "assert sparsegrad.apply_method is not None and 'torch' in sys.modules\n"
@@ -355,9 +355,9 @@ def test_the_choices_in_the_settings_match_what_the_code_accepts():
     import typing
 
     from sparsegrad import optim
-    from sparsegrad.suite.data import CHAT_TEMPLATES
-    from sparsegrad.suite.models import ModelSettings
-    from sparsegrad.suite.settings import TrainerSettings
+    from sparsegrad.suite.run.data import CHAT_TEMPLATES
+    from sparsegrad.suite.run.models import ModelSettings
+    from sparsegrad.suite.run.settings import TrainerSettings
 
     def literals(hint) -> set:
         if typing.get_origin(hint) is typing.Literal:

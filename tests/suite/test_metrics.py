@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sparsegrad.suite import metrics
+from sparsegrad.suite.run import metrics
 
 
 def test_accuracy_and_f1_by_hand():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sparsegrad.suite import record as record_lib
+from sparsegrad.suite.run import record as record_lib
 
 
 def minimal_record(status="completed"):

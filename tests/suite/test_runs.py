@@ -6,8 +6,8 @@ import math
 import pytest
 from suite_fixtures import data_files_override
 
-from sparsegrad.suite import record as record_lib
 from sparsegrad.suite.errors import IncompatibleTaskError
+from sparsegrad.suite.run import record as record_lib
 
 METHODS = ["full", "lora", "meprop", "meprop_output", "sparsegrad", "sparsegrad_official", "leading_block"]
 SPARSE = {"meprop", "sparsegrad", "sparsegrad_official", "leading_block"}
@@ -137,7 +137,7 @@ def test_divergence_stops_the_run(run_tiny, glue_files):
 
 
 def test_ctrl_c_writes_an_interrupted_record(run_tiny, glue_files, monkeypatch, tmp_path):
-    from sparsegrad.suite import trainer
+    from sparsegrad.suite.run import trainer
 
     calls = {"n": 0}
     original = trainer.evaluate

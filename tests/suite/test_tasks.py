@@ -3,8 +3,8 @@
 import pytest
 from suite_fixtures import GLUE_SCHEMAS, glue_rows, oasst1_rows, write_csv
 
-from sparsegrad.suite import tasks
 from sparsegrad.suite.errors import ConfigError, DataError
+from sparsegrad.suite.run import tasks
 
 
 @pytest.mark.parametrize("name", list(GLUE_SCHEMAS))

@@ -1,0 +1,10 @@
+"""MeProp: top-k of dL/dW (mode ``weight``) or dL/dY (mode ``output``) in the original space.
+
+* :mod:`~sparsegrad.methods.meprop.layer` — :class:`MePropLinear` and its autograd function;
+* :mod:`~sparsegrad.methods.meprop.method` — the registration (``name="meprop"``).
+"""
+
+from sparsegrad.methods.meprop.layer import MePropLinear
+from sparsegrad.methods.meprop.method import MeProp, meprop_optimizer
+
+__all__ = ["MeProp", "MePropLinear", "meprop_optimizer"]

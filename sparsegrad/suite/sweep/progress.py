@@ -1,0 +1,273 @@
+"""A profile's plan before it starts, and one progress bar with an ETA over its runs.
+
+:func:`make_plan` counts the runs a profile still has to do (sweep trials, seed re-runs, kept-fraction
+runs; what the run records under ``results/<profile>/records`` already hold is not counted again, so a
+resumed profile plans only the rest) and estimates how long they take from measured speed:
+
+    seconds per run = overhead + steps / (steps per second)
+
+per (model, method), taken from this profile's own run records where it has some (their median
+``steps_per_second``, ``optimizer_steps`` and the rest of ``wall_seconds`` as overhead), else from the
+profile's ``plan`` section (numbers measured on 2 CPU cores, one thread per run; keyed by method, with
+an optional ``default``). Runs launched ``jobs`` at a time divide the sum by ``jobs`` where the speed was
+measured in this profile's records (their wall times already include the sharing of the cores), and by
+``min(jobs, cores / threads per run)`` where it comes from the plan section (the speed of a run alone):
+three one-thread runs at a time on 2 cores go no faster than two.
+
+:class:`RunProgress` shows one tqdm bar over the planned runs. The driver's runs are Hydra subprocesses,
+so the bar polls the work folder for new ``record.json`` files while the driver waits on each
+subprocess (:meth:`RunProgress.wait`). Its ETA is the plan's (less the time elapsed) until a first
+batch of ``jobs`` runs has finished (or the plan's time has passed), then the measured pace (elapsed / runs
+done) times the runs left.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ESTIMATE = {"steps_per_second": 2.0, "steps_per_run": 100, "overhead_seconds": 30.0}
+
+
+@dataclass
+class PlannedStudy:
+    model: str
+    method: str
+    task: str
+    sweep: int  # trials to run
+    seeds: int  # seed re-runs to run
+    kept: int = 0  # kept-fraction runs to run
+    seconds_per_run: float = 0.0
+    source: str = ""  # where the estimate comes from
+    measured: bool = False  # the estimate comes from this profile's records (wall times under sharing)
+
+    @property
+    def runs(self) -> int:
+        return self.sweep + self.seeds + self.kept
+
+
+@dataclass
+class Plan:
+    profile: str
+    studies: list[PlannedStudy]
+    jobs: int = 1
+    done: int = 0  # runs already in the records (reused)
+    notes: list[str] = field(default_factory=list)
+    slots: int | None = None  # runs the cores can carry at once (cores / threads per run); None: jobs
+
+    @property
+    def runs(self) -> int:
+        return sum(s.runs for s in self.studies)
+
+    @property
+    def parallel(self) -> int:
+        return max(1, min(self.jobs, self.slots or self.jobs))
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.runs * s.seconds_per_run / max(1, self.jobs if s.measured else self.parallel)
+                   for s in self.studies)
+
+    def describe(self) -> str:
+        by_stage = (sum(s.sweep for s in self.studies), sum(s.seeds for s in self.studies),
+                    sum(s.kept for s in self.studies))
+        lines = [f"plan: {self.runs} runs to do ({by_stage[0]} sweep trials, {by_stage[1]} seed re-runs, "
+                 f"{by_stage[2]} kept-fraction runs; {self.done} already in the records), {self.jobs} at a time"
+                 f"{f' on {self.slots} cores' if self.slots and self.slots < self.jobs else ''}; expected {fmt_duration(self.seconds)}"]
+        per: dict[tuple[str, str], list[PlannedStudy]] = defaultdict(list)
+        for s in self.studies:
+            per[(s.model, s.method)].append(s)
+        for (model, method), ss in sorted(per.items()):
+            n = sum(s.runs for s in ss)
+            if n:
+                lines.append(f"  {model} / {method}: {n} runs x ~{ss[0].seconds_per_run:.0f} s ({ss[0].source})")
+        lines += [f"  {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------------------ estimate
+def measured_speed(records: Iterable[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """(model, method) -> median steps/s, steps per run and overhead seconds of completed runs."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        tr = r.get("training") or {}
+        if r.get("status") == "completed" and tr.get("steps_per_second") and tr.get("optimizer_steps"):
+            groups[(r["model"], r["method"])].append(r)
+    out = {}
+    for key, rs in groups.items():
+        sps = statistics.median(float(r["training"]["steps_per_second"]) for r in rs)
+        steps = statistics.median(float(r["training"]["optimizer_steps"]) for r in rs)
+        overhead = statistics.median(max(0.0, float(r.get("wall_seconds") or 0.0)
+                                         - float(r["training"]["optimizer_steps"]) / float(r["training"]["steps_per_second"]))
+                                     for r in rs)
+        out[key] = {"steps_per_second": sps, "steps_per_run": steps, "overhead_seconds": overhead, "runs": len(rs)}
+    return out
+
+
+def _profile_estimate(section: dict | None, method: str) -> dict[str, float]:
+    section = section or {}
+    est = dict(DEFAULT_ESTIMATE)
+    for key in ("steps_per_second", "steps_per_run", "overhead_seconds"):
+        value = section.get(key)
+        if isinstance(value, dict):
+            value = value.get(method, value.get("default"))
+        if value is not None:
+            est[key] = float(value)
+    return est
+
+
+def seconds_per_run(est: dict[str, float]) -> float:
+    return est["overhead_seconds"] + est["steps_per_run"] / max(est["steps_per_second"], 1e-9)
+
+
+def threads_per_run(overrides: Iterable[str]) -> int:
+    """``trainer.threads=N`` among a profile's overrides (1 when it is not set there)."""
+    for o in overrides or ():
+        key, _, value = str(o).partition("=")
+        if key.lstrip("+~") == "trainer.threads" and value.strip().isdigit():
+            return max(1, int(value))
+    return 1
+
+
+def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[str] | None = None,
+              cores: int | None = None) -> Plan:
+    """The runs ``profile`` (a :class:`sparsegrad.suite.sweep.driver.Profile`) still has to do, with their duration.
+
+    ``cores``: the CPU cores the runs share (default: this machine's).
+    """
+    models = list(models or profile.models)
+    speed = measured_speed(records)
+    section = getattr(profile, "plan", None)
+    n_trials = int((profile.sweep or {}).get("n_trials", 0)) if profile.best_from == "sweep" else 0
+    kf = profile.kept_fraction or {}
+    studies = []
+    done = 0
+    for model in models:
+        for task in profile.tasks:
+            for method in profile.methods:
+                mine = [r for r in records if (r.get("model"), r.get("method"), r.get("task")) == (model, method, task)]
+                trials = sum(1 for r in mine if r.get("_stage") == "sweep")
+                seeds = {int(r["seed"]) for r in mine if r.get("_stage") == "seeds"
+                         and r.get("status") in ("completed", "diverged")}
+                kept_done = sum(1 for r in mine if r.get("_stage") == "kept")
+                kept_total = 0
+                if method == "sparsegrad" and model in kf.get("models", []) and task in kf.get("tasks", []):
+                    kept_total = len(kf.get("k", [])) * len(kf.get("seeds", profile.seeds))
+                todo_seeds = len([s for s in profile.seeds if s not in seeds])
+                if (profile.sweep or {}).get("grid") and profile.best_from == "sweep":
+                    from sparsegrad.suite.sweep.grid import grid_values
+
+                    n_trials = len(grid_values(profile.sweep, model, method))
+                done += min(trials, n_trials) + len(profile.seeds) - todo_seeds + min(kept_done, kept_total)
+                if (model, method) in speed:
+                    est, source = speed[(model, method)], f"measured in {speed[(model, method)]['runs']} run records"
+                else:
+                    est, source = _profile_estimate(section, method), "profile plan section" if section else "default guess"
+                studies.append(PlannedStudy(model, method, task, max(0, n_trials - trials), todo_seeds,
+                                            max(0, kept_total - kept_done), seconds_per_run(est), source,
+                                            measured=(model, method) in speed))
+    notes = []
+    if section and section.get("measured"):
+        notes.append(f"speeds measured: {section['measured']}")
+    slots = max(1, (cores or os.cpu_count() or 1) // threads_per_run(getattr(profile, "overrides", None) or ()))
+    return Plan(profile.name, studies, max(1, int(jobs)), done, notes, slots=slots)
+
+
+# ------------------------------------------------------------------------------------------ progress
+class RunProgress:
+    """One progress bar over a plan's runs, fed by the run records that appear under ``work_dir``."""
+
+    def __init__(self, plan: Plan, work_dir: Path, file=None, poll_seconds: float = 2.0):
+        from tqdm.auto import tqdm
+
+        self.plan = plan
+        self.work_dir = Path(work_dir)
+        self.poll_seconds = poll_seconds
+        self.seen = set(self._records())
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=plan.runs, desc=f"{plan.profile}", unit="run", file=file or sys.stderr,
+                        dynamic_ncols=True, mininterval=5.0, bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}")
+        self._show_eta()
+
+    def _records(self) -> list[Path]:
+        return list(self.work_dir.rglob("record.json")) if self.work_dir.exists() else []
+
+    def eta_seconds(self) -> float:
+        done, total = self.bar.n, self.plan.runs
+        if total <= 0:
+            return 0.0
+        elapsed = time.perf_counter() - self.started
+        if done < self.plan.jobs:  # runs finish a batch at a time: one run of a batch says little of the pace
+            if elapsed < self.plan.seconds:
+                return self.plan.seconds - elapsed
+            if done == 0:
+                return math.nan  # past the plan, and no run finished yet: unknown
+        return elapsed / done * max(0, total - done)
+
+    def _show_eta(self) -> None:
+        left, eta = self.plan.runs - self.bar.n, self.eta_seconds()
+        if math.isnan(eta):
+            text = "ETA unknown (past the plan)"
+        else:  # to 10 s under 90 s: a log file is not given a new line every poll
+            text = f"ETA {fmt_duration(eta if eta >= 90 else 10 * math.ceil(eta / 10))}"
+        text = text if left > 0 else "done"
+        now = time.perf_counter()
+        # redraw on news, else every 30 s: a log file gets a line per change, a terminal a ticking clock
+        if text != getattr(self, "_shown", None) or now - getattr(self, "_drawn", 0.0) >= 30:
+            self._shown, self._drawn = text, now
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def poll(self) -> int:
+        """Count the runs finished since the last poll; returns how many."""
+        new = [p for p in self._records() if p not in self.seen]
+        self.seen.update(new)
+        step = min(len(new), max(0, self.plan.runs - self.bar.n))
+        if step:
+            self.bar.update(step)
+        self._show_eta()
+        return len(new)
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        """Wait for ``proc`` like ``proc.wait()``, moving the bar as its runs finish."""
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=self.poll_seconds)
+                except subprocess.TimeoutExpired:
+                    self.poll()
+        finally:
+            self.poll()
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.poll()
+        self.bar.close()
+
+
+def describe_budget(plan: Plan, budget_minutes: Any) -> str | None:
+    """A warning line when the plan exceeds the profile's stated budget."""
+    if budget_minutes is None:
+        return None
+    if plan.seconds > 60 * float(budget_minutes):
+        return (f"note: the plan ({fmt_duration(plan.seconds)}) exceeds this profile's budget of {budget_minutes} min "
+                "on 2 CPU cores (the machine may be busier or slower than where it was measured)")
+    return None

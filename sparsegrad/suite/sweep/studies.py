@@ -1,0 +1,305 @@
+"""Optuna studies that many workers share: storage, trial budget, heartbeat, retry, best trial.
+
+No Hydra here: the Optuna sweeper plugin (``hydra_plugins/sparsegrad_optuna_sweeper``) and the
+``make reproduce-glue`` driver (:mod:`sparsegrad.suite.sweep.driver`) both build on these functions.
+
+**The budget is a queue of tickets.** The worker that creates a study (study names are unique in every
+Optuna storage, so exactly one worker wins) records the budget ``n_trials`` and enqueues that many empty
+WAITING trials, one per slot. Every worker then claims WAITING trials one at a time (Optuna's
+WAITING -> RUNNING switch is atomic in the RDB and journal storages) and samples the claimed trial's
+setting only then, with a sampler seeded by ``seed + trial number``: two workers never sample with the
+same seed and history, so no setting is drawn twice, and N workers together run exactly ``n_trials``.
+A later run with a larger ``n_trials`` adds the missing tickets (do that from one worker).
+
+**Heartbeat.** A worker writes the time into each trial it runs every ``interval`` seconds (a trial
+system attribute, so it works on every storage, the journal file included). A RUNNING trial whose last
+heartbeat (or start) is older than ``grace`` seconds belongs to a dead worker: any worker marks it FAIL
+and re-queues its setting once (:func:`retry`, Optuna's retry attributes); a second death leaves it
+FAIL. Workers exit only when no ticket is WAITING or RUNNING, so a killed worker's trial
+is retried by the others, or by the same worker restarted. Clocks of machines sharing a study must agree
+to well within ``grace`` (NTP).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+HEARTBEAT_ATTR = "sparsegrad:heartbeat"  # trial system attribute: time.time() of the last heartbeat
+TICKET_ATTR = "sparsegrad:slot"  # trial system attribute: the budget slot a ticket fills
+BUDGET_ATTR = "sparsegrad:budget"  # study system attribute: n_trials
+INTERRUPTED_ATTR = "interrupted"  # user attribute of a trial stopped by Ctrl-C (its slot is re-queued)
+HEARTBEAT_INTERVAL, GRACE_PERIOD = 10.0, 30.0  # seconds
+
+
+class StudyError(Exception):
+    """A storage or study problem the user can fix; one line."""
+
+
+# ------------------------------------------------------------------------------------------ storage
+def is_journal(url: str) -> bool:
+    return url.startswith("journal:") or url.endswith((".log", ".journal"))
+
+
+def upgrade_command(url: str) -> str:
+    """The shell command that upgrades an old study database (Optuna's CLI of this environment)."""
+    import sys
+
+    cli = Path(sys.executable).parent / "optuna"
+    return f"{cli if cli.exists() else 'optuna'} storage upgrade --storage '{url}'"
+
+
+def open_storage(url: str | None, attempts: int = 40):
+    """An Optuna storage for ``url``: a SQLAlchemy URL (sqlite:///..., postgresql://...), or a journal file
+    (journal:///abs/path.log, or any path ending .log): Optuna's JournalStorage, for machines that share a
+    file system but no database server. None: in memory (one process only).
+
+    Workers started together on an empty database race to create its tables; the loser retries."""
+    import optuna
+
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    if is_journal(url):
+        path = Path(url.removeprefix("journal://")) if url.startswith("journal:") else Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 120}}  # many workers on one file: wait for the lock
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except RuntimeError as exc:
+            if "storage upgrade" in str(exc):
+                raise StudyError(f"the study database {url} was written by an older Optuna; upgrade it once "
+                                 f"(this cannot be undone) with: {upgrade_command(url)}") from None
+            raise
+        except ModuleNotFoundError as exc:
+            raise StudyError(f"{url}: the database driver is missing ({exc}); for PostgreSQL install the "
+                             f"extra: pip install -e '.[postgres]'") from None
+        except Exception as exc:  # noqa: BLE001 - concurrent schema creation (duplicate table/type, locked)
+            last = exc
+            time.sleep(0.2 + random.random() * min(2.0, 0.2 * (attempt + 1)))
+    raise StudyError(f"could not open the study storage {url}: {type(last).__name__}: {last}")
+
+
+# ------------------------------------------------------------------------------------------- budget
+def _get_or_create(storage, name: str, direction: str):
+    """(study, created): exactly one of many concurrent callers gets created=True."""
+    import optuna
+
+    try:
+        return optuna.create_study(study_name=name, storage=storage, direction=direction), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage), False
+
+
+def _ticket(slot: int):
+    import optuna
+
+    return optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, system_attrs={TICKET_ATTR: slot})
+
+
+def _counted_legacy(trials) -> int:
+    """Finished trials made without tickets (studies from before the queue); Ctrl-C'd ones do not count."""
+    return sum(1 for t in trials if TICKET_ATTR not in t.system_attrs and t.state.is_finished()
+               and not t.user_attrs.get(INTERRUPTED_ATTR))
+
+
+def prepare(storage, name: str, direction: str, n_trials: int, wait_s: float = 60.0):
+    """Open (or create) study ``name`` with a budget of ``n_trials`` trials in total over all workers."""
+    study, created = _get_or_create(storage, name, direction)
+    if created:
+        study._storage.set_study_system_attr(study._study_id, BUDGET_ATTR, int(n_trials))
+        for slot in range(n_trials):
+            study.add_trial(_ticket(slot))
+        return study
+    deadline = time.time() + wait_s
+    while True:  # the creator writes the budget right after creating the study
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        trials = study.get_trials(deepcopy=False)
+        if BUDGET_ATTR in attrs or trials or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    budget = attrs.get(BUDGET_ATTR)
+    if budget is None:  # a study from before the queue: its finished trials use up budget
+        budget = _counted_legacy(trials)
+        study._storage.set_study_system_attr(study._study_id, BUDGET_ATTR, int(budget))
+    if n_trials > budget:  # a larger budget than before: add the missing tickets
+        slots = [t.system_attrs[TICKET_ATTR] for t in trials if TICKET_ATTR in t.system_attrs]
+        first = max(slots) + 1 if slots else 0
+        study._storage.set_study_system_attr(study._study_id, BUDGET_ATTR, int(n_trials))
+        for slot in range(first, first + n_trials - budget):
+            study.add_trial(_ticket(slot))
+    return study
+
+
+def progress(study) -> dict[str, int]:
+    """Budget, slots used, and WAITING / RUNNING tickets of a study."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    budget = int(study._storage.get_study_system_attrs(study._study_id).get(BUDGET_ATTR, 0))
+    slots = {t.system_attrs[TICKET_ATTR] for t in trials if TICKET_ATTR in t.system_attrs}
+    return {"budget": budget, "slots": len(slots) + _counted_legacy(trials),
+            "waiting": sum(1 for t in trials if t.state == TrialState.WAITING),
+            "running": sum(1 for t in trials if t.state == TrialState.RUNNING)}
+
+
+def claim(study, limit: int, into: list[int] | None = None) -> list[int]:
+    """Switch up to ``limit`` WAITING trials to RUNNING for this worker; their trial ids (appended to
+    ``into`` one by one, so that a caller interrupted half-way knows what it holds)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    mine: list[int] = [] if into is None else into
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if len(mine) >= limit:
+            break
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                mine.append(t._trial_id)
+                study._storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return mine
+
+
+def requeue(study, frozen) -> None:
+    """Put the slot of a trial stopped by Ctrl-C back in the queue (a fresh ticket; the trial says FAIL)."""
+    slot = frozen.system_attrs.get(TICKET_ATTR)
+    if slot is not None:
+        study.add_trial(_ticket(slot))
+
+
+def retry(study, failed, max_retry: int = 1) -> bool:
+    """Queue the setting of a failed trial again, at most ``max_retry`` times per original trial. The
+    system attributes ``failed_trial`` and ``retry_history`` follow Optuna's own retry callback
+    (``RetryHeartbeatStaleTrialCallback.retry_history`` reads them); user attributes are not copied."""
+    import optuna
+
+    history = [*failed.system_attrs.get("retry_history", []), failed.number]
+    if len(history) > max_retry:
+        return False
+    attrs = {"failed_trial": history[0], "retry_history": history}
+    if TICKET_ATTR in failed.system_attrs:
+        attrs[TICKET_ATTR] = failed.system_attrs[TICKET_ATTR]
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=failed.params,
+                                              distributions=failed.distributions, system_attrs=attrs))
+    return True
+
+
+# ---------------------------------------------------------------------------------------- heartbeat
+class Heartbeat:
+    """A daemon thread that writes the time into every trial this worker runs, every ``interval`` s, and
+    then calls ``on_beat`` (the sweeper fails stale trials there, so a dead worker's trial is settled
+    within ``grace + interval`` seconds even while every live worker is busy with a long trial)."""
+
+    def __init__(self, storage, interval: float = HEARTBEAT_INTERVAL, on_beat: Callable[[], Any] | None = None):
+        self.storage, self.interval, self.on_beat = storage, float(interval), on_beat
+        self.trial_ids: set[int] = set()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="optuna-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.add(trial_id)
+
+    def remove(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.discard(trial_id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                ids = sorted(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                except Exception:  # noqa: BLE001 - finished meanwhile, or the database blinked: next beat
+                    pass
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception:  # noqa: BLE001 - the next beat tries again
+                    pass
+
+
+def last_sign_of_life(frozen) -> float:
+    start = frozen.datetime_start.timestamp() if frozen.datetime_start else 0.0
+    return max(float(frozen.system_attrs.get(HEARTBEAT_ATTR, 0.0)), start)
+
+
+def fail_stale(study, grace: float = GRACE_PERIOD, finished: Callable[[Any], float | None] | None = None,
+               max_retry: int = 1) -> list[int]:
+    """Mark RUNNING trials without a heartbeat for ``grace`` seconds FAIL and re-queue their setting once.
+    ``finished(frozen)`` may return the objective of a run that ended before its worker died: that trial
+    is told COMPLETE instead. Returns the numbers of the trials settled here."""
+    import optuna
+    from optuna.trial import TrialState
+
+    now, settled = time.time(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if now - last_sign_of_life(t) < grace:
+            continue
+        value = finished(t) if finished is not None else None
+        try:
+            if value is not None:
+                study._storage.set_trial_user_attr(t._trial_id, "recovered_from_record", True)
+                study.tell(t.number, value)
+            else:  # the attribute first: a finished trial takes none
+                study._storage.set_trial_user_attr(t._trial_id, "stale_heartbeat", True)
+                if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    continue
+                retry(study, study._storage.get_trial(t._trial_id), max_retry)
+            settled.append(t.number)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
+            continue  # another worker settled it first
+    return settled
+
+
+# --------------------------------------------------------------------------------------- best trial
+def tie_break_key(value: float, started: str, higher: bool) -> tuple:
+    """Sort key of the best-trial rule shared by the driver and the tables: the best objective; among
+    equal objectives the trial that started first (then the name, ``started`` ties): the same choice
+    on every machine and run, never file order, and the one Optuna itself makes within one study."""
+    return (-value if higher else value, started)
+
+
+def pick_best(candidates: Iterable[tuple[float | None, str, Any]], higher: bool) -> Any:
+    """The payload of the best (objective, started, payload) candidate, or None."""
+    best = None
+    for value, started, payload in candidates:
+        if value is None or not math.isfinite(float(value)):
+            continue
+        key = tie_break_key(float(value), started, higher)
+        if best is None or key < best[0]:
+            best = (key, payload)
+    return None if best is None else best[1]
+
+
+def best_trial(study):
+    """The study's best COMPLETE trial under :func:`tie_break_key`."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    higher = study.direction == StudyDirection.MAXIMIZE
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return pick_best(((t.value, f"{t.datetime_start.isoformat() if t.datetime_start else ''}|{t.number:09d}", t)
+                      for t in trials), higher)
