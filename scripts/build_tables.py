@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--analysis", type=Path, default=None)
     args = parser.parse_args(argv)
     from sparsegrad.suite.report import figures, tables
-    from sparsegrad.suite.sweep.driver import driver as sweep
-    from sparsegrad.suite.sweep.driver import runrecords
+    from sparsegrad.suite.sweep import driver as sweep
+    from sparsegrad.suite.sweep import runrecords
 
     try:
         if args.profile:

@@ -56,7 +56,7 @@ def check_shared_study(storage, study_name, n_trials, killed=0):
     (with the dead trial's setting) per killed worker."""
     import optuna
 
-    from sparsegrad.suite.sweep.driver import studies
+    from sparsegrad.suite.sweep import studies
 
     study = optuna.load_study(study_name=study_name, storage=studies.open_storage(storage))
     state = optuna.trial.TrialState
@@ -96,7 +96,7 @@ def test_three_trial_optuna_sweep_with_sqlite_storage(tmp_path):
 
 
 def test_an_old_study_database_gets_one_line_with_the_upgrade_command(tmp_path):
-    from sparsegrad.suite.sweep.driver import studies
+    from sparsegrad.suite.sweep import studies
 
     db = tmp_path / "optuna.db"
     shutil.copyfile(OLD_DB, db)

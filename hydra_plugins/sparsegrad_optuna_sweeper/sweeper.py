@@ -132,7 +132,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list:
         import optuna
 
-        from sparsegrad.suite.sweep.driver import studies
+        from sparsegrad.suite.sweep import studies
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         c = self.conf
@@ -223,7 +223,7 @@ class OptunaSweeper(Sweeper):
         """Trials this worker still holds get no result: FAIL, not counted (user attribute), slot queued again."""
         import optuna
 
-        from sparsegrad.suite.sweep.driver import studies
+        from sparsegrad.suite.sweep import studies
 
         for trial_id in trial_ids:
             heartbeat.remove(trial_id)
@@ -238,7 +238,7 @@ class OptunaSweeper(Sweeper):
                 log.warning(f"trial id {trial_id}: could not be given back ({err}); retried after the grace period")
 
     def _write_results(self, study) -> None:
-        from sparsegrad.suite.sweep.driver import studies
+        from sparsegrad.suite.sweep import studies
 
         best = studies.best_trial(study)
         out = {"name": "optuna", "study": study.study_name,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from sparsegrad.suite.report import tables
-from sparsegrad.suite.sweep.driver import driver as sweep
-from sparsegrad.suite.sweep.driver import runrecords
+from sparsegrad.suite.sweep import driver as sweep
+from sparsegrad.suite.sweep import runrecords
 from tests.reproduce.fixture_records import record
 
 ROOT = Path(__file__).resolve().parents[2]

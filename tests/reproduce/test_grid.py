@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sparsegrad.suite.sweep.driver import driver as sweep
-from sparsegrad.suite.sweep.driver import grid, progress, search
+from sparsegrad.suite.sweep import driver as sweep
+from sparsegrad.suite.sweep import grid, progress, search
 from tests.reproduce.fixture_records import record
 
 

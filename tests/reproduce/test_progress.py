@@ -8,8 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from sparsegrad.suite.sweep.driver import driver as sweep
-from sparsegrad.suite.sweep.driver import progress
+from sparsegrad.suite.sweep import driver as sweep
+from sparsegrad.suite.sweep import progress
 from tests.reproduce.fixture_records import record
 
 PLAN_SECTION = {"steps_per_second": {"full": 2.0, "sparsegrad": 1.0}, "steps_per_run": 100, "overhead_seconds": 10,

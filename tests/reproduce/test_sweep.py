@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsegrad.suite.sweep.driver import driver as sweep
+from sparsegrad.suite.sweep import driver as sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = Path(__file__).parent / "fixtures" / "diverging_app" / "app.py"
@@ -270,7 +270,7 @@ def _fake_runs(driver: sweep.Driver, calls: list[tuple[str, str]]) -> None:
         folder = driver.layout.records / stage / name
         folder.mkdir(parents=True, exist_ok=True)
         if stage == "sweep":  # claim the study's queued trials and finish them (the highest lr wins)
-            from sparsegrad.suite.sweep.driver import studies
+            from sparsegrad.suite.sweep import studies
 
             study = optuna.load_study(study_name=over["hydra.sweeper.study_name"],
                                       storage=over["hydra.sweeper.storage"])

@@ -288,7 +288,7 @@ def test_signal_messages():
 
 
 def test_the_sweep_driver_reports_a_sigkilled_child_as_a_likely_oom(tmp_path):
-    from sparsegrad.suite.sweep.driver import driver as sweep
+    from sparsegrad.suite.sweep import driver as sweep
 
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\nkill -9 $$\n")

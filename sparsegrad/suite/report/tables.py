@@ -274,7 +274,7 @@ def table_best(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
     for r in by_stage(records, "sweep"):
         trials[(r["model"], r["method"], r["task"])][r.get("status", "?")] += 1
     best = best_trials(records)
-    from sparsegrad.suite.sweep.driver import search  # what each study tried, and a best value at its edge
+    from sparsegrad.suite.sweep import search  # what each study tried, and a best value at its edge
 
     searched = search.tried(records)
     rows = []

@@ -16,8 +16,11 @@ def __getattr__(name: str):
     if name.startswith("__"):
         raise AttributeError(name)
     import importlib
+    import importlib.util
 
-    driver = importlib.import_module("sparsegrad.suite.sweep.driver")
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a module of this package
+        return importlib.import_module(f"{__name__}.{name}")
+    driver = importlib.import_module(f"{__name__}.driver")
     try:
         return getattr(driver, name)
     except AttributeError:

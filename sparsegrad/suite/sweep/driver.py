@@ -85,7 +85,7 @@ def study_state(storage: str, name: str, direction: str, n_trials: int | None = 
     run record's objective when the run had finished, else FAIL and queued again once."""
     import optuna
 
-    from sparsegrad.suite.sweep.driver import studies
+    from sparsegrad.suite.sweep import studies
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -474,7 +474,7 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
             driver.say("fresh start: every earlier record and study of the profile is ignored" +
                        (f"; moved aside: {', '.join(moved)}" if moved else ""))
         driver.say(f"{prof.description} -> {_rel(layout.results)} (runs in {_rel(layout.work)})")
-        from sparsegrad.suite.sweep.driver import progress  # the plan first; then one progress bar over the runs
+        from sparsegrad.suite.sweep import progress  # the plan first; then one progress bar over the runs
 
         records = []
         if not opts.dry_run:
