@@ -33,7 +33,7 @@ from pathlib import Path
 from sparsegrad.suite.report import stats
 from sparsegrad.suite.run.convergence import converged
 
-PAPER_CSV = Path(__file__).resolve().parents[2] / "results" / "paper" / "paper_numbers.csv"
+PAPER_CSV = Path(__file__).resolve().parents[3] / "results" / "paper" / "paper_numbers.csv"
 LOSS_METRICS = ("loss", "perplexity")
 C_MARGIN = -1.0  # claim (c): SparseGrad - full FT > -1 point
 CLAIMS = {

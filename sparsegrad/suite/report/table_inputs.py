@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PAPER_CSV = Path(__file__).resolve().parents[2] / "results" / "paper" / "paper_numbers.csv"
+PAPER_CSV = Path(__file__).resolve().parents[3] / "results" / "paper" / "paper_numbers.csv"
 # the paper's row a method config stands for (the paper's LoRA and MeProp numbers are the authors' variants)
 PAPER_METHOD = {"lora_authors": "lora", "meprop_adamw": "meprop"}
 # (out x in) of each MLP matrix, to turn a budget k (a count) into the kept share

@@ -108,7 +108,7 @@ class MemoryMeter:
 
 def git_state(root: str | os.PathLike | None = None) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the repository holding this package; (None, None) outside git."""
-    root = Path(root) if root else Path(__file__).resolve().parents[2]
+    root = Path(root) if root else Path(__file__).resolve().parents[3]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONF_DIR = ROOT / "conf"
 PAPER_CSV = ROOT / "results" / "paper" / "paper_numbers.csv"
 STORAGE_ENV = "SPARSEGRAD_OPTUNA_STORAGE"
