@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore every earlier record and study of the profile: run everything again from "
-                             "scratch into results/local/<profile> (an earlier one there is moved aside)")
+                             "scratch into results/local/<profile> (an earlier one there is moved aside; "
+                             "one a live driver is running is joined instead)")
     parser.add_argument("--results", default=None, metavar="DIR",
                         help="results root other than results/ (e.g. results/local to resume a --fresh run)")
     args = parser.parse_args(argv)

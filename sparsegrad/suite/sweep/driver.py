@@ -21,7 +21,8 @@ For each (model, method, task) of a profile (:mod:`sparsegrad.suite.sweep.profil
 Every run record of this results folder (and only those: :mod:`sparsegrad.suite.sweep.runrecords`) is copied
 to ``results/<profile>/records/<stage>/<study>/<run_id>.json``; the Hydra run folders stay under
 ``outputs/reproduce/<profile>/``, one folder per run. ``--fresh`` ignores every earlier record and
-study: it runs everything again into ``results/local/<profile>`` (an earlier one there is moved aside).
+study: it runs everything again into ``results/local/<profile>`` (an earlier one there is moved aside;
+while a live driver works there, a fresh start joins its run instead).
 Nothing here raises to the user: failures print one line and a non-zero exit code.
 
 Longer than 500 lines because :class:`Driver` is one job, the stages above with the claims, subprocesses
@@ -45,7 +46,7 @@ from sparsegrad.suite.sweep.profiles import CONF_DIR, EXIT_FAILED, EXIT_INTERRUP
 from sparsegrad.suite.sweep.profiles import POLL_SECONDS, RESULTS_ENV, ROOT, STORAGE_ENV, WORK_ENV  # noqa: F401
 from sparsegrad.suite.sweep.profiles import Layout, Profile, ReproduceError, _rel, available_profiles  # noqa: F401
 from sparsegrad.suite.sweep.profiles import load_profile, paper_best_setting, resume_command, start_fresh  # noqa: F401
-from sparsegrad.suite.sweep.profiles import fresh_command, reuse_message, study_name  # noqa: F401
+from sparsegrad.suite.sweep.profiles import enter_results, fresh_command, reuse_message, study_name  # noqa: F401
 from sparsegrad.suite.sweep.runrecords import STAGES, Claim, best_sweep_records, describe_problems  # noqa: F401
 from sparsegrad.suite.sweep.runrecords import done_seeds, finished_sweep_record, same_lr, setting  # noqa: F401
 from sparsegrad.suite.sweep.runrecords import harvest as _harvest
@@ -281,6 +282,8 @@ class Driver:
             return Claim(self.layout.work / "dry-run-claims", key)  # never acquired
         claim = Claim(self.layout.results / "claims", key)
         if claim.acquire():
+            if claim.taken_from:
+                self.say(f"{key}: taken over from a driver that is gone ({claim.taken_from})")
             return claim
         self.say(f"{key}: being run by another driver ({claim.holder() or '?'}); back to it when that ends")
         return None
@@ -445,7 +448,7 @@ def build_outputs(profile: Profile, layout: Layout, quiet: bool = False) -> tupl
 def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
     """Run (or, with ``tables_only``, only rebuild the tables of) one profile; returns an exit code."""
     t0 = time.perf_counter()
-    layout = None
+    layout = entry = None
     try:
         prof = load_profile(profile)
         if options.get("launcher") is None:
@@ -469,10 +472,10 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
                 return EXIT_FAILED
             return EXIT_FAILED if build_outputs(prof, layout)[1] else 0
         driver = Driver(prof, layout, opts)
-        if opts.fresh and not opts.dry_run:
-            moved = start_fresh(layout)
-            driver.say("fresh start: every earlier record and study of the profile is ignored" +
-                       (f"; moved aside: {', '.join(moved)}" if moved else ""))
+        if not opts.dry_run:  # a live driver's folder is joined, never moved aside, by a fresh start
+            entry = enter_results(layout, fresh=opts.fresh)
+            if opts.fresh:
+                driver.say(entry.fresh_message(profile, layout))
         driver.say(f"{prof.description} -> {_rel(layout.results)} (runs in {_rel(layout.work)})")
         from sparsegrad.suite.sweep import progress  # the plan first; then one progress bar over the runs
 
@@ -523,3 +526,6 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
     except Exception as exc:  # noqa: BLE001 - the entry point promises one line, never a traceback
         print(f"[reproduce {profile}] unexpected error: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
+    finally:
+        if entry is not None:
+            entry.release()

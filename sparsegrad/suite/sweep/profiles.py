@@ -23,6 +23,7 @@ RESULTS_ENV = "SPARSEGRAD_RESULTS"  # default: <repo>/results
 WORK_ENV = "SPARSEGRAD_REPRODUCE_OUTPUTS"  # default: <repo>/outputs/reproduce
 LOCAL = "local"  # --fresh: results/local/<profile>, outputs/reproduce/local/<profile>
 POLL_SECONDS = 5.0  # how often a driver looks again at work another driver holds
+DRIVERS = "drivers"  # results/<profile>/drivers/: a heartbeat file per live driver
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 PAPER_BEST_TABLES = {"bert_base": "13", "roberta_base": "14", "roberta_large": "15"}
 SEARCH_PARAMS = ("trainer.lr", "trainer.batch_size")
@@ -130,19 +131,78 @@ def study_name(model: str, method: str, task: str) -> str:
     return f"{model}-{method}-{task}"
 
 
-def start_fresh(layout: Layout) -> list[str]:  # noqa: D103
-    """Move an earlier ``results/local/<profile>`` (and its run folders) aside; returns what moved."""
+def start_fresh(layout: Layout) -> list[str]:
+    """Move an earlier ``results/local/<profile>`` (and its run folders) aside; returns what moved. Call it
+    through :func:`enter_results`, which never moves a folder a live driver works in."""
     from sparsegrad.suite.sweep.runrecords import folder_identity
 
     moved = []
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for folder in (layout.results, layout.work):
         if folder.exists() and any(folder.iterdir()):
-            target = folder.with_name(f"{folder.name}.before-{stamp}")
+            target, n = folder.with_name(f"{folder.name}.before-{stamp}"), 1
+            while target.exists():  # two fresh starts in one second
+                n += 1
+                target = folder.with_name(f"{folder.name}.before-{stamp}-{n}")
             folder.rename(target)
             moved.append(_rel(target))
     folder_identity(layout.results, fresh=True)
     return moved
+
+
+@dataclass
+class Entry:
+    """A driver's presence in a results folder (:func:`enter_results`); ``release()`` when it ends."""
+
+    presence: Any  # a sparsegrad.suite.sweep.runrecords.Claim, kept fresh by its heartbeat
+    run_id: str
+    moved: list[str] = field(default_factory=list)  # what a fresh start moved aside
+    joined: list[str] = field(default_factory=list)  # the live drivers of the run this one joined
+
+    def release(self) -> None:
+        self.presence.release()
+
+    def fresh_message(self, profile: str, layout: Layout) -> str:
+        if self.joined:
+            return (f"fresh start: another driver ({'; '.join(self.joined)}) is running the fresh run {self.run_id} "
+                    f"in {_rel(layout.results)}: joining it (nothing moved aside, the work is shared). To start "
+                    f"again from scratch, stop that driver first, then run {fresh_command(profile)}")
+        return ("fresh start: every earlier record and study of the profile is ignored"
+                + (f"; moved aside: {', '.join(self.moved)}" if self.moved else ""))
+
+
+def live_drivers(results: Path) -> list[str]:
+    """The drivers working in ``results`` now ("<host> pid <pid> since <time>" each)."""
+    from sparsegrad.suite.sweep.runrecords import Claim
+
+    live = []
+    for path in sorted((results / DRIVERS).glob("*.claim")):
+        claim = Claim(path.parent, path.name.removesuffix(".claim"))
+        if not claim.stale():
+            live.append(claim.holder() or path.stem)
+    return live
+
+
+def enter_results(layout: Layout, fresh: bool = False) -> Entry:
+    """Register this driver in its results folder (a heartbeat file under ``drivers/``). With ``fresh``,
+    first move an earlier folder aside (:func:`start_fresh`), unless a live driver works in it: then join
+    its run, as two drivers of one folder share the work. A lock file beside the folder makes the look,
+    the move and the registration one step, so two fresh starts at once never both move."""
+    import fcntl
+    import secrets
+    import socket
+
+    from sparsegrad.suite.sweep.runrecords import Claim, folder_identity
+
+    layout.results.parent.mkdir(parents=True, exist_ok=True)
+    with open(layout.results.parent / f".{layout.results.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        live = live_drivers(layout.results)
+        moved = start_fresh(layout) if fresh and not live else []
+        run_id = folder_identity(layout.results, fresh=fresh)["id"]
+        presence = Claim(layout.results / DRIVERS, f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}")
+        presence.acquire()
+    return Entry(presence, run_id, moved, live if fresh else [])
 
 
 def paper_best_setting(model: str, task: str) -> dict:

@@ -8,7 +8,9 @@ cannot be read is reported by name, never skipped silently. Copies are atomic (w
 
 :class:`Claim` keeps two drivers of one profile (two ``make reproduce-glue`` at once, or machines sharing
 the results folder) from running the same seed or kept-fraction runs: a claim is a file created with
-O_EXCL, kept fresh by a heartbeat, and taken over once stale.
+O_EXCL that names its holder (host and pid), kept fresh by a heartbeat, and taken over once stale: at
+once when its holder ran on this host and that pid is gone (a SIGKILLed driver), else after ``grace``
+seconds without a heartbeat (a holder on another host, whose pid cannot be looked up from here).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import socket
 import threading
@@ -192,13 +195,38 @@ def run_folder_stamp() -> str:
 
 
 # -------------------------------------------------------------------------------------------- claims
+HOLDER = re.compile(r"^(?P<host>\S+) pid (?P<pid>\d+)\b")
+
+
+def holder_gone(text: str | None) -> bool:
+    """Whether the claim holder ``text`` ("<host> pid <pid> since ...") is a process of this host that no
+    longer exists. A holder on another host, or one that cannot be parsed, is never judged gone here."""
+    match = HOLDER.match(text or "")
+    if match is None or match["host"] != socket.gethostname():
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
 class Claim:
-    """An exclusive claim on a unit of work, shared through a folder: ``with Claim(dir, key) as got:``."""
+    """An exclusive claim on a unit of work, shared through a folder: ``with Claim(dir, key) as got:``.
+
+    After :meth:`acquire`, ``taken_from`` names the holder of a stale claim this one replaced (None when
+    the claim was free)."""
 
     def __init__(self, folder: Path, key: str, grace: float = 60.0, interval: float = 10.0):
         self.path = Path(folder) / f"{key}.claim"
         self.grace, self.interval = grace, interval
         self.held = False
+        self.taken_from: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -218,20 +246,40 @@ class Claim:
         except OSError:
             return None
 
+    def stale(self) -> bool:
+        """The claim's holder is gone: its pid no longer exists on this host, or no heartbeat for ``grace`` s."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        return age >= self.grace or holder_gone(self.holder())
+
+    def _take_over(self, judged: str | None) -> bool:
+        """Move the stale claim (holder text ``judged``) aside; False when another taker was quicker."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{secrets.token_hex(2)}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # another taker moved it; the O_EXCL create decides between us
+        try:
+            moved = aside.read_text(encoding="utf-8").strip()
+        except OSError:
+            moved = None
+        if moved != judged:  # between the look and the rename another taker put a live claim there: give it back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        return True
+
     def acquire(self) -> bool:
         if not self._create():
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                age = math.inf
-            if age < self.grace:
+            judged = self.holder()
+            if not self.stale() or not self._take_over(judged) or not self._create():
                 return False
-            try:  # stale: its driver died. Only one taker wins the rename.
-                os.rename(self.path, self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{secrets.token_hex(2)}"))
-            except FileNotFoundError:
-                pass
-            if not self._create():
-                return False
+            self.taken_from = judged
         self.held = True
         self._thread = threading.Thread(target=self._beat, daemon=True)
         self._thread.start()
@@ -242,7 +290,7 @@ class Claim:
             try:
                 os.utime(self.path)
             except OSError:
-                return
+                pass  # moved aside for a moment by a taker that then gave it back: beat on
 
     def release(self) -> None:
         if self.held:
