@@ -28,12 +28,12 @@ help:
 venv install: $(STAMP)
 
 # torch is installed first and pinned: an unpinned torch pulled in by any package resolves to a
-# multi-GB CUDA build. Then the package with its dev and postgres extras (the PostgreSQL driver, for the
-# shared-study tests), against the resolved lock file.
+# multi-GB CUDA build. Then the package with its dev, postgres (the PostgreSQL driver, for the shared-study
+# tests), integrations (TRL) and dashboard (optuna-dashboard) extras, against the resolved lock file.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,postgres,integrations]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,postgres,integrations,dashboard]'
 	@# an older venv still holds the hydra-optuna-sweeper plugin (optuna < 3), which clashes with ours
 	@$(PIP) uninstall --quiet -y hydra-optuna-sweeper 2>/dev/null || true
 	@touch $(STAMP)

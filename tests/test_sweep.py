@@ -104,6 +104,10 @@ def test_an_old_study_database_gets_one_line_with_the_upgrade_command(tmp_path):
         studies.open_storage(f"sqlite:///{db}")
     message = str(err.value)
     assert "\n" not in message and f"optuna storage upgrade --storage 'sqlite:///{db}'" in message
+    # a sweep on it (the sweeper under Hydra, as `python -m experiments.finetune --multirun` runs it): that line
+    sweep = subprocess.run(toy_command(tmp_path, f"sqlite:///{db}", "old", f"hydra.sweep.dir={tmp_path / 'mr'}"),
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert sweep.returncode == 2 and sweep.stderr.strip() == f"error: {message}", sweep.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------- PostgreSQL
@@ -166,8 +170,8 @@ def test_two_workers_on_postgresql_share_one_study_and_a_killed_workers_trial_is
 
 # ---------------------------------------------------------------------------------- journal file
 @pytest.mark.slow
-def test_two_workers_share_one_study_in_a_journal_file(tmp_path):
-    storage = f"journal://{tmp_path / 'study.log'}"
+def test_two_workers_share_one_study_in_a_journal_file_that_optuna_dashboard_reads(tmp_path):
+    storage = str(tmp_path / "study.log")  # the plain path: the one form both the sweeps and optuna-dashboard take
     args = ["hydra.sweeper.n_trials=6", "sleep=0.3", *FAST_HEARTBEAT]
     workers = [start_worker(tmp_path, name, storage, "journal", *args) for name in ("a", "b")]
     outputs = [finish(w) for w in workers]
@@ -176,6 +180,33 @@ def test_two_workers_share_one_study_in_a_journal_file(tmp_path):
     runs = {w: sum(": lr=" in ln and "trial " in ln for ln in w.lines) for w in workers}
     assert sum(runs.values()) == 6 and all(runs.values()), runs  # both took part
     assert (tmp_path / "a" / "optimization_results.yaml").exists() and study.best_trial is not None
+    assert [s["study_name"] for s in dashboard_studies(storage)] == ["journal"]
+
+
+def dashboard_studies(storage: str, timeout: float = 180.0) -> list[dict]:
+    """The studies optuna-dashboard (its command line, as a user starts it) lists for ``storage``."""
+    import json
+    import urllib.request
+
+    cli = Path(sys.executable).parent / "optuna-dashboard"
+    if not cli.exists():
+        pytest.fail("optuna-dashboard is not installed: `make install` installs the dashboard extra")
+    port = _free_port()
+    proc = subprocess.Popen([str(cli), storage, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]  # it refused the storage
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as reply:
+                    return json.loads(reply.read())["study_summaries"]
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"optuna-dashboard did not answer within {timeout:.0f} s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.mark.slow

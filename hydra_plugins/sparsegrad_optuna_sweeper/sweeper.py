@@ -21,6 +21,7 @@ categorical.
 # sys.modules, where dataclasses look up string annotations)
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130  # what an interrupted job exits with (experiments.finetune): the driver resumes later
+EXIT_USAGE = 2  # a problem the user fixes (experiments.finetune's code for it): the driver stops with its line
 
 
 @dataclass
@@ -51,7 +53,7 @@ class OptunaSweeperConf:
     _target_: str = "hydra_plugins.sparsegrad_optuna_sweeper.sweeper.OptunaSweeper"
     direction: str = "minimize"
     study_name: Optional[str] = None  # noqa: UP045
-    storage: Optional[str] = None  # noqa: UP045 - SQLAlchemy URL, journal file (journal:///path.log), or null (in memory)
+    storage: Optional[str] = None  # noqa: UP045 - SQLAlchemy URL, journal file (its plain path: /shared/fs/study.log), or null (in memory)
     n_trials: int = 20  # for the study in total, over every worker
     n_jobs: int = 1  # trials launched at once by this worker
     sampler: SamplerConf = field(default_factory=SamplerConf)
@@ -137,9 +139,13 @@ class OptunaSweeper(Sweeper):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         c = self.conf
         space, fixed = self._space(list(arguments))
-        storage = studies.open_storage(c.storage)
         name = c.study_name or "optuna"
-        study = studies.prepare(storage, name, c.direction, int(c.n_trials))
+        try:
+            storage = studies.open_storage(c.storage)
+            study = studies.prepare(storage, name, c.direction, int(c.n_trials))
+        except studies.StudyError as exc:  # one line (an old database, a missing driver), not Hydra's traceback
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USAGE) from None
         log.info(f"Optuna study {name!r} ({c.storage or 'in memory'}): {c.n_trials} trials in total, "
                  f"{c.n_jobs} at a time here; search space {space}")
         returns: list = []

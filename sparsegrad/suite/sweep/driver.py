@@ -477,6 +477,10 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
             if opts.fresh:
                 driver.say(entry.fresh_message(profile, layout))
         driver.say(f"{prof.description} -> {_rel(layout.results)} (runs in {_rel(layout.work)})")
+        if prof.best_from == "sweep" and not opts.dry_run:
+            from sparsegrad.suite.sweep.studies import dashboard_storage
+
+            driver.say(f"watch the studies live: optuna-dashboard {dashboard_storage(layout.storage())}")
         from sparsegrad.suite.sweep import progress  # the plan first; then one progress bar over the runs
 
         records = []

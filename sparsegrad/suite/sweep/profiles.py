@@ -114,7 +114,12 @@ class Layout:
         return folder_identity(self.results)
 
     def storage(self) -> str:
-        return os.environ.get(STORAGE_ENV) or f"sqlite:///{self.results / 'optuna.db'}"
+        from sparsegrad.suite.sweep.studies import is_journal
+
+        url = os.environ.get(STORAGE_ENV)
+        if url and is_journal(url) and not url.startswith("journal:"):  # a journal file: its absolute path
+            return str(Path(url).expanduser().resolve())
+        return url or f"sqlite:///{self.results / 'optuna.db'}"
 
     def shared_storage(self) -> bool:
         return bool(os.environ.get(STORAGE_ENV))

@@ -42,8 +42,27 @@ class StudyError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ storage
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def is_journal(url: str) -> bool:
-    return url.startswith("journal:") or url.endswith((".log", ".journal"))
+    """A journal file: a plain path (no ``scheme://``), the form optuna-dashboard reads as well; the older
+    ``journal:///abs/path.log`` is still accepted here (optuna-dashboard refuses it)."""
+    return url.startswith("journal:") or "://" not in url
+
+
+def journal_path(url: str) -> Path:
+    return Path(url.removeprefix("journal://")) if url.startswith("journal:") else Path(url)
+
+
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+def dashboard_storage(url: str) -> str:
+    """The same storage as optuna-dashboard wants it: a journal file as its plain path."""
+    return str(journal_path(url)) if is_journal(url) else url
 
 
 def upgrade_command(url: str) -> str:
@@ -56,8 +75,9 @@ def upgrade_command(url: str) -> str:
 
 def open_storage(url: str | None, attempts: int = 40):
     """An Optuna storage for ``url``: a SQLAlchemy URL (sqlite:///..., postgresql://...), or a journal file
-    (journal:///abs/path.log, or any path ending .log): Optuna's JournalStorage, for machines that share a
-    file system but no database server. None: in memory (one process only).
+    given as its plain path (/shared/fs/study.log; also journal:///shared/fs/study.log): Optuna's
+    JournalStorage, for machines that share a file system but no database server. None: in memory (one
+    process only). optuna-dashboard takes the same string (:func:`dashboard_storage`).
 
     Workers started together on an empty database race to create its tables; the loser retries."""
     import optuna
@@ -65,7 +85,9 @@ def open_storage(url: str | None, attempts: int = 40):
     if url is None:
         return optuna.storages.InMemoryStorage()
     if is_journal(url):
-        path = Path(url.removeprefix("journal://")) if url.startswith("journal:") else Path(url)
+        path = journal_path(url)
+        if path.is_file() and _head(path, len(SQLITE_HEADER)) == SQLITE_HEADER:
+            raise StudyError(f"{url} is an SQLite database, not a journal file; give it as sqlite:///{path.resolve()}")
         path.parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
