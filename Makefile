@@ -1,7 +1,8 @@
 # SparseGrad: the method as a library and the reproduction suite.
 #   make test              create .venv, fetch the offline assets, run the tests
 #   make reproduce-glue    the main job (PROFILE=default|smoke|paper|paper_best|llama; FRESH=1 runs it all
-#                          again into results/local/<profile>, RESULTS=results/local resumes that)
+#                          again into results/local/<profile>, RESULTS=results/local resumes that;
+#                          LAUNCHER=parallel|slurm|slurm_local JOBS=N runs N trials at once through that launcher)
 # Everything runs inside .venv at the repository root; it is rebuilt only when
 # pyproject.toml or constraints.txt change.
 
@@ -12,7 +13,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PROFILE ?= default
-REPRODUCE_FLAGS = $(if $(FRESH),--fresh) $(if $(RESULTS),--results $(RESULTS))
+REPRODUCE_FLAGS = $(if $(FRESH),--fresh) $(if $(RESULTS),--results $(RESULTS)) \
+	$(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(JOBS),--jobs $(JOBS))
 # The Hub is not needed for anything the Makefile runs by default; without these flags every
 # Hub look-up retries for 20-50 s before failing. W&B never blocks on a login.
 export HF_HUB_OFFLINE ?= 1
@@ -23,7 +25,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: help venv install assets test test-fast lint format reproduce-glue tables bench bench-layer clean
 
 help:
-	@sed -n '2,6p' Makefile
+	@sed -n '2,7p' Makefile
 
 venv install: $(STAMP)
 

@@ -35,6 +35,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ from sparsegrad.suite.sweep.runrecords import harvest as _harvest
 from sparsegrad.suite.sweep.runrecords import load_records as _load_records
 from sparsegrad.suite.sweep.runrecords import run_folder_stamp
 from sparsegrad.suite.errors import signal_message
+from sparsegrad.suite.sweep import launchers
+
+CLUSTER_NEWS = "SLURM job(s)"  # the SLURM launcher's lines about jobs it cancelled (hydra_plugins/sparsegrad_launchers)
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -137,6 +141,7 @@ class Driver:
         self.current: subprocess.Popen | None = None  # the running Hydra subprocess
         self.progress = None  # a sparsegrad.suite.sweep.progress.RunProgress while a profile runs
         self.reported: set[Path] = set()  # unreadable records already reported
+        self.interrupted_by: int | None = None  # the signal that stopped the driver (SIGINT, SIGTERM, SIGHUP)
 
     # ------------------------------------------------------------------ helpers
     def say(self, message: str) -> None:
@@ -187,11 +192,18 @@ class Driver:
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(_quote(c) for c in cmd)}\n")
             log.flush()
+            start = log.tell()
             self.current = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:
                 self.progress.wait(self.current) if self.progress is not None else self.current.wait()
-            except KeyboardInterrupt:  # Ctrl-C reaches the child too (same process group): let it write its record
+            except KeyboardInterrupt:
+                # Ctrl-C reaches the child too (same process group); a SIGTERM (kill, timeout, SLURM) reached
+                # only this process: pass it on. Either way the child writes its records, gives its trials
+                # back and cancels the cluster jobs it submitted before it exits.
+                if self.interrupted_by not in (None, signal.SIGINT) and self.current.poll() is None:
+                    self.current.send_signal(self.interrupted_by)
                 self.current.wait()
+                self._repeat_cluster_news(log_path, start)
                 raise
             proc, self.current = self.current, None
         seconds = time.perf_counter() - t0
@@ -207,6 +219,17 @@ class Driver:
         else:
             self.say(f"{what}: done in {seconds:.0f} s")
         return proc.returncode
+
+    def _repeat_cluster_news(self, log_path: Path, start: int) -> None:
+        """Show on screen what the SLURM launcher logged about the jobs it cancelled (the log is a file)."""
+        try:
+            with open(log_path, encoding="utf-8", errors="replace") as log:
+                log.seek(start)
+                news = [ln.split("] ", 1)[-1].strip() for ln in log if CLUSTER_NEWS in ln]
+        except OSError:
+            return
+        for line in news:
+            self.say(line)
 
     # ------------------------------------------------------------------ stages
     def sweep(self, model: str, method: str, task: str) -> dict | None:
@@ -404,6 +427,26 @@ class Driver:
             pending = [job for job in pending if not job[0](*job[1:])]
 
 
+@contextlib.contextmanager
+def _stop_signals(driver: Driver):
+    """SIGTERM and SIGHUP stop the driver as Ctrl-C does (resumable); the signal is kept so that the running
+    child gets it too (:meth:`Driver.run`)."""
+    def stop(signum, frame):
+        driver.interrupted_by = signum
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    caught = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in caught}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _quote(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in " (){}[],$*") else arg
 
@@ -456,6 +499,7 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
             options["jobs"] = options.get("jobs") or prof.jobs
         options["jobs"] = options.get("jobs") or 1
         opts = Options(**options)
+        launchers.check(opts.launcher, submitting=not opts.dry_run)
         for m in opts.extra_models:
             if m not in prof.optional_models and m not in prof.models:
                 raise ReproduceError(f"--{m.replace('_', '-')} is not an option of profile {profile!r}")
@@ -488,16 +532,23 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
             records = driver.harvest()
         elif not opts.fresh:  # a dry run copies nothing, but plans only what the records do not hold yet
             records = load_records(layout.records)
-        plan = progress.make_plan(prof, records, opts.jobs, driver.models())
+        in_flight = None
+        if launchers.is_cluster(opts.launcher) and prof.best_from == "sweep" and not opts.dry_run:
+            from sparsegrad.suite.sweep import studies as shared
+
+            names = [layout.optuna_name(m, meth, t) for m in driver.models() for t in prof.tasks for meth in prof.methods]
+            in_flight = shared.running_trials(layout.storage(), names)
+        plan = progress.make_plan(prof, records, opts.jobs, driver.models(), launcher=opts.launcher, in_flight=in_flight)
         if records:
             driver.say(reuse_message(prof, layout, len(records), plan.runs))
         if not opts.quiet:
-            print(plan.describe() + "".join(f"\n{w}" for w in [progress.describe_budget(plan, prof.budget_minutes)] if w),
-                  flush=True)
+            budget = None if plan.cluster else progress.describe_budget(plan, prof.budget_minutes)
+            print(plan.describe() + (f"\n{budget}" if budget else ""), flush=True)
         if not (opts.dry_run or opts.quiet):
             driver.progress = progress.RunProgress(plan, layout.work)
         try:
-            driver.train()
+            with _stop_signals(driver):
+                driver.train()
         finally:
             if driver.progress is not None:
                 driver.progress.close()
@@ -522,6 +573,8 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
         except Exception:  # noqa: BLE001 - never hide the interrupt
             pass
         again = resume_command(profile, layout) if layout is not None else "the same command"
+        if layout is not None and options.get("launcher") and options["launcher"] != prof.launcher:
+            again += f" LAUNCHER={options['launcher']}" + (f" JOBS={options['jobs']}" if options.get("jobs") else "")
         print(f"[reproduce {profile}] interrupted; run `{again}` to resume where it stopped.")
         return EXIT_INTERRUPTED
     except ReproduceError as exc:

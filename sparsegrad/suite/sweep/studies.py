@@ -325,3 +325,22 @@ def best_trial(study):
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return pick_best(((t.value, f"{t.datetime_start.isoformat() if t.datetime_start else ''}|{t.number:09d}", t)
                       for t in trials), higher)
+
+
+def running_trials(url: str, names: Iterable[str]) -> int:
+    """Trials of the named studies running now in the storage at ``url``, on any worker (0 for a storage not
+    written yet: a SQLite file or journal that does not exist is not created)."""
+    import optuna
+
+    local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url.removeprefix("journal://")
+    if (url.startswith("sqlite:///") or is_journal(url)) and not Path(local).exists():
+        return 0
+    storage = open_storage(url)
+    running = 0
+    for name in names:
+        try:
+            study_id = storage.get_study_id_from_name(name)
+        except KeyError:  # not created yet
+            continue
+        running += len(storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    return running
