@@ -89,6 +89,7 @@ class Run:
     tracker: Any = None
     state: Any = None  # the trainer's TrainState once training starts
     name: str = ""
+    lease: Any = None  # the GPU this run holds among concurrent runs of the node (sparsegrad.suite.run.devices)
 
     @property
     def trainer(self):
@@ -133,6 +134,8 @@ def finetune(settings: FinetuneSettings) -> dict:
         pending = exc
     finally:
         write_error = write_record(run)
+        if run.lease is not None:
+            run.lease.release()
     if pending is not None:
         if write_error is not None:
             _print(f"[finetune] {write_error}")
@@ -149,7 +152,7 @@ def start(settings: FinetuneSettings) -> Run:
     """The record's skeleton (status failed until a later step says otherwise), device and meter."""
     import torch
 
-    from sparsegrad.suite.run import measure, tasks
+    from sparsegrad.suite.run import devices, measure, tasks
     from sparsegrad.suite.run import trainer as trainer_lib
 
     ts = settings.trainer
@@ -157,7 +160,10 @@ def start(settings: FinetuneSettings) -> Run:
     out_dir.mkdir(parents=True, exist_ok=True)
     if ts.threads:
         torch.set_num_threads(int(ts.threads))
-    device = trainer_lib.resolve_device(ts.device)
+    lease = devices.acquire(ts.device)  # concurrent runs of a node: one GPU each
+    device = trainer_lib.resolve_device(lease.device if lease else ts.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # nothing of this run lands on device 0 by default
     spec = tasks.get_task(settings.task.name)
     metric_name, higher = tasks.main_metric(spec, settings.task)
     meter = measure.MemoryMeter(device)
@@ -167,8 +173,10 @@ def start(settings: FinetuneSettings) -> Run:
         main_metric=metric_name, higher_is_better=higher, device_type=device.type, memory_how=meter.how,
         timing_warmup_steps=int(ts.timing_warmup_steps),
     )
+    if lease is not None:
+        record["environment"]["device_lease"] = lease.describe()
     name = f"{settings.model.name}-{settings.method.name}-{settings.task.name}-s{ts.seed}"
-    return Run(settings, out_dir, device, meter, record, time.perf_counter(), spec=spec, name=name)
+    return Run(settings, out_dir, device, meter, record, time.perf_counter(), spec=spec, name=name, lease=lease)
 
 
 def load_data(run: Run) -> Data:

@@ -39,6 +39,8 @@ class TaskSpec:
     dev_splits: tuple[str, ...] = ("validation",)  # labelled splits reported (GLUE dev)
     test_split: str | None = None  # a labelled test split, when the task has one
     hub_config: str | None = None  # GLUE subset name
+    train_examples: int | None = None  # the published training split's size (plans GPU time before a run)
+    dev_examples: int | None = None  # the main dev split's size (the one evaluated during training)
 
     @property
     def higher_is_better(self) -> bool:
@@ -51,7 +53,14 @@ class TaskSpec:
 
 def _glue(name, fields, metrics, main, num_labels=2, dev=("validation",)):
     kind = REGRESSION if num_labels == 1 else CLASSIFICATION
-    return TaskSpec(name, kind, "glue", metrics, main, fields, num_labels, dev, None, name)
+    train, dev_main = GLUE_SIZES[name]
+    return TaskSpec(name, kind, "glue", metrics, main, fields, num_labels, dev, None, name, train, dev_main)
+
+
+# (train, main dev split) examples of each GLUE task as published (nyu-mll/glue; MNLI: validation_matched)
+GLUE_SIZES = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "stsb": (5749, 1500),
+              "qqp": (363846, 40430), "mnli": (392702, 9815), "qnli": (104743, 5463), "rte": (2490, 277),
+              "wnli": (635, 71)}
 
 
 TASKS: dict[str, TaskSpec] = {

@@ -49,6 +49,7 @@ class PlannedStudy:
     seconds_per_run: float = 0.0
     source: str = ""  # where the estimate comes from
     measured: bool = False  # the estimate comes from this profile's records (wall times under sharing)
+    gpu: bool = False  # the estimate is GPU time from the paper's speeds (sparsegrad.suite.sweep.paper_speed)
 
     @property
     def runs(self) -> int:
@@ -63,6 +64,9 @@ class Plan:
     done: int = 0  # runs already in the records (reused)
     notes: list[str] = field(default_factory=list)
     slots: int | None = None  # runs the cores can carry at once (cores / threads per run); None: jobs
+    cluster: bool = False  # the runs are submitted to SLURM: the wall time is the queue's
+    gpus: int = 0  # GPUs of this machine (local launchers), for plans in GPU-hours
+    in_flight: int | None = None  # trials of these studies running now on any worker (cluster plans)
 
     @property
     def runs(self) -> int:
@@ -72,23 +76,51 @@ class Plan:
     def parallel(self) -> int:
         return max(1, min(self.jobs, self.slots or self.jobs))
 
+    def _at_once(self, study: PlannedStudy) -> int:
+        if self.cluster or study.measured:  # SLURM runs `jobs` at a time at best; records hold shared wall times
+            return self.jobs
+        if study.gpu:  # one run per GPU (sparsegrad.suite.run.devices)
+            return max(1, min(self.jobs, self.gpus or 1))
+        return self.parallel
+
     @property
     def seconds(self) -> float:
-        return sum(s.runs * s.seconds_per_run / max(1, self.jobs if s.measured else self.parallel)
-                   for s in self.studies)
+        return sum(s.runs * s.seconds_per_run / self._at_once(s) for s in self.studies)
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(s.runs * s.seconds_per_run for s in self.studies if s.gpu) / 3600
 
     def describe(self) -> str:
         by_stage = (sum(s.sweep for s in self.studies), sum(s.seeds for s in self.studies),
                     sum(s.kept for s in self.studies))
-        lines = [f"plan: {self.runs} runs to do ({by_stage[0]} sweep trials, {by_stage[1]} seed re-runs, "
-                 f"{by_stage[2]} kept-fraction runs; {self.done} already in the records), {self.jobs} at a time"
-                 f"{f' on {self.slots} cores' if self.slots and self.slots < self.jobs else ''}; expected {fmt_duration(self.seconds)}"]
+        head = (f"plan: {self.runs} runs to do ({by_stage[0]} sweep trials, {by_stage[1]} seed re-runs, "
+                f"{by_stage[2]} kept-fraction runs; {self.done} already in the records)")
+        gpu = any(s.gpu and s.runs for s in self.studies)
+        work = (f"{self.gpu_hours:,.0f} GPU-hours of training in all" if gpu else
+                f"{fmt_duration(sum(s.runs * s.seconds_per_run for s in self.studies))} of runs in all")
+        if self.cluster:
+            flying = "" if self.in_flight is None else f"; {self.in_flight} trial(s) of these studies running now"
+            head += (f", submitted to SLURM {self.jobs} at a time by this driver{flying}; {work}; the wall time "
+                     "depends on the queue and on how many drivers share the studies")
+        elif gpu:
+            head += f", {self.jobs} at a time; {work}" + (
+                f", about {fmt_duration(self.seconds)} on this machine's {self.gpus} GPU(s), one run per GPU"
+                if self.gpus else "; this machine has no GPU")
+        else:
+            head += (f", {self.jobs} at a time{f' on {self.slots} cores' if self.slots and self.slots < self.jobs else ''}"
+                     f"; expected {fmt_duration(self.seconds)}")
+        lines = [head]
         per: dict[tuple[str, str], list[PlannedStudy]] = defaultdict(list)
         for s in self.studies:
             per[(s.model, s.method)].append(s)
         for (model, method), ss in sorted(per.items()):
             n = sum(s.runs for s in ss)
-            if n:
+            if n and ss[0].gpu:  # per study: GPU-hours of each task
+                tasks = ", ".join(f"{s.task} {s.runs} x {s.seconds_per_run / 3600:.1f} h" for s in ss if s.runs)
+                lines.append(f"  {model} / {method}: {n} runs, {sum(s.runs * s.seconds_per_run for s in ss) / 3600:,.0f} "
+                             f"GPU-h ({tasks})")
+            elif n:
                 lines.append(f"  {model} / {method}: {n} runs x ~{ss[0].seconds_per_run:.0f} s ({ss[0].source})")
         lines += [f"  {n}" for n in self.notes]
         return "\n".join(lines)
@@ -147,14 +179,20 @@ def threads_per_run(overrides: Iterable[str]) -> int:
 
 
 def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[str] | None = None,
-              cores: int | None = None) -> Plan:
+              cores: int | None = None, launcher: str | None = None, gpus: int | None = None,
+              in_flight: int | None = None) -> Plan:
     """The runs ``profile`` (a :class:`sparsegrad.suite.sweep.driver.Profile`) still has to do, with their duration.
 
-    ``cores``: the CPU cores the runs share (default: this machine's).
+    ``cores``: the CPU cores the runs share (default: this machine's). ``launcher``: a SLURM launcher makes a
+    cluster plan (runs, ``in_flight`` trials, run time in all; no wall time). ``gpus``: this machine's GPUs
+    (default: counted when a study is planned from the paper's GPU speeds).
     """
+    from sparsegrad.suite.sweep import launchers, paper_speed
+
     models = list(models or profile.models)
     speed = measured_speed(records)
     section = getattr(profile, "plan", None)
+    overrides = list(getattr(profile, "overrides", None) or ())
     n_trials = int((profile.sweep or {}).get("n_trials", 0)) if profile.best_from == "sweep" else 0
     kf = profile.kept_fraction or {}
     studies = []
@@ -176,18 +214,68 @@ def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[
 
                     n_trials = len(grid_values(profile.sweep, model, method))
                 done += min(trials, n_trials) + len(profile.seeds) - todo_seeds + min(kept_done, kept_total)
+                on_gpu = None
                 if (model, method) in speed:
                     est, source = speed[(model, method)], f"measured in {speed[(model, method)]['runs']} run records"
-                else:
+                elif not section:
+                    on_gpu = paper_speed.estimate(model, method, task, paper_speed.trainer_config(overrides, task),
+                                                  _batch_size(profile, model, task))
+                if on_gpu is None and (model, method) not in speed:
                     est, source = _profile_estimate(section, method), "profile plan section" if section else "default guess"
                 studies.append(PlannedStudy(model, method, task, max(0, n_trials - trials), todo_seeds,
-                                            max(0, kept_total - kept_done), seconds_per_run(est), source,
-                                            measured=(model, method) in speed))
+                                            max(0, kept_total - kept_done),
+                                            on_gpu.seconds if on_gpu else seconds_per_run(est),
+                                            on_gpu.source if on_gpu else source,
+                                            measured=(model, method) in speed, gpu=on_gpu is not None))
     notes = []
     if section and section.get("measured"):
         notes.append(f"speeds measured: {section['measured']}")
-    slots = max(1, (cores or os.cpu_count() or 1) // threads_per_run(getattr(profile, "overrides", None) or ()))
-    return Plan(profile.name, studies, max(1, int(jobs)), done, notes, slots=slots)
+    cluster = launchers.is_cluster(launcher)
+    if any(s.gpu and s.runs for s in studies):
+        notes += _gpu_notes(profile, overrides, cluster)
+        if gpus is None and not cluster:
+            from sparsegrad.suite.run import devices
+
+            gpus = len(devices.visible())
+    slots = max(1, (cores or os.cpu_count() or 1) // threads_per_run(overrides))
+    return Plan(profile.name, studies, max(1, int(jobs)), done, notes, slots=slots, cluster=cluster,
+                gpus=int(gpus or 0), in_flight=in_flight)
+
+
+def _batch_size(profile, model: str, task: str) -> int | None:
+    """The batch size the runs of a study use where the profile fixes it (None: the trainer's)."""
+    from sparsegrad.suite.sweep.profiles import ReproduceError, paper_best_setting
+
+    if profile.best_from == "paper":
+        try:
+            return paper_best_setting(model, task)["batch_size"]
+        except ReproduceError:
+            return None
+    return (profile.fixed or {}).get("batch_size") if profile.best_from == "fixed" else None
+
+
+def _gpu_notes(profile, overrides: list[str], cluster: bool) -> list[str]:
+    """What a plan from the paper's speeds assumes, and the cheaper or faster ways to the same tables."""
+    from sparsegrad.suite.sweep import paper_speed
+    from sparsegrad.suite.sweep.profiles import CONF_DIR, load_profile
+
+    trainer = paper_speed.trainer_config(overrides)
+    sweep = profile.best_from == "sweep"
+    notes = [f"GPU time from the task sizes and the paper's steps/s for RoBERTa-base on one GPU (Tables 3 and 7; "
+             f"sparsegrad/suite/sweep/paper_speed.py): {trainer.get('epochs')} epochs"
+             + (f" at batch {trainer.get('batch_size')}" if sweep else " at the batch size of each setting")
+             + ", evaluations included; these are upper bounds: early stopping (patience "
+             f"{trainer.get('patience')}) may end a run after a few epochs"
+             + ("; a sweep trial at batch 8 or 16 takes up to 4x or 2x the steps" if sweep else "")]
+    best = f"{profile.name}_best"
+    if sweep and (CONF_DIR / "profile" / f"{best}.yaml").exists():
+        other = make_plan(load_profile(best), [], gpus=0)
+        notes.append(f"without the sweep: make reproduce-glue PROFILE={best} runs the paper's best settings "
+                     f"({other.runs} runs, {other.gpu_hours:,.0f} GPU-hours)")
+    if not cluster:
+        notes.append(f"on a cluster: make reproduce-glue PROFILE={profile.name} LAUNCHER=slurm JOBS=8, with every "
+                     "driver on one SPARSEGRAD_OPTUNA_STORAGE (README, \"Many workers, one study\")")
+    return notes
 
 
 # ------------------------------------------------------------------------------------------ progress
