@@ -20,13 +20,17 @@ def _assert_completed(record, method):
     assert record["best"]["score"] is not None or record["task"] == "stsb"
     assert record["training"]["optimizer_steps"] == 4
     assert record["training"]["steps_per_second"] > 0
-    assert record["memory"]["train_peak_bytes"] > 0
+    memory = record["memory"]
+    assert memory["gauge"] == "live_tensor_bytes" and memory["train_peak_bytes"] > memory["baseline_bytes"] > 0
+    assert memory["rss"]["train_peak_bytes"] > memory["train_peak_bytes"]  # the process holds far more than tensors
+    assert record["examples"]["n"] == len(record["examples"]["tokens" if record["task"] == "oasst1" else "labels"])
     params = record["parameters"]
     if method in SPARSE:
         assert params["sparse_matrices"] > 0 and params["sparse_budget_per_matrix"] == 384
         assert 0 < params["updated_coordinates_union"] <= params["sparse_matrices"] * 32 * 64
     if method in BASIS:
         assert record["basis"]["seconds"] > 0 and record["basis"]["batches"] > 0
+        assert record["basis"]["peak_bytes"] == memory["basis_peak_bytes"] > memory["baseline_bytes"] * 0.5
     else:
         assert record["basis"] is None
 

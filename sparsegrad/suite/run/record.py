@@ -32,8 +32,17 @@ Schema (version 1); ``|None`` marks fields that may be null:
   ``steps_per_second`` float|None, ``samples_per_second`` float|None (both after warm-up, evaluation
   excluded), ``stop_reason`` str, ``last_loss`` float|None
 * ``memory``: ``device_type``, ``how`` (measurement method), ``baseline_bytes`` int|None (before
-  training), ``train_peak_bytes`` int|None, ``eval_peak_bytes`` int|None
+  training), ``train_peak_bytes`` int|None, ``eval_peak_bytes`` int|None; since the live-bytes gauge
+  (optional, absent in older records) ``gauge`` (``live_tensor_bytes`` on CPU,
+  ``cuda_max_memory_allocated`` on CUDA: every ``*_bytes`` field above is that gauge; older CPU records
+  hold the peak RSS there), ``basis_peak_bytes`` int|None (the preliminary phase), ``measured_entries``
+  {phase: entries measured}, ``rss`` {``baseline_bytes``, ``basis_peak_bytes``, ``train_peak_bytes``,
+  ``eval_peak_bytes``}|None (CPU: the process's peak resident set size, beside the gauge)
 * ``basis``: {``seconds``, ``peak_bytes``, ``batches`` int, ``orientation``}|None — SparseGrad only
+* ``examples`` (optional, absent in older records): {``split``, ``checkpoint``, ``n``, and per example of
+  that split in dataset order ``correct`` (a string of 0/1), ``predictions`` / ``labels`` (lists) or
+  ``loss_sums`` / ``tokens`` (lists, language modelling)}|None — what a bootstrap over the test examples
+  needs (:mod:`sparsegrad.suite.run.examples`)
 * ``logger``: {``name``, ``mode``, ``dir``}|None
 """
 
@@ -125,6 +134,10 @@ SCHEMA: dict[str, Any] = {
     "logger": (dict, type(None)),
 }
 
+OPTIONAL: dict[str, Any] = {  # keys a record may lack (written before they existed)
+    "memory": {"gauge": str, "basis_peak_bytes": _OPT_INT, "measured_entries": dict, "rss": (dict, type(None))},
+    "examples": (dict, type(None)),
+}
 EVALUATION_KEYS = {"step": int, "epoch": _NUM, "split": str, "role": str, "checkpoint": str, "metrics": dict}
 CHECKPOINT_KEYS = {"step": int, "selection": dict, "report": dict, "score": _OPT_NUM}
 BASIS_KEYS = {"seconds": _NUM, "peak_bytes": _OPT_INT, "batches": int, "orientation": _OPT_STR}
@@ -166,10 +179,24 @@ def _check_metrics(metrics: Any, where: str, problems: list[str]) -> None:
             problems.append(f"{where}.{name}: expected a number or null, got {type(value).__name__}")
 
 
+def _check_optional(obj: Any, spec: dict, where: str, problems: list[str]) -> None:
+    if not isinstance(obj, dict):
+        return
+    for key, expected in spec.items():
+        path = f"{where}.{key}" if where else key
+        if key not in obj:
+            continue
+        if isinstance(expected, dict):
+            _check_optional(obj[key], expected, path, problems)
+        else:
+            _check({key: obj[key]}, {key: expected}, where, problems)
+
+
 def validate(record: dict) -> dict:
     """Return ``record`` unchanged if it matches the schema, else raise RecordError listing the problems."""
     problems: list[str] = []
     _check(record, SCHEMA, "", problems)
+    _check_optional(record, OPTIONAL, "", problems)
     if isinstance(record, dict):
         if record.get("schema_version") not in (None, SCHEMA_VERSION) and isinstance(record.get("schema_version"), int):
             problems.append(f"schema_version: this code reads version {SCHEMA_VERSION}, got {record['schema_version']}")
@@ -199,7 +226,7 @@ def validate(record: dict) -> dict:
 
 def new_record(*, model: str, method: str, task: str, seed: int, output_dir: str, config: dict, environment: dict,
                main_metric: str, higher_is_better: bool, device_type: str, memory_how: str,
-               timing_warmup_steps: int) -> dict:
+               timing_warmup_steps: int, memory_gauge: str | None = None) -> dict:
     """A record for a run that is starting: status failed (until the run says otherwise), nothing measured yet."""
     import uuid
     from datetime import UTC, datetime
@@ -233,7 +260,7 @@ def new_record(*, model: str, method: str, task: str, seed: int, output_dir: str
                      "steps_per_second": None, "samples_per_second": None, "stop_reason": "not started",
                      "last_loss": None},
         "memory": {"device_type": device_type, "how": memory_how, "baseline_bytes": None, "train_peak_bytes": None,
-                   "eval_peak_bytes": None},
+                   "eval_peak_bytes": None, **({"gauge": memory_gauge} if memory_gauge else {})},
         "basis": None,
         "logger": None,
     }

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,8 @@ class Run:
     state: Any = None  # the trainer's TrainState once training starts
     name: str = ""
     lease: Any = None  # the GPU this run holds among concurrent runs of the node (sparsegrad.suite.run.devices)
+    baseline_rss: int | None = None  # the process's RSS before training (CPU), beside the live bytes
+    examples: dict = field(default_factory=dict)  # checkpoint -> per-example results on the reported split
 
     @property
     def trainer(self):
@@ -119,8 +121,8 @@ def finetune(settings: FinetuneSettings) -> dict:
     try:
         data = load_data(run)
         model = build_model(run, data)
-        basis = estimate_basis(run, model, data)
-        model, optimizer = apply_method(run, model, basis, data)
+        # the basis is not kept past apply_method: its matrices live on in the layers, the rest is freed
+        model, optimizer = apply_method(run, model, estimate_basis(run, model, data), data)
         train(run, model, optimizer, data)
         evaluate(run, model, optimizer, data)
         if settings.save_model and run.record["status"] == "completed":
@@ -171,7 +173,7 @@ def start(settings: FinetuneSettings) -> Run:
         model=settings.model.name, method=settings.method.name, task=settings.task.name, seed=int(ts.seed),
         output_dir=str(out_dir), config=settings.resolved_config, environment=measure.environment(device),
         main_metric=metric_name, higher_is_better=higher, device_type=device.type, memory_how=meter.how,
-        timing_warmup_steps=int(ts.timing_warmup_steps),
+        memory_gauge=meter.gauge, timing_warmup_steps=int(ts.timing_warmup_steps),
     )
     if lease is not None:
         record["environment"]["device_lease"] = lease.describe()
@@ -221,7 +223,7 @@ def estimate_basis(run: Run, model, data: Data):
     from sparsegrad.suite.run import methods
 
     ms, ts = run.settings.method, run.trainer
-    run.meter.start()  # memory is measured from here on: basis, training, evaluation
+    run.meter.watch(model).start()  # memory is measured from here on: basis, training, evaluation
     if ms.kind not in methods.BASIS_KINDS:
         return None
     gen = torch.Generator().manual_seed(ts.seed + 1)
@@ -255,7 +257,9 @@ def apply_method(run: Run, model, basis, data: Data):
     _check_budget(run)
     run.tracker = make_tracker(s.logger, run.out_dir, s.resolved_config, run.name)
     run.record["logger"] = run.tracker.describe()
+    run.meter.watch(model, optimizer)
     run.record["memory"]["baseline_bytes"] = run.meter.current_bytes()
+    run.baseline_rss = run.meter.current_rss()
     return model, optimizer
 
 
@@ -325,21 +329,28 @@ def evaluate(run: Run, model, optimizer, data: Data) -> None:
     best_report = final_report if state.best_step == state.step else _report(run, model, data, "best")
     record["best"] = {"step": int(state.best_step), "selection": state.best_metrics or {}, "report": best_report,
                       "score": best_report.get(report_split, {}).get(metric)}
+    best_examples = run.examples.get("current" if best_report is final_report else "best")
+    record["examples"] = dict(best_examples, checkpoint="best") if best_examples else None
     chosen = state.best_metrics if ts.objective == "selection" else best_report.get(report_split, {})
     record["objective"] = chosen.get(metric)
     run.tracker.summary({"best/score": record["best"]["score"], "objective": record["objective"]})
 
 
 def _report(run: Run, model, data: Data, checkpoint: str) -> dict:
+    from sparsegrad.suite.run import examples as examples_lib
     from sparsegrad.suite.run import trainer as trainer_lib
 
     ts, state, results = run.trainer, run.state, {}
     for split, features in data.report.items():
         t0 = time.perf_counter()
+        per_example: dict | None = {} if split == run.record["main_metric"]["report_split"] else None
         with run.meter.phase("eval"):
             results[split] = trainer_lib.evaluate(model, features, run.spec, batch_size=ts.eval_batch_size,
-                                                  device=run.device, precision=ts.precision, pad_token_id=data.pad_id)
+                                                  device=run.device, precision=ts.precision, pad_token_id=data.pad_id,
+                                                  examples=per_example)
         state.eval_seconds += time.perf_counter() - t0
+        if per_example:
+            run.examples[checkpoint] = examples_lib.entry(run.spec.kind, split, checkpoint, **per_example)
         run.record["evaluations"].append({"step": state.step, "epoch": float(state.epoch), "split": split,
                                           "role": "report", "checkpoint": checkpoint, "metrics": results[split]})
         run.tracker.summary({f"{checkpoint}/{split}/{k}": v for k, v in results[split].items()})
@@ -371,8 +382,7 @@ def write_record(run: Run) -> str | None:
             record["status"], record["error"] = "diverged", state.stop_reason
         if state.status == "interrupted":
             record["error"] = state.stop_reason
-    record["memory"]["train_peak_bytes"] = run.meter.peak("train")
-    record["memory"]["eval_peak_bytes"] = run.meter.peak("eval")
+    record["memory"].update(run.meter.summary(record["memory"]["baseline_bytes"], run.baseline_rss))
     record["finished_at"] = _now()
     record["wall_seconds"] = time.perf_counter() - run.t_start
     if record["status"] == "completed" and record["best"] is None:

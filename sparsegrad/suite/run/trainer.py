@@ -6,13 +6,17 @@ every ``eval_every`` steps (and after the last), an evaluation on the selection 
 (:class:`_Selection`: keeps the best weights in memory, counts evaluations without improvement and
 ends the run when ``patience`` runs out); a further stopping rule belongs beside those two.
 Throughput counts training steps only (evaluation is timed separately) and skips the first
-``timing_warmup_steps``. A non-finite loss, or a step loss above ``divergence_factor`` times the
-first step's, stops the run as diverged (:func:`divergence`); Ctrl-C stops it as interrupted; either
-way the state so far is returned to the caller, which writes the run record."""
+``timing_warmup_steps`` and, on CPU, the steps whose memory was measured: each step with a batch shape
+no measured step covered (:meth:`sparsegrad.suite.run.measure.MemoryMeter.wants`), and the step that
+ends an evaluation interval in which no step was measured (a growing optimizer state is seen).
+A non-finite loss, or a step loss above ``divergence_factor`` times the first step's, stops the run
+as diverged (:func:`divergence`); Ctrl-C stops it as interrupted; either way the state so far is
+returned to the caller, which writes the run record."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -49,8 +53,10 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, features: list[dict], spec: TaskSpec, *, batch_size: int, device: torch.device,
-             precision: str, pad_token_id: int) -> dict[str, float]:
-    """Loss and the task's metrics on ``features``."""
+             precision: str, pad_token_id: int, examples: dict | None = None) -> dict[str, float]:
+    """Loss and the task's metrics on ``features``; a dict passed as ``examples`` receives the per-example
+    arrays in the order of ``features`` (predictions and labels, or each sequence's summed token loss and
+    its tokens for language modelling: :mod:`sparsegrad.suite.run.examples`)."""
     was_training = model.training
     model.eval()
     regression = spec.kind == REGRESSION
@@ -69,6 +75,9 @@ def evaluate(model, features: list[dict], spec: TaskSpec, *, batch_size: int, de
                 if n:
                     loss_sum += float(out.loss.float()) * n
                     weight += n
+                if examples is not None:
+                    predictions.append(_sequence_loss_sums(out.logits, batch["labels"]))
+                    labels.append((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum(-1))
                 continue
             loss_sum += float(out.loss.float()) * len(idx)
             weight += len(idx)
@@ -78,11 +87,24 @@ def evaluate(model, features: list[dict], spec: TaskSpec, *, batch_size: int, de
     finally:
         model.train(was_training)
     loss = loss_sum / weight if weight else math.nan
+    if examples is not None and predictions:
+        restore_order = torch.as_tensor(order).argsort()  # back to the order of ``features``
+        first, second = (torch.cat(x).cpu()[restore_order].numpy() for x in (predictions, labels))
+        examples.update({"loss_sums": first, "tokens": second} if spec.kind == CAUSAL_LM
+                        else {"predictions": first, "labels": second})
     if spec.kind == CAUSAL_LM:
         return {"loss": loss, "perplexity": metrics_lib.perplexity(loss)}
     p = torch.cat(predictions).cpu().numpy()
     y = torch.cat(labels).cpu().numpy()
     return {"loss": loss, **metrics_lib.compute(spec.metrics, p, y)}
+
+
+def _sequence_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sequence's summed next-token loss over its target tokens (labels shifted by one, as the model does)."""
+    targets = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                               ignore_index=data_lib.IGNORE_INDEX, reduction="none")
+    return losses.sum(-1)
 
 
 @dataclass
@@ -168,12 +190,18 @@ def train(
     bar = _progress_bar(settings, total_steps)
     model.train()
     optimizer.zero_grad()
+    last_measured = 0  # the last step whose memory was measured
     try:
         state.stop_reason = None
         while state.step < last_step and state.stop_reason is None:
+            micro = list(itertools.islice(batches, settings.grad_accum))
+            upcoming = state.step + 1  # memory: a new batch shape, or one step per evaluation interval at least
+            measured = meter is not None and (meter.wants("train", _shapes(features, micro)) or (
+                upcoming % eval_every == 0 and upcoming - last_measured >= eval_every))
+            last_measured = upcoming if measured else last_measured
             started = time.perf_counter()
-            with meter.phase("train") if meter is not None else contextlib.nullcontext():
-                step = _forward_backward(model, features, batches, spec, settings, device, pad_token_id)
+            with meter.phase("train", measure=measured) if meter is not None else contextlib.nullcontext():
+                step = _forward_backward(model, features, micro, spec, settings, device, pad_token_id)
                 if step is None:  # the epochs ran out in the middle of an accumulated step
                     break
                 if not math.isfinite(step.loss):  # before the update: no NaN reaches the weights
@@ -184,7 +212,8 @@ def train(
                 optimizer.zero_grad()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-            _count(state, step, time.perf_counter() - started, steps_per_epoch, settings)
+            _count(state, step, time.perf_counter() - started, steps_per_epoch, settings,
+                   timed=not (measured and meter.intrusive))
             _show_progress(state, settings, tracker, bar)
             diverged = divergence(step.loss, state.initial_loss, settings.divergence_factor, state.step)
             if diverged:
@@ -210,13 +239,18 @@ class _Step:
     tokens: int = 0
 
 
-def _forward_backward(model, features, batches, spec, settings, device, pad_token_id) -> _Step | None:
-    """Gradients of one optimizer step: ``grad_accum`` micro-batches; None when the data runs out first."""
+def _shapes(features, micro: list[list[int]]) -> list[tuple[int, int]]:
+    """(rows, padded length) of each micro-batch: what a step's memory depends on."""
+    return [(len(idx), max(len(features[i]["input_ids"]) for i in idx)) for idx in micro if idx]
+
+
+def _forward_backward(model, features, micro, spec, settings, device, pad_token_id) -> _Step | None:
+    """Gradients of one optimizer step over the ``grad_accum`` micro-batches ``micro`` (index lists); None when
+    the data ran out first."""
+    if len(micro) < settings.grad_accum:
+        return None
     step = _Step(loss=0.0)
-    for _ in range(settings.grad_accum):
-        idx = next(batches, None)
-        if idx is None:
-            return None
+    for idx in micro:
         batch = _to(data_lib.collate([features[i] for i in idx], pad_token_id, spec.kind == REGRESSION), device)
         with autocast(device, settings.precision):
             loss = model(**batch).loss.float()
@@ -230,14 +264,16 @@ def _forward_backward(model, features, batches, spec, settings, device, pad_toke
     return step
 
 
-def _count(state: TrainState, step: _Step, seconds: float, steps_per_epoch: int, settings: TrainerSettings) -> None:
-    """Book one optimizer step: counters, throughput (after the timing warm-up), losses."""
+def _count(state: TrainState, step: _Step, seconds: float, steps_per_epoch: int, settings: TrainerSettings,
+           timed: bool = True) -> None:
+    """Book one optimizer step: counters, throughput (after the timing warm-up, and only ``timed`` steps:
+    a step whose memory the CPU gauge measured ran slower), losses."""
     state.step += 1
     state.epoch = state.step / steps_per_epoch
     state.samples += step.samples
     state.tokens += step.tokens
     state.train_seconds += seconds
-    if state.step > settings.timing_warmup_steps:
+    if timed and state.step > settings.timing_warmup_steps:
         state.timed_seconds += seconds
         state.timed_steps += 1
         state.timed_samples += step.samples
