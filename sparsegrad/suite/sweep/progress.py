@@ -14,6 +14,12 @@ measured in this profile's records (their wall times already include the sharing
 ``min(jobs, cores / threads per run)`` where it comes from the plan section (the speed of a run alone):
 three one-thread runs at a time on 2 cores go no faster than two.
 
+A profile with neither (``paper``, ``paper_best``) is planned in GPU-hours, per study and in total, from
+the task sizes, its epochs and the paper's steps/s (:mod:`sparsegrad.suite.sweep.paper_speed`), with one
+run per GPU of this machine at a time. For a SLURM launcher the plan gives no wall time from this
+machine: the runs to do, how many this driver keeps in flight, the trials running now on any worker, and
+the run time in all.
+
 :class:`RunProgress` shows one tqdm bar over the planned runs. The driver's runs are Hydra subprocesses,
 so the bar polls the work folder for new ``record.json`` files while the driver waits on each
 subprocess (:meth:`RunProgress.wait`). Its ETA is the plan's (less the time elapsed) until a first
@@ -187,7 +193,7 @@ def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[
     cluster plan (runs, ``in_flight`` trials, run time in all; no wall time). ``gpus``: this machine's GPUs
     (default: counted when a study is planned from the paper's GPU speeds).
     """
-    from sparsegrad.suite.sweep import launchers, paper_speed
+    from sparsegrad.suite.sweep import launchers
 
     models = list(models or profile.models)
     speed = measured_speed(records)
@@ -214,19 +220,10 @@ def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[
 
                     n_trials = len(grid_values(profile.sweep, model, method))
                 done += min(trials, n_trials) + len(profile.seeds) - todo_seeds + min(kept_done, kept_total)
-                on_gpu = None
-                if (model, method) in speed:
-                    est, source = speed[(model, method)], f"measured in {speed[(model, method)]['runs']} run records"
-                elif not section:
-                    on_gpu = paper_speed.estimate(model, method, task, paper_speed.trainer_config(overrides, task),
-                                                  _batch_size(profile, model, task))
-                if on_gpu is None and (model, method) not in speed:
-                    est, source = _profile_estimate(section, method), "profile plan section" if section else "default guess"
+                seconds, source, on_gpu = _run_seconds(profile, speed, section, overrides, model, method, task)
                 studies.append(PlannedStudy(model, method, task, max(0, n_trials - trials), todo_seeds,
-                                            max(0, kept_total - kept_done),
-                                            on_gpu.seconds if on_gpu else seconds_per_run(est),
-                                            on_gpu.source if on_gpu else source,
-                                            measured=(model, method) in speed, gpu=on_gpu is not None))
+                                            max(0, kept_total - kept_done), seconds, source,
+                                            measured=(model, method) in speed, gpu=on_gpu))
     notes = []
     if section and section.get("measured"):
         notes.append(f"speeds measured: {section['measured']}")
@@ -240,6 +237,22 @@ def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[
     slots = max(1, (cores or os.cpu_count() or 1) // threads_per_run(overrides))
     return Plan(profile.name, studies, max(1, int(jobs)), done, notes, slots=slots, cluster=cluster,
                 gpus=int(gpus or 0), in_flight=in_flight)
+
+
+def _run_seconds(profile, speed: dict, section: dict | None, overrides: list[str], model: str, method: str,
+                 task: str) -> tuple[float, str, bool]:
+    """(seconds per run, where that comes from, whether it is GPU time from the paper's speeds): this profile's
+    records first, then its plan section, then the paper's speeds (GLUE), then a default guess."""
+    from sparsegrad.suite.sweep import paper_speed
+
+    if (model, method) in speed:
+        return seconds_per_run(speed[(model, method)]), f"measured in {speed[(model, method)]['runs']} run records", False
+    if not section:
+        run = paper_speed.estimate(model, method, task, paper_speed.trainer_config(overrides, task),
+                                   _batch_size(profile, model, task))
+        if run is not None:
+            return run.seconds, run.source, True
+    return seconds_per_run(_profile_estimate(section, method)), "profile plan section" if section else "default guess", False
 
 
 def _batch_size(profile, model: str, task: str) -> int | None:
