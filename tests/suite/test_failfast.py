@@ -52,6 +52,8 @@ def _problems(compose, overrides, tmp_path) -> list[str]:
     (["logger.mode=onlin"], "logger.mode=onlin: must be one of offline, online, disabled"),
     (["task.direction=minimize"], "contradicts the main metric"),
     (["trainer.device=gpu"], "trainer.device=gpu: must be one of auto, cpu, mps, cuda, cuda:N"),
+    (["seed=-1"], "seed=-1: must be an integer >= 0 and <= 4294967295"),
+    (["seed=4294967296"], "seed=4294967296: must be an integer >= 0 and <= 4294967295"),
 ])
 def test_each_bad_value_is_one_line_naming_key_value_and_valid_range(compose, tmp_path, overrides, expected):
     lines = _problems(compose, ["model=tiny_bert", *overrides], tmp_path)
@@ -159,6 +161,112 @@ def test_bad_data_files_are_one_line_each_naming_the_file(tmp_path):
     assert check_data_files({"train": str(good), "validation": str(good)}) == []
 
 
+def test_a_data_file_without_the_tasks_columns_is_named_before_anything_loads(tmp_path):
+    from sparsegrad.suite.run.tasks import TASKS
+
+    good = tmp_path / "dev.csv"
+    good.write_text("sentence,label\na fine film,1\n")
+    renamed = tmp_path / "train.csv"
+    renamed.write_text("\ufefftext,label\na fine film,1\n")  # a BOM, as spreadsheets write, is no column name
+    assert check_data_files({"train": str(renamed), "validation": str(good)}, TASKS["sst2"]) == [
+        f"task.data_files.train={renamed}: missing column(s) sentence; sst2 needs the columns sentence, label "
+        "(found text, label)"]
+    rows = tmp_path / "train.jsonl"
+    rows.write_text('\n{"sentence1": "a", "label": 0}\n')
+    parquet = tmp_path / "train.parquet"
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.table({"premise": ["a"], "label": [0]}), parquet)
+    assert check_data_files({"train": str(rows)}, TASKS["rte"]) == [
+        f"task.data_files.train={rows}: missing column(s) sentence2; rte needs the columns sentence1, sentence2, "
+        "label (found sentence1, label)"]
+    assert check_data_files({"train": str(parquet)}, TASKS["mnli"]) == [
+        f"task.data_files.train={parquet}: missing column(s) hypothesis; mnli needs the columns premise, "
+        "hypothesis, label (found premise, label)"]
+    assert check_data_files({"train": str(good), "validation": str(good)}, TASKS["sst2"]) == []
+
+
+def test_the_cli_names_the_one_file_with_wrong_columns_before_torch_loads(tmp_path, glue_files):
+    train = tmp_path / "train.csv"
+    train.write_text(open(glue_files["sst2"]["train"]).read().replace("sentence,label", "text,label", 1))
+    proc = subprocess.run([sys.executable, "-c", CHECK_ONLY, "model=tiny_bert", "task=sst2", "logger=none",
+                           data_files_override({"train": str(train), "validation": glue_files["sst2"]["validation"]}),
+                           f"hydra.run.dir={tmp_path}/run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: task.data_files.train={train}: missing column(s) sentence; sst2 needs the columns sentence, label "
+        "(found text, label)", "torch imported: False"], proc.stderr[-2000:]
+
+
+CPU_ONLY_TORCH = ("__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\nhip: Optional[str] = None\n")
+
+
+def test_a_gpu_on_a_cpu_only_torch_is_one_line_read_from_its_build_without_importing_it(tmp_path):
+    fake = tmp_path / "site" / "torch"  # a CPU-only torch first on the path; importing it would fail loudly
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('the check imported torch')\n")
+    (fake / "version.py").write_text(CPU_ONLY_TORCH)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHECK_ONLY, "model=tiny_bert", "logger=none", "trainer.device=cuda",
+                           f"hydra.run.dir={tmp_path}/run"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: trainer.device=cuda: this torch (2.13.0+cpu) is built for the CPU only, without CUDA; use "
+        "trainer.device=auto (the CPU here) or cpu, or install a CUDA build of torch",
+        "torch imported: False"], proc.stderr[-2000:]
+
+
+def test_the_installed_torch_build_decides_the_gpu_check():
+    import torch
+
+    from sparsegrad.suite.run.settings import check_device
+
+    cpu_only = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+    assert bool(check_device("cuda")) == cpu_only and check_device("cpu") == [] and check_device("auto") == []
+    if sys.platform != "darwin":
+        assert check_device("mps") == ["trainer.device=mps: Apple's MPS exists on macOS only; use trainer.device=auto "
+                                       "or cpu"]
+
+
+def test_a_gpu_that_is_not_there_is_one_line_where_torch_loads(monkeypatch):
+    """A CUDA build on a machine without a visible GPU (or with fewer than named): the device step says so."""
+    import torch
+
+    from sparsegrad.suite.run.trainer import resolve_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer.device=cuda: torch sees no CUDA GPU here \(no driver, or none "
+                                          r"visible: CUDA_VISIBLE_DEVICES=\); use trainer.device=auto or cpu$"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"^trainer.device=cuda:2: only 2 CUDA device\(s\) are visible \(cuda:0 to "
+                                          r"cuda:1\); use one of those, or trainer.device=cuda$"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_training_data_of_a_single_class_warns_with_the_label_counts(run_tiny, glue_files, tmp_path, capsys):
+    from sparsegrad.suite.run.tasks import TASKS, label_warning
+
+    one_class = tmp_path / "train.csv"
+    lines = open(glue_files["sst2"]["train"]).read().splitlines()
+    one_class.write_text("\n".join([lines[0], *(ln.rsplit(",", 1)[0] + ",1" for ln in lines[1:])]) + "\n")
+    record = run_tiny(["model=tiny_bert", "method=full", "task=sst2", "trainer.max_steps=1", "trainer.eval_every=1",
+                       data_files_override({"train": str(one_class), "validation": glue_files["sst2"]["validation"]})])
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warnings == ["[finetune] warning: the sst2 training data has a single class (label 0: 0, label 1: 43; 43 "
+                        "examples): the model cannot learn to tell the 2 classes apart; check the labels of "
+                        "task.data_files.train (or task.max_train_samples)"]
+    assert record["status"] == "completed"  # a warning: the run goes on
+    three = [{"label": 0}, {"label": 2}, {"label": 2}]
+    assert label_warning(TASKS["mnli"], three).startswith("the mnli training data has no example of label 1 "
+                                                          "(label 0: 1, label 1: 0, label 2: 2; 3 examples)")
+    assert label_warning(TASKS["mnli"], [*three, {"label": 1}]) is None
+    assert label_warning(TASKS["stsb"], [{"label": 3.2}]) is None  # regression: no classes
+
+
 def test_data_file_problems_come_through_the_config_check(compose, tmp_path):
     header = tmp_path / "header.csv"
     header.write_text("sentence,label\n")
@@ -181,6 +289,7 @@ CHECK_ONLY = ("import atexit, sys\n"
     (["method.k=100000"], "error: method.k=100000: above the 2048 entries"),
     (["model=minilm", "model.pretrained=/no/such/folder"],
      "error: model.pretrained=/no/such/folder: the folder does not exist"),
+    (["seed=-1"], "error: seed=-1: must be an integer >= 0 and <= 4294967295"),
 ])
 def test_cli_refuses_bad_input_with_one_line_exit_2_before_torch_loads(tmp_path, args, expected):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}

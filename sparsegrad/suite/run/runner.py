@@ -190,6 +190,9 @@ def load_data(run: Run) -> Data:
     seed_everything(ts.seed)
     raw = tasks.load_raw_splits(spec, s.task, cache_dir=s.data_cache)
     splits = tasks.arrange_splits(spec, s.task, raw, ts.protocol, ts.heldout_fraction, ts.heldout_max)
+    warning = tasks.label_warning(spec, splits.train)
+    if warning:
+        _print(f"[finetune] warning: {warning}")
     run.record["main_metric"].update(
         selection_split=splits.selection_name, report_splits=list(splits.report),
         report_split=spec.test_split if spec.test_split in splits.report else spec.main_split,

@@ -38,7 +38,7 @@ Count = Annotated[int, Ge(1)]
 class TrainerSettings:
     """What the Hydra ``trainer`` group may change (see conf/trainer/default.yaml)."""
 
-    seed: int = 42
+    seed: Annotated[int, Interval(ge=0, le=2**32 - 1)] = 42  # what NumPy's (and so transformers') seeding accepts
     epochs: Annotated[float, Gt(0)] = 3.0
     max_steps: Count | None = None  # optimizer steps; stops before the epochs run out
     batch_size: Count = 16  # per micro-batch
@@ -117,7 +117,7 @@ def _bound(meta) -> str:
     for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         bound = getattr(meta, attr, None)
         if bound is not None:
-            parts.append(f"{sign} {bound:g}")
+            parts.append(f"{sign} {bound}" if isinstance(bound, int) else f"{sign} {bound:g}")
     return " and ".join(parts)
 
 
@@ -304,8 +304,9 @@ def check_pretrained(model: ModelSettings) -> list[str]:
     return problems
 
 
-def check_data_files(data_files) -> list[str]:
-    """Each task.data_files entry is a readable, non-empty file of a supported type; one format for all."""
+def check_data_files(data_files, spec=None) -> list[str]:
+    """Each task.data_files entry is a readable, non-empty file of a supported type, with the columns the
+    task ``spec`` (a :class:`sparsegrad.suite.run.tasks.TaskSpec`) needs; one format for all."""
     if not data_files:
         return []
     problems, suffixes = [], set()
@@ -320,7 +321,7 @@ def check_data_files(data_files) -> list[str]:
                 problems.append(f"{key}: unsupported file type {path.suffix or '(none)'!r}; use {', '.join(DATA_SUFFIXES)}")
             else:
                 suffixes.add(path.suffix.lower().replace(".tsv", ".csv").replace(".jsonl", ".json"))
-                problem = _empty_file(path)
+                problem = _empty_file(path) or (_wrong_columns(path, spec) if spec is not None else None)
                 if problem:
                     problems.append(f"{key}: {problem}")
     if len(suffixes) > 1:
@@ -348,6 +349,60 @@ def _empty_file(path: Path) -> str | None:
     return None
 
 
+def file_columns(path: Path) -> list[str] | None:
+    """The column names of a data file from its first line or record (parquet: its schema); None when the
+    file does not say cheaply (a JSON array, a line that is not a JSON object)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet  # datasets' own reader; light next to torch
+
+            return list(pyarrow.parquet.read_schema(path).names)
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:  # -sig: a BOM is no column name
+            if suffix in (".csv", ".tsv"):
+                import csv
+
+                return next(csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ","), None)
+            first = next((line for line in fh if line.strip()), "")
+    except (OSError, ValueError, ImportError):
+        return None
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return None
+    return list(row) if isinstance(row, dict) else None
+
+
+def _wrong_columns(path: Path, spec) -> str | None:
+    from sparsegrad.suite.run.tasks import missing_columns
+
+    found = file_columns(path)
+    return None if found is None else missing_columns(spec, found)
+
+
+def check_device(device: str) -> list[str]:
+    """A GPU device that this torch build or this machine cannot have; read without importing torch (the
+    device's presence is checked where torch is loaded: sparsegrad.suite.run.trainer.resolve_device)."""
+    import importlib.util
+    import sys
+
+    if device.startswith("mps") and sys.platform != "darwin":
+        return [f"trainer.device={device}: Apple's MPS exists on macOS only; use trainer.device=auto or cpu"]
+    if not device.startswith("cuda"):
+        return []
+    spec = importlib.util.find_spec("torch")
+    version = Path(spec.submodule_search_locations[0]) / "version.py" if spec and spec.submodule_search_locations else None
+    try:
+        text = version.read_text(encoding="utf-8") if version else ""
+    except OSError:
+        return []
+    built = dict(re.findall(r"^(__version__|cuda|hip)\s*(?::[^=]*)?=\s*'?([^'\n]*)'?\s*$", text, re.M))
+    if built and built.get("cuda", "None") == "None" and built.get("hip", "None") == "None":
+        return [f"trainer.device={device}: this torch ({built.get('__version__', '?')}) is built for the CPU only, "
+                "without CUDA; use trainer.device=auto (the CPU here) or cpu, or install a CUDA build of torch"]
+    return []
+
+
 def check_settings(settings: FinetuneSettings) -> list[str]:
     """The checks across fields and on disk, for settings that passed the field checks."""
     return _cross_checks(settings.model, settings.method, settings.task, settings.trainer)
@@ -363,9 +418,12 @@ def _cross_checks(model, method, task, trainer) -> list[str]:
             tasks.main_metric(tasks.get_task(task.name), task)
         except SuiteError as exc:
             problems.append(str(exc))
-        problems += check_data_files(task.data_files)
+        spec = tasks.TASKS.get(task.name)
+        problems += check_data_files(task.data_files, spec)
     if trainer is not None and not DEVICE_PATTERN.match(trainer.device):
         problems.append(f"trainer.device={trainer.device}: must be one of auto, cpu, mps, cuda, cuda:N")
+    elif trainer is not None:
+        problems += check_device(trainer.device)
     if model is not None:
         problems += check_pretrained(model)
     if method is not None and model is not None:
@@ -396,6 +454,9 @@ def settings_from_config(cfg: dict, output_dir: str, check_files: bool = True) -
     for group, cls in GROUPS.items():
         built[group], found = check_group(group, cls, dict(values[group]))
         problems += found
+    if cfg.get("seed") is not None:  # the run's seed is the top-level key (trainer.seed follows it)
+        problems = [f"seed={line.removeprefix('trainer.seed=')}" if line.startswith("trainer.seed=") else line
+                    for line in problems]
     if check_files:
         problems += _cross_checks(built["model"], built["method"], built["task"], built["trainer"])
     if problems:

@@ -22,6 +22,7 @@ from annotated_types import Ge
 from sparsegrad.suite.errors import ConfigError, DataError, HubUnreachableError, hub_dataset_message
 
 CLASSIFICATION, REGRESSION, CAUSAL_LM = "classification", "regression", "causal_lm"
+OASST1_COLUMNS = ("message_id", "parent_id", "role", "text")
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
@@ -49,6 +50,11 @@ class TaskSpec:
     @property
     def main_split(self) -> str:
         return self.dev_splits[0]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns each file of the task's data (``task.data_files``) must have; () for built-in data."""
+        return {"glue": (*self.text_fields, "label"), "oasst1": OASST1_COLUMNS}.get(self.source, ())
 
 
 def _glue(name, fields, metrics, main, num_labels=2, dev=("validation",)):
@@ -160,22 +166,25 @@ def _load_tables(hub_name: str, subset: str | None, data_files, cache_dir) -> di
                 if not Path(path).exists():
                     raise DataError(f"task.data_files[{split}]: no such file {path}")
         builder, kwargs = _builder_for(files)
-        try:
-            dsd = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
-        except Exception as exc:  # a file the reader cannot parse: name the files, not the reader's internals
-            cause = exc.__cause__ or exc.__context__ or exc
-            raise DataError(f"task.data_files: could not read {', '.join(f'{k}={v}' for k, v in files.items())} as "
-                            f"{builder}: {type(cause).__name__}: {str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ''}"
-                            ) from None
-    else:
-        try:
-            dsd = datasets.load_dataset(hub_name, subset, cache_dir=cache_dir)
-        except (ConnectionError, OSError, ValueError) as exc:  # offline mode raises ConnectionError
-            raise HubUnreachableError(hub_dataset_message(hub_name + (f"/{subset}" if subset else ""), exc)) from exc
-        except Exception as exc:  # datasets wraps network failures in several classes
-            if "hub" in str(exc).lower() or "connect" in str(exc).lower() or "offline" in str(exc).lower():
-                raise HubUnreachableError(hub_dataset_message(hub_name, exc)) from exc
-            raise
+        tables = {}
+        for split, paths in files.items():  # one split at a time: files of one split never cast to another's columns
+            try:
+                tables[split] = datasets.load_dataset(builder, data_files={split: paths}, split=split,
+                                                      cache_dir=cache_dir, **kwargs).to_list()
+            except Exception as exc:  # a file the reader cannot parse: name the file, not the reader's internals
+                cause = exc.__cause__ or exc.__context__ or exc
+                text = " ".join(str(cause).split())[:300]
+                raise DataError(f"task.data_files.{split}={paths}: could not be read as {builder}: "
+                                f"{type(cause).__name__}: {text}") from None
+        return tables
+    try:
+        dsd = datasets.load_dataset(hub_name, subset, cache_dir=cache_dir)
+    except (ConnectionError, OSError, ValueError) as exc:  # offline mode raises ConnectionError
+        raise HubUnreachableError(hub_dataset_message(hub_name + (f"/{subset}" if subset else ""), exc)) from exc
+    except Exception as exc:  # datasets wraps network failures in several classes
+        if "hub" in str(exc).lower() or "connect" in str(exc).lower() or "offline" in str(exc).lower():
+            raise HubUnreachableError(hub_dataset_message(hub_name, exc)) from exc
+        raise
     return {split: dsd[split].to_list() for split in dsd}
 
 
@@ -201,18 +210,42 @@ def _builder_for(files: dict) -> tuple[str, dict]:
 def _glue_examples(spec: TaskSpec, split: str, rows: list[dict]) -> list[dict]:
     if not rows:
         raise DataError(f"{spec.name}/{split}: the split is empty")
-    missing = [c for c in (*spec.text_fields, "label") if c not in rows[0]]
-    if missing:
-        raise DataError(
-            f"{spec.name}/{split}: missing column(s) {missing}; GLUE {spec.name} has columns "
-            f"{', '.join((*spec.text_fields, 'label'))} (found {', '.join(rows[0])})."
-        )
+    problem = missing_columns(spec, list(rows[0]))
+    if problem:
+        raise DataError(f"{spec.name}/{split}: {problem}")
     examples = []
     for i, row in enumerate(rows):
         texts = tuple("" if row[f] is None else str(row[f]) for f in spec.text_fields)
         label = check_label(spec, row["label"], f"{spec.name}/{split} row {i}")
         examples.append({"texts": texts if len(texts) == 2 else (texts[0], None), "label": label})
     return examples
+
+
+def missing_columns(spec: TaskSpec, found: list[str]) -> str | None:
+    """What is wrong with a table of columns ``found`` for the task, or None."""
+    missing = [c for c in spec.columns if c not in found]
+    if not missing:
+        return None
+    return (f"missing column(s) {', '.join(missing)}; {spec.name} needs the columns {', '.join(spec.columns)} "
+            f"(found {', '.join(found) or 'none'})")
+
+
+def label_warning(spec: TaskSpec, train: list[dict]) -> str | None:
+    """A warning when the training examples of a classification task miss a class of its head (a single
+    class, most often: a filtered or sorted file), with the label counts; None when every class is there."""
+    if spec.kind != CLASSIFICATION or not train:
+        return None
+    from collections import Counter
+
+    counts = Counter(e["label"] for e in train)
+    missing = [c for c in range(spec.num_labels) if c not in counts]
+    if not missing:
+        return None
+    what = "a single class" if len(counts) == 1 else f"no example of label {', '.join(map(str, missing))}"
+    shown = ", ".join(f"label {c}: {counts.get(c, 0)}" for c in range(spec.num_labels))
+    return (f"the {spec.name} training data has {what} ({shown}; {len(train)} examples): the model cannot learn "
+            f"to tell the {spec.num_labels} classes apart; check the labels of task.data_files.train "
+            "(or task.max_train_samples)")
 
 
 def check_label(spec: TaskSpec, value, where: str):
@@ -246,9 +279,8 @@ def check_label(spec: TaskSpec, value, where: str):
 
 def oasst1_threads(rows: list[dict], languages: list[str] | None = None) -> list[dict]:
     """Every root-to-leaf thread of the OpenAssistant message trees as a user/assistant conversation."""
-    required = {"message_id", "parent_id", "role", "text"}
-    if rows and not required <= set(rows[0]):
-        raise DataError(f"oasst1: rows need the columns {sorted(required)}, found {sorted(rows[0])}")
+    if rows and not set(OASST1_COLUMNS) <= set(rows[0]):
+        raise DataError(f"oasst1: rows need the columns {', '.join(OASST1_COLUMNS)}, found {', '.join(rows[0])}")
     by_id = {r["message_id"]: r for r in rows}
     children: dict[str, list[str]] = {}
     roots = []

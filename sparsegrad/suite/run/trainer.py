@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from sparsegrad.suite.errors import ConfigError
 from sparsegrad.suite.run import data as data_lib
 from sparsegrad.suite.run import metrics as metrics_lib
 from sparsegrad.suite.run.convergence import EarlyStopping
@@ -34,9 +36,23 @@ __all__ = ["TrainState", "TrainerSettings", "evaluate", "planned_steps", "restor
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``trainer.device`` names; a GPU that is not there is a ConfigError (one line), not
+    torch's assertion at the first tensor moved."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"trainer.device={name}: torch sees no CUDA GPU here (no driver, or none visible: "
+                              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                              "use trainer.device=auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"trainer.device={name}: only {count} CUDA device(s) are visible (cuda:0 to "
+                              f"cuda:{count - 1}); use one of those, or trainer.device=cuda")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"trainer.device={name}: MPS is not available in this torch on this Mac; use trainer.device=cpu")
+    return device
 
 
 def autocast(device: torch.device, precision: str):
