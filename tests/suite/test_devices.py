@@ -70,6 +70,8 @@ def test_the_run_record_names_the_leased_gpu(four_gpus, compose, monkeypatch):
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(str(device)))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"Fake GPU {index}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch's view of the fake node: 4 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     other = devices.acquire("auto")  # a concurrent run holds cuda:0
     settings = runner.settings_from_config(resolve(compose(["model=tiny_bert", "logger=none"])), str(four_gpus / "run"))
     run = runner.start(settings)
