@@ -9,7 +9,8 @@ BASE = {
     "environment": {"device": "cpu x86_64", "device_type": "cpu"},
     "main_metric": {"name": "accuracy", "higher_is_better": True, "selection_split": "validation",
                     "report_splits": ["test"], "report_split": "test"},
-    "memory": {"device_type": "cpu", "how": "peak RSS", "train_peak_bytes": 1000 * 2**20},
+    "memory": {"device_type": "cpu", "how": "live tensor bytes", "gauge": "live_tensor_bytes",
+               "train_peak_bytes": 1000 * 2**20},
     "training": {"steps_per_second": 2.0},
     "parameters": {"total": 22_700_000, "trainable_dense": 22_700_000, "sparse_budget_total": None},
 }

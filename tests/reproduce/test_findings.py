@@ -185,3 +185,152 @@ def test_a_variant_fills_its_kinds_role():
         r["best"] = {**r["best"], "score": v}
     fs = by_claim(findings.build(rs + plain))
     assert fs[("b", "smollm2")].verdict == stats.CONTRADICTED
+
+
+# ------------------------------------------------------------------------------------------- power
+def _hand_mde(sd, n, level=0.95, power=0.80):
+    from scipy.stats import t
+
+    return (t.ppf(0.5 + level / 2, n - 1) + t.ppf(power, n - 1)) * sd / math.sqrt(n)
+
+
+def _hand_seeds(difference, sd):
+    n = 2
+    while _hand_mde(sd, n) > abs(difference):
+        n += 1
+    return n
+
+
+def test_detectable_difference_and_seeds_needed_by_hand():
+    from scipy.stats import t
+
+    assert stats.detectable_difference(2.0, 5) == pytest.approx((t.ppf(0.975, 4) + t.ppf(0.8, 4)) * 2.0 / math.sqrt(5))
+    assert stats.detectable_difference(2.0, 1) is None and stats.detectable_difference(None, 3) is None
+    # sd 1, difference 1: n = 10 ((2.262 + 0.883)/√10 = 0.995), n = 9 falls short ((2.306 + 0.889)/3 = 1.065)
+    assert stats.seeds_needed(1.0, 1.0) == 10 == _hand_seeds(1.0, 1.0)
+    assert stats.seeds_needed(-0.5, 1.0) == _hand_seeds(0.5, 1.0)  # the sign does not matter
+    assert stats.seeds_needed(0.01, 5.0) is None  # beyond MAX_SEEDS
+    assert stats.seeds_needed(1.0, 0.0) == 2
+
+
+def test_each_row_states_its_power_in_the_claims_units():
+    fs = by_claim(findings.build(fixture_records(), ANALYSIS, {"models": {"minilm": "bert_base"}}))
+    a = fs[("a", "minilm")].power[0]
+    sd = math.sqrt(1 / 12)  # paired differences 5, 5, 4.5
+    assert a.detectable == pytest.approx(_hand_mde(sd, 3))
+    assert a.paper_difference == pytest.approx(1.0, abs=1e-9)  # bert_base GLUE avg 82.6 vs 81.6
+    assert a.seeds_needed == _hand_seeds(1.0, sd) == 3  # n = 2: (12.71 + 1.38)·0.289/√2 = 2.9 > 1
+    c = fs[("c", "minilm")].power[0]  # SparseGrad - FT = 2, -2, 2: sd 4/√3; the paper's +0.1 is 1.1 above -1
+    assert c.paper_difference == pytest.approx(1.1, abs=1e-9)
+    assert c.seeds_needed == _hand_seeds(1.1, 4 / math.sqrt(3))
+    d = fs[("d", "minilm")].power  # FT - SparseGrad: the paper's (1345 - 1016)/1016 of our SparseGrad mean (1000 MB)
+    assert d[1].paper_difference == pytest.approx((1345 - 1016) / 1016 * 1000)
+    assert d[1].detectable == pytest.approx(_hand_mde(statistics_sd([200, 180, 220]), 3))
+    text = findings.markdown(list(fs.values()))
+    assert "| detectable (80% power) | seeds for the paper's Δ |" in text and "MDE = (t(0.975, n−1) + t(0.80, n−1))" in text
+    assert "unavailable" in text  # these fixture records hold no per-example results
+
+
+def statistics_sd(values):
+    import statistics
+
+    return statistics.stdev(values)
+
+
+# --------------------------------------------------------------------------------------- bootstrap
+def _with_examples(rs, correct_by_method, n=400):
+    """Per-example results: method -> a function (seed, i) -> correct?; labels all 1."""
+    from sparsegrad.suite.run import examples as examples_lib
+
+    for r in rs:
+        if r["_stage"] != "seeds":
+            continue
+        f = correct_by_method[r["method"]]
+        preds = [1 if f(r["seed"], i) else 0 for i in range(n)]
+        r["examples"] = examples_lib.entry("classification", "test", "best", predictions=preds, labels=[1] * n)
+        r["best"]["score"] = sum(preds) / n
+    return rs
+
+
+def test_test_split_bootstrap_matches_the_normal_approximation():
+    import numpy as np
+
+    n = 400
+    rng = np.random.default_rng(5)
+    table = {m: rng.random((4, n)) < p for m, p in (("sparsegrad", 0.8), ("lora", 0.7), ("meprop", 0.8),
+                                                      ("full", 0.8))}
+    rs = _with_examples(fixture_records(), {m: (lambda s, i, m=m: bool(table[m][s, i])) for m in table}, n)
+    cells, _ = findings.by_role(findings.seed_runs(rs))
+    lo, hi = findings.test_split_bootstrap(cells, "minilm", ["movie_sentiment"], "sparsegrad", "lora")
+    # the statistic is the mean over examples of d_i = 100 * mean over seeds of (c_sg - c_lora): its sd is sd(d)/√n
+    d = 100 * np.mean([table["sparsegrad"][s].astype(float) - table["lora"][s] for s in (1, 2, 3)], axis=0)
+    half = 1.959964 * d.std(ddof=1) / math.sqrt(n)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    assert lo < d.mean() < hi
+    again = findings.test_split_bootstrap(cells, "minilm", ["movie_sentiment"], "sparsegrad", "lora")
+    assert again == (lo, hi)  # a fixed stream: the table is a pure function of the records
+    row = by_claim(findings.build(rs))[("a", "minilm")]
+    assert findings._fmt_test_split(row.power[0], row) == f"±{(hi - lo) / 2:.1f}"
+
+
+def test_bootstrap_is_unavailable_for_records_without_per_example_results():
+    rs = _with_examples(fixture_records(), {m: (lambda s, i: i % 2 == 0) for m in SCORES})
+    next(r for r in rs if r["method"] == "lora" and r["_stage"] == "seeds").pop("examples")
+    cells, _ = findings.by_role(findings.seed_runs(rs))
+    assert findings.test_split_bootstrap(cells, "minilm", ["movie_sentiment"], "sparsegrad", "lora") == "unavailable"
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _rss_records():
+    """Records from before the live-bytes gauge: peak RSS, SparseGrad's inflated by its basis phase."""
+    rs = fixture_records()
+    base = {"full": 440, "lora": 440, "sparsegrad": 593, "meprop": 440}
+    added = {"full": 827, "lora": 700, "sparsegrad": 780, "meprop": 800}
+    for r in rs:
+        m = r["method"]
+        r["memory"] = {"device_type": "cpu", "how": "peak process RSS", "baseline_bytes": base[m] * 2**20,
+                       "train_peak_bytes": (base[m] + added[m] + r["seed"] % 3) * 2**20}
+    return rs
+
+
+def test_memory_claim_falls_back_to_what_training_added_for_rss_records_and_says_so():
+    d = by_claim(findings.build(_rss_records()))[("d", "minilm")]
+    ft_minus_sg = d.parts[1][1]
+    assert ft_minus_sg.mean == pytest.approx(827 - 780)  # not (440 + 827) - (593 + 780) = -106
+    assert d.verdict == stats.CONFIRMED
+    assert "predate the live-tensor-bytes gauge" in d.notes[0] and "-106 MB" in d.notes[0]
+
+
+def test_memory_claim_uses_live_bytes_and_names_the_basis_phase():
+    rs = fixture_records()
+    for r in rs:
+        if r["method"] == "sparsegrad":
+            r["memory"]["basis_peak_bytes"] = 1500 * 2**20
+    d = by_claim(findings.build(rs))[("d", "minilm")]
+    assert d.notes[0] == "memory: the training phase's peak of live tensor bytes"
+    assert "preliminary (basis) phase, not part of the claim: peak 1500 MB" in d.notes[1]
+    from sparsegrad.suite.report import tables
+
+    t3 = tables.table3(rs, tables.Paper.load(), [])
+    basis = [row for row in t3.rows if "preliminary phase" in row[1]]
+    assert basis and basis[0][7] == "1500"
+
+
+def test_memory_claim_is_checked_against_make_bench(tmp_path):
+    import json
+
+    def bench(name, full, sparsegrad, **extra):
+        (tmp_path / name).write_text(json.dumps({
+            "device": "cpu", **extra, "shape_defs": [{"key": "minilm bs16x128 movie-padded", "model": "minilm"}],
+            "summary": {"minilm bs16x128 movie-padded": {"methods": {"full": {"peak_mb": full},
+                                                                      "sparsegrad": {"peak_mb": sparsegrad}}}}}))
+
+    bench("cpu-old.json", 900, 1000)  # an RSS bench: SparseGrad above FT, against the records (FT above)
+    bench("cpu-new.json", 1000, 900, memory_gauge="live_tensor_bytes")
+    d = by_claim(findings.build(fixture_records(), bench=findings.load_bench_memory(tmp_path)))[("d", "minilm")]
+    new = next(n for n in d.notes if "cpu-new.json" in n)
+    old = next(n for n in d.notes if "cpu-old.json" in n)
+    assert "FT − SparseGrad +100 MB" in new and "the direction of this row" in new
+    assert "the opposite of this row: the gauges differ" in old
+    none = by_claim(findings.build(fixture_records("smollm2"), bench=findings.load_bench_memory(tmp_path)))
+    assert "no run of smollm2 in results/bench (it holds minilm)" in none[("d", "smollm2")].notes[-1]

@@ -116,6 +116,17 @@ def _speed_rows(records: list[dict]) -> dict[tuple[str, str, str, str], dict[str
     return out
 
 
+def _basis_peaks(records: list[dict]) -> dict[tuple[str, str, str], list[float]]:
+    """(device, model, method) -> the preliminary (basis) phase's peak memory (MB) of each completed seed re-run."""
+    out: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in final_runs(records):
+        memory = r.get("memory") or {}
+        peak = memory.get("basis_peak_bytes") if "gauge" in memory else (r.get("basis") or {}).get("peak_bytes")
+        if r.get("status") == "completed" and peak is not None:
+            out[(device_of(r), r["model"], r["method"])].append(peak / 2**20)
+    return out
+
+
 def _paper_speed_setting(method: str) -> str:
     return "sparse_by_dense" if method == "sparsegrad" else ""
 
@@ -130,8 +141,15 @@ def _memory_note(records: list[dict]) -> list[str]:
     return notes
 
 
+BASIS_NOTE = ("Preliminary phase rows: the peak memory of estimating the transition basis, before training (the "
+              "paper's §8 discusses it as the method's limitation without measuring it: its stacked gradient tensor is "
+              "about 276 MB for BERT and RoBERTa at 30 steps); memory ÷ FT divides it by full FT's training peak. It "
+              "is not part of the training peak, nor of claim (d).")
+
+
 def table3(records: list[dict], paper: Paper, bench: list[dict]) -> Table:
     rows_src = _speed_rows(records)
+    basis_peaks = _basis_peaks(records)
     agg: dict[tuple[str, str, str, str], dict[str, list[float]]] = defaultdict(lambda: {"sps": [], "mem": []})
     for (device, model, method, _task), v in rows_src.items():
         agg[(device, model, method, "records")]["sps"] += v["sps"]
@@ -166,7 +184,13 @@ def table3(records: list[dict], paper: Paper, bench: list[dict]) -> Table:
                          fmt(sps, 2), fmt(p_sps, 2), fmt(rel_sps, 2), fmt(p_sps / p_full if p_sps else None, 2),
                          fmt(mem, 0), fmt(p_mem, 0), fmt(rel_mem, 2), fmt(p_mem / m_full if p_mem else None, 2),
                          str(max(len(v["sps"]), len(v["mem"])))])
-    notes = _memory_note(records) + _variant_note(m.split(" ")[0] for _d, _m, m, _s in agg)
+            basis = basis_peaks.get((device, model, meth)) if src == "records" else None
+            if basis:
+                peak = mean_std(basis)[0]
+                rows.append([model, f"{label}: preliminary phase (basis)", device, "—", "—", "—", "—", fmt(peak, 0),
+                             "—", fmt(peak / full_mem if full_mem else None, 2), "—", str(len(basis))])
+    notes = _memory_note(records) + ([BASIS_NOTE] if any(basis_peaks.values()) else [])
+    notes += _variant_note(m.split(" ")[0] for _d, _m, m, _s in agg)
     if bench:
         notes.append("Rows marked with a file name come from the CUDA benchmark records in results/bench/.")
     else:
@@ -407,7 +431,7 @@ def write_all(records: list[dict], out_dir: Path, *, profile_name: str = "", ana
               f"Markdown, CSV and LaTeX of each table are in `tables/`; figures in `figures/`.\n\n")
     from sparsegrad.suite.report import findings  # the findings table comes first, and also in findings.md
 
-    findings_path, findings_md = findings.write(records, out_dir, profile_name, analogue, analysis)
+    findings_path, findings_md = findings.write(records, out_dir, profile_name, analogue, analysis, bench_dir)
     summary = Path(out_dir) / "tables.md"
     summary.write_text(header + findings_md + "\n" + "\n".join(t.markdown() for t in tables), encoding="utf-8")
     written += [findings_path, summary]
