@@ -112,6 +112,20 @@ def _build_movie_reviews(archive: Path, staging: Path) -> None:
         staging.write_bytes(inner.extractfile(member).read())
 
 
+def _build_peft_tests(archive: Path, staging: Path) -> None:
+    """peft's ``tests/`` folder, made a package (its modules import each other relatively; the sdist has
+    no ``__init__.py`` there) beside an empty ``pytest.ini`` (the sdist's pytest options ask for coverage)."""
+    prefix = archive.name.removesuffix(".tar.gz") + "/tests/"
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith(prefix):
+                out = staging / "tests" / member.name[len(prefix):]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(tar.extractfile(member).read())
+    (staging / "tests" / "__init__.py").touch()
+    (staging / "pytest.ini").write_text("[pytest]\n")
+
+
 def _build_smollm2(archive: Path, staging: Path) -> None:
     """Dequantise the GGUF file with transformers and save a plain fp32 Hugging Face folder."""
     import torch
@@ -159,6 +173,7 @@ BUILDERS = {
     "smollm2": _build_smollm2,
     "movie_reviews": _build_movie_reviews,
     "chatterbot": _build_chatterbot,
+    "peft_tests": _build_peft_tests,
 }
 
 

@@ -49,7 +49,27 @@ _EXPORTS = {
 }
 
 
+# The PEFT methods (``get_peft_model(model, sparsegrad.SparseGradConfig(...))``) load only when named: they
+# import peft, which takes seconds. They are registered with peft as soon as peft is imported (see
+# sparsegrad.peft_registration), so PeftModel.from_pretrained finds them after a plain ``import sparsegrad``.
+_PEFT_EXPORTS = {
+    "SparseGradConfig": "methods.sparsegrad.config",
+    "SparseGradModel": "methods.sparsegrad.model",
+    "initialize_sparsegrad_basis": "methods.sparsegrad.model",
+    "MePropConfig": "methods.meprop.config",
+    "MePropModel": "methods.meprop.model",
+}
+
+
 def __getattr__(name: str):
+    if name in _PEFT_EXPORTS:
+        import importlib
+
+        from sparsegrad.peft_registration import register_peft_methods
+
+        register_peft_methods()
+        globals()[name] = getattr(importlib.import_module(f".{_PEFT_EXPORTS[name]}", __name__), name)
+        return globals()[name]
     if not any(name in names for names in _EXPORTS.values()):
         raise AttributeError(f"module 'sparsegrad' has no attribute {name!r}")
     import importlib
@@ -61,7 +81,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *(n for names in _EXPORTS.values() for n in names)})
+    return sorted({*globals(), *_PEFT_EXPORTS, *(n for names in _EXPORTS.values() for n in names)})
 
 
 __all__ = [
@@ -72,11 +92,15 @@ __all__ = [
     "LayerAccount",
     "LayerBudget",
     "LazySparseAdam",
+    "MePropConfig",
     "MePropLinear",
+    "MePropModel",
     "Method",
     "MethodAccount",
     "MethodConfig",
+    "SparseGradConfig",
     "SparseGradLinear",
+    "SparseGradModel",
     "SparseGradOptimizer",
     "Target",
     "account",
@@ -86,6 +110,7 @@ __all__ = [
     "estimate_basis",
     "find_targets",
     "get_method",
+    "initialize_sparsegrad_basis",
     "merge",
     "prepare_trainer",
     "random_basis",
@@ -100,3 +125,8 @@ __version__ = "0.1.0"
 from sparsegrad import _moved  # noqa: E402
 
 _moved.install()
+
+# SparseGrad and MeProp become PEFT methods when peft is imported (now, if it already is).
+from sparsegrad import peft_registration  # noqa: E402
+
+peft_registration.install()

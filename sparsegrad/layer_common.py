@@ -8,12 +8,14 @@ Used by :mod:`sparsegrad.methods.sparsegrad.layer` (SparseGradLinear), :mod:`spa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 __all__ = ["ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES", "TOPK_AT", "needs_master",
            "float32_master", "current_master", "plain_linear", "check_topk_at", "check_data_parallel",
-           "save_linear_context", "check_choice", "copy_weight_and_bias"]  # fmt: skip
+           "save_linear_context", "check_choice", "copy_weight_and_bias", "autocast_off"]  # fmt: skip
 
 ORIENTATIONS = ("hosvd", "official")
 FORMULATIONS = ("auto", "regular")
@@ -23,6 +25,14 @@ MEPROP_MODES = ("weight", "output")
 # sparse COO from the start) or once per optimizer step, from the dense gradient summed over the
 # micro-batches and all-reduced by DistributedDataParallel (the optimizer takes it).
 TOPK_AT = ("backward", "step")
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast off on ``device`` (nothing to turn off on the meta device, where peft builds
+    layers without memory)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

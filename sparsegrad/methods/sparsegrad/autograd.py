@@ -62,6 +62,8 @@ class SparseGradFunction(torch.autograd.Function):
                 grad_w = topk_coo(grad_dense, layer.k, overwrite=True)  # grad_dense is this call's temporary
                 del grad_dense
                 mark_bits(layer.updated_mask, grad_w.indices()[0] * layer.in_features + grad_w.indices()[1])
+                if getattr(layer, "dense_weight_grad", False):  # the same k entries, dense, for a dense optimizer
+                    grad_w = grad_w.to_dense()
             layer.note_gradient()
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)

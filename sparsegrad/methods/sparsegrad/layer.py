@@ -76,6 +76,7 @@ from sparsegrad.layer_common import (
     ORIENTATIONS,
     STORAGES,
     TOPK_AT,
+    autocast_off,
     check_choice,
     check_data_parallel,
     check_topk_at,
@@ -102,6 +103,10 @@ class SparseGradLinear(nn.Module):
     state_dict, moved by ``.to()``) and ``updated_mask`` (a packed bit set over the out x in coordinates
     of W~ that have received a gradient entry so far, i.e. those a lazy optimizer has updated; see
     :func:`sparsegrad.kernels.mark_bits`).
+
+    ``dense_weight_grad=True`` (storage "rotated" only) gives the same k entries as a dense tensor
+    (zeros elsewhere), for an optimizer without sparse support (``torch.optim.AdamW``, whose moments
+    then keep moving entries outside each step's top-k, as in the authors' MeProp baseline).
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class SparseGradLinear(nn.Module):
         full_refresh_every: int = 100,
         storage: str | None = None,
         topk_at: str = "backward",
+        dense_weight_grad: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -132,6 +138,13 @@ class SparseGradLinear(nn.Module):
                 "formulation='regular' (the paper's 3-product layer) computes with W~ itself; "
                 "use storage='rotated' (or formulation='auto' to keep only W)"
             )
+        if dense_weight_grad and (storage != "rotated" or topk_at != "backward"):
+            raise ValueError(
+                "dense_weight_grad (the k-sparse dL/dW~ as a dense tensor, for a dense optimizer) needs "
+                "storage='rotated' (a dense optimizer adds the gradient to the parameter, which must then be W~) "
+                "and topk_at='backward'"
+            )
+        self.dense_weight_grad = dense_weight_grad
         factory = {"device": device, "dtype": dtype}
         self.storage = storage
         self.in_features = in_features
@@ -172,8 +185,8 @@ class SparseGradLinear(nn.Module):
         """Wrap ``linear``: W~ = u_out^T W R (computed in float64), same bias, same function.
 
         ``k`` is the gradient budget, a count or a fraction of in*out. ``options``: orientation,
-        formulation, sparse_by_dense, full_refresh_every, storage, topk_at. With storage "weight" the layer
-        keeps a copy of W and no rotation is computed here.
+        formulation, sparse_by_dense, full_refresh_every, storage, topk_at, dense_weight_grad. With storage
+        "weight" the layer keeps a copy of W and no rotation is computed here.
         """
         w = linear.weight
         out_f, in_f = w.shape
@@ -249,6 +262,12 @@ class SparseGradLinear(nn.Module):
             eff = self.effective_weight
             destination[prefix + "effective_weight"] = eff if keep_vars else eff.detach()
             destination[prefix + "effective_weight_updates"] = torch.tensor(self._n_incremental)
+        elif self._loaded_cache is not None and self.storage == "rotated":
+            # loaded and not yet adopted (no forward since): saved again as it came, so that saving a
+            # reloaded layer gives what the original gave
+            eff, n_updates = self._loaded_cache
+            destination[prefix + "effective_weight"] = eff
+            destination[prefix + "effective_weight_updates"] = torch.tensor(n_updates)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rotated = state_dict.pop(prefix + "rotated_weight", None)
@@ -284,6 +303,35 @@ class SparseGradLinear(nn.Module):
         return plain_linear(w.to(self.weight.dtype), self.bias)
 
     # ------------------------------------------------------------------------------------- the basis
+    @torch.no_grad()
+    def set_basis(self, u_in: torch.Tensor, u_out: torch.Tensor) -> None:
+        """Train in a new transition basis from now on, keeping the layer's function: W is unchanged.
+
+        ``u_in`` / ``u_out`` as :meth:`prepare_basis` returns them (layers given the same prepared pair
+        share its memory). Storage "weight" only swaps the matrices (W is what it keeps); storage
+        "rotated" re-expresses its trained matrix, ``W~ = u_out'^T W R'`` (float64). The record of updated
+        coordinates is cleared: they were coordinates of the old basis.
+        """
+        if tuple(u_in.shape) != tuple(self.u_in.shape) or tuple(u_out.shape) != tuple(self.u_out.shape):
+            raise ValueError(f"basis shapes u_in {tuple(u_in.shape)}, u_out {tuple(u_out.shape)} do not fit this "
+                             f"layer: expected {tuple(self.u_in.shape)}, {tuple(self.u_out.shape)}")  # fmt: skip
+        w = None if self.storage == "weight" else self._compose(self._trained(), torch.float64)
+        self.u_in, self.u_out = u_in, u_out
+        self.updated_mask.zero_()
+        self._pending_key = None
+        if w is not None:
+            w_tilde = self.rotated_from(w)
+            self._trained().copy_(w_tilde)
+            if self.weight_master is not None:
+                self.weight.copy_(self.weight_master)
+            self.effective_weight, self._eff_key, self._loaded_cache = None, None, None
+
+    def rotated_from(self, w: torch.Tensor) -> torch.Tensor:
+        """``W~ = u_out^T W R`` of a given W, computed in float64 (autocast off)."""
+        with autocast_off(w.device):
+            u_out, r_mat = self.u_out.to(torch.float64), self.right_rotation().to(torch.float64)
+            return (u_out.t() @ w.to(torch.float64)) @ r_mat
+
     def right_rotation(self) -> torch.Tensor:
         """R with W~ = u_out^T W R: ``u_in`` (hosvd orientation) or ``u_in^T`` (official)."""
         return self.u_in if self.orientation == "hosvd" else self.u_in.t()
@@ -295,13 +343,13 @@ class SparseGradLinear(nn.Module):
         if self.storage == "rotated":
             return w.to(dtype or w.dtype, copy=True)
         dtype = dtype or w.dtype
-        with torch.autocast(w.device.type, enabled=False):
+        with autocast_off(w.device):
             return (self.u_out.to(dtype).t() @ w.to(dtype)) @ self.right_rotation().to(dtype)
 
     def _compose(self, w_tilde: torch.Tensor, dtype=None) -> torch.Tensor:
         """u_out W~ R^T computed in ``dtype`` (autocast off), returned in ``w_tilde``'s dtype."""
         dtype = dtype or w_tilde.dtype
-        with torch.autocast(w_tilde.device.type, enabled=False):
+        with autocast_off(w_tilde.device):
             u_out = self.u_out.to(dtype)
             r_mat = self.right_rotation().to(dtype)
             return ((u_out @ w_tilde.detach().to(dtype)) @ r_mat.t()).to(w_tilde.dtype)
@@ -362,7 +410,7 @@ class SparseGradLinear(nn.Module):
         n_idx = flat_indices.numel()
         cost_rows = n_idx * d_in + d_out * u_rows.numel() * d_in
         cost_cols = n_idx * d_out + d_in * u_cols.numel() * d_out
-        with torch.autocast(delta.device.type, enabled=False):
+        with autocast_off(delta.device):
             return self._rotate_back_products(flat_indices, delta.to(dtype), dtype, allow_dense, rows_all, cols_all,
                                               u_rows, inv_rows, u_cols, inv_cols, cost_rows, cost_cols)  # fmt: skip
 
@@ -446,7 +494,7 @@ class SparseGradLinear(nn.Module):
         for storage "rotated"). Called by the optimizer (:meth:`LazySparseAdam.select_gradients`)."""
         if self.storage == "weight":
             dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
-            with torch.autocast(grad.device.type, enabled=False):
+            with autocast_off(grad.device):
                 rotated = (self.u_out.to(dtype).t() @ grad.to(dtype)) @ self.right_rotation().to(dtype)
             grad = rotated.to(grad.dtype)
             overwrite = True
@@ -522,4 +570,5 @@ class SparseGradLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
             f"bias={self.bias is not None}, orientation={self.orientation}, formulation={self.formulation}, "
             f"storage={self.storage}, sparse_by_dense={self.sparse_by_dense}, topk_at={self.topk_at}"
+            + (", dense_weight_grad=True" if self.dense_weight_grad else "")
         )

