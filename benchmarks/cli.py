@@ -30,6 +30,7 @@ from pathlib import Path
 
 from benchmarks.grid import PRESETS, build_preset, plan
 from benchmarks.machine import ROOT, device_name, machine_info, slug
+from benchmarks.measure import CUDA_GAUGE, LIVE_GAUGE
 from benchmarks.methods import ROWS
 from benchmarks.report import fmt, to_markdown
 from benchmarks.runner import execute
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
         report = {
             "device": name_slug,
             "device_name": human,
+            "memory_gauge": CUDA_GAUGE if args.device == "cuda" else LIVE_GAUGE,
             "preset": name,
             "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -1,16 +1,22 @@
 """What a benchmark run measures inside its own process: peak memory, live bytes, method buffers, a profile.
 
-Memory on CUDA is the allocator's (``reset_peak_memory_stats`` / ``max_memory_allocated``); on CPU
-it is the resident set size, sampled every 2 ms by a thread (:class:`PeakMeter`). ``release_freed_memory``
-(``malloc_trim``) is called between phases so memory freed by an earlier phase is not charged to the next.
+Memory is gauged as the training runs gauge it (:mod:`sparsegrad.suite.run.measure`): on CUDA the
+allocator's peak (``reset_peak_memory_stats`` / ``max_memory_allocated``); on CPU the peak of live
+tensor bytes (:class:`sparsegrad.suite.run.live_bytes.LiveTensorBytes`), with the peak resident set
+size sampled every 2 ms beside it (:class:`PeakMeter`). The CPU gauge costs Python time per tensor
+operation, so a timed step must not be gauged: :meth:`PeakMeter.gauged` switches it on for the steps
+the caller picks. ``release_freed_memory`` (``malloc_trim``) is called between phases so the RSS
+beside it is not charged with memory an earlier phase freed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
 MB = 1024 * 1024
+LIVE_GAUGE, CUDA_GAUGE = "live_tensor_bytes", "cuda_max_memory_allocated"
 
 
 def rss() -> int:
@@ -25,19 +31,27 @@ def release_freed_memory() -> None:
     trim()
 
 
-class PeakMeter:
-    """Peak memory over a block: CUDA allocator peak, or sampled RSS on CPU."""
+def gauge_name(device) -> str:
+    return CUDA_GAUGE if device.type == "cuda" else LIVE_GAUGE
 
-    def __init__(self, device):
+
+class PeakMeter:
+    """Peak memory over a block: the CUDA allocator's peak, or on CPU the peak live tensor bytes of the gauged
+    steps (``watch``: the models and optimizers whose tensors exist at entry) and the peak RSS beside it."""
+
+    def __init__(self, device, watch: tuple = ()):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.watch = watch
         self.peak = 0
+        self.rss_peak = 0
         self._stop = threading.Event()
         self._thread = None
+        self._gauge = None
 
     def _run(self):
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss())
+            self.rss_peak = max(self.rss_peak, rss())
 
     def __enter__(self):
         import torch
@@ -46,10 +60,28 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.peak = rss()
+            from sparsegrad.suite.run.live_bytes import LiveTensorBytes, tensors_of
+
+            self._gauge = LiveTensorBytes()
+            self._gauge.adopt(tensors_of(*self.watch))
+            self.peak = self._gauge.live
+            self.rss_peak = rss()
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
+
+    @contextlib.contextmanager
+    def gauged(self, on: bool = True):
+        """Count live tensor bytes inside the block (CPU; on CUDA the allocator always counts)."""
+        if self._gauge is None or not on:
+            yield self
+            return
+        from sparsegrad.suite.run.live_bytes import tensors_of
+
+        self._gauge.adopt(tensors_of(*self.watch))  # tensors made while ungauged (the optimizer's state)
+        with self._gauge:
+            yield self
+        self.peak = max(self.peak, self._gauge.peak)
 
     def __exit__(self, *exc):
         import torch
@@ -60,17 +92,25 @@ class PeakMeter:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, rss())
+            self.rss_peak = max(self.rss_peak, rss())
+            self._gauge.forget()
         return False
 
 
-def current_bytes(device) -> int:
+def current_bytes(device, *watch) -> int:
+    """Live tensor bytes now: the CUDA allocator's count, or on CPU the bytes of the tensors ``watch`` holds."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return int(torch.cuda.memory_allocated(device))
-    return rss()
+    from sparsegrad.suite.run.live_bytes import LiveTensorBytes, tensors_of
+
+    gauge = LiveTensorBytes()
+    gauge.adopt(tensors_of(*watch))
+    live = int(gauge.live)
+    gauge.forget()
+    return live
 
 
 

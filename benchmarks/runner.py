@@ -137,7 +137,7 @@ def basis_sweep(preset: Preset, args, start: float, budget_s: float) -> list[dic
                 "pretrained": shape.pretrained, "basis_only": True}  # fmt: skip
         print(f"[basis] {shape.key}: micro-batch {micro or 'none'} ...", end=" ", flush=True)
         load = os.getloadavg()
-        result = run_worker(spec, args.run_timeout, mmap_allocator=False)
+        result = run_worker({**spec, "gauge_basis": False}, args.run_timeout, mmap_allocator=False)  # its time
         result.update(shape=shape.key, load=load)
         if "error" not in result:
             memory = run_worker(spec, args.run_timeout, mmap_allocator=True)

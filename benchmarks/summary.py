@@ -55,6 +55,7 @@ def summarize(records: list[dict], device: str, basis_sweep: list[dict] | None =
                 "steps_per_s_runs": [r["steps_per_s"] for r in ok],
                 "cpu_step_s": _median([r.get("cpu_s_per_step") for r in ok]),
                 "peak_mb": _median([r[peak_key] for r in ok]) / MB,
+                "memory_gauge": ok[0].get("memory_gauge"),  # absent in reports from before the live-bytes gauge
                 "peak_mb_runs": [r[peak_key] / MB for r in ok],
                 "peak_above_loaded_mb": _median([r["peak_above_loaded_bytes"] for r in ok]) / MB,
                 "optimizer_state_mb": _median([r["optimizer_state_bytes"] for r in ok]) / MB,

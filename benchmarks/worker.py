@@ -5,11 +5,12 @@ Everything a run measures:
 
 * ``steps_per_s``: timed training steps (forward, backward, optimizer step, zero_grad) after
   ``warmup`` untimed ones; on CUDA every step is bracketed by ``torch.cuda.synchronize``;
-* memory: on CUDA the allocator peak over the training steps (``reset_peak_memory_stats`` before,
-  ``max_memory_allocated`` after) and the bytes allocated once the model was loaded; on CPU the peak
-  resident set size over the training steps, sampled every 2 ms by a thread, minus the resident size
-  once the model was loaded (``malloc_trim`` is called before training so memory freed by earlier
-  phases is not charged to training); see :mod:`benchmarks.measure`;
+* memory, gauged as the training runs gauge it (see :mod:`benchmarks.measure`): on CUDA the allocator
+  peak over the training steps (``reset_peak_memory_stats`` before, ``max_memory_allocated`` after) and
+  the bytes allocated once the model was loaded; on CPU the peak of live tensor bytes over the warm-up
+  steps and one more untimed step after the timed ones (the gauge slows every tensor operation, so
+  timed steps run without it), and the bytes of the loaded model's tensors; the peak resident set size
+  over all steps beside it (``rss_*``);
 * ``optimizer_state_bytes`` (the method layer's ``state_bytes()``) and ``method_buffer_bytes``
   (transition matrices, cached effective weights, masks held by the swapped layers);
 * for methods with a transition basis: its estimation time and extra peak memory, measured in the
@@ -31,6 +32,7 @@ from benchmarks import methods
 from benchmarks.measure import (
     PeakMeter,
     current_bytes,
+    gauge_name,
     method_buffer_bytes,
     profile_step,
     release_freed_memory,
@@ -61,6 +63,7 @@ class Spec:
     pretrained: bool = False  # minilm / smollm2: real weights from the asset cache when present
     profile: bool = False  # torch.profiler over one extra step; top ops in the result
     basis_only: bool = False  # measure the basis estimation alone (no cache, no training)
+    gauge_basis: bool = True  # CPU: count live tensor bytes while estimating the basis (slows it a little)
     extra: dict = field(default_factory=dict)
 
 
@@ -79,21 +82,25 @@ def get_basis(spec: Spec, model, device, result: dict):
     # The basis batches use the same lengths trimmed to their longest row (dynamic padding): the same
     # gradients as the padded batches (padding receives no gradient), less compute.
     basis_spec = Spec(**{**asdict(spec), "padding": "movie"})
+    rss_before = rss()
     batches = make_batches(basis_spec, model.config, spec.basis_steps, seed=spec.seed + 7, trim=True)
-    before = current_bytes(device)
-    with PeakMeter(device) as meter:
+    before = current_bytes(device, model)
+    with PeakMeter(device, watch=(model,)) as meter, meter.gauged(spec.gauge_basis):
         start = time.perf_counter()
         basis = sparsegrad.estimate_basis(model, batches, targets, steps=spec.basis_steps,
                                           micro_batch=spec.basis_micro_batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+    gauged = device.type == "cuda" or spec.gauge_basis
     result["basis"] = {
         "loaded_from_cache": False,
         "seconds": seconds,
         "seconds_backward": basis.stats.get("seconds_backward"),
         "seconds_eigh": basis.stats.get("seconds_eigh"),
-        "extra_peak_bytes": int(meter.peak - before),
+        "extra_peak_bytes": int(meter.peak - before) if gauged else None,
+        "gauged": gauged,  # CPU: its seconds include the live-bytes gauge's bookkeeping
+        "rss_extra_peak_bytes": None if device.type == "cuda" else int(meter.rss_peak - rss_before),
         "steps": spec.basis_steps,
         "micro_batch": spec.basis_micro_batch,
         "batch": spec.batch,
@@ -143,9 +150,11 @@ def run(spec: Spec) -> dict:
     result["model_params"] = int(sum(p.numel() for p in model.parameters()))
     result["model_layers"] = int(model.config.num_hidden_layers)
     release_freed_memory()
-    loaded = current_bytes(device)
+    loaded = current_bytes(device, model)
+    rss_loaded = rss()
     result["rss_start_bytes"] = rss_start
     result["loaded_bytes"] = loaded
+    result["memory_gauge"] = gauge_name(device)
     config = model.config
     if spec.basis_only:
         get_basis(Spec(**{**asdict(spec), "basis_cache": None}), model, device, result)
@@ -156,7 +165,7 @@ def run(spec: Spec) -> dict:
     result["tokens_per_batch"] = [int(b["attention_mask"].sum()) for b in batches]
     result["padded_tokens_per_batch"] = int(batches[0]["attention_mask"].numel())
     release_freed_memory()
-    result["before_train_bytes"] = current_bytes(device)
+    result["before_train_bytes"] = current_bytes(device, model, opt)
 
     def step(batch):
         loss = model(**batch).loss
@@ -168,21 +177,24 @@ def run(spec: Spec) -> dict:
     times = []
     cpu_times = []  # process CPU time (all threads): robust to other processes time-slicing the cores
     losses = []
-    with PeakMeter(device) as meter:
-        for i in range(spec.warmup + spec.steps):
+    timed_end = spec.warmup + spec.steps
+    extra = 0 if device.type == "cuda" else 1  # CPU: one more step, gauged and untimed
+    with PeakMeter(device, watch=(model, opt)) as meter:
+        for i in range(timed_end + extra):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            loss = step(batches[i % len(batches)])
+            with meter.gauged(not spec.warmup <= i < timed_end):
+                loss = step(batches[i % len(batches)])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             losses.append(float(loss.detach()))
-            if i >= spec.warmup:
+            if spec.warmup <= i < timed_end:
                 times.append(dt)
                 cpu_times.append(dc)
-            print(f"    step {i + 1}/{spec.warmup + spec.steps}: {dt:.3f} s{' (warm-up)' if i < spec.warmup else ''}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            what = " (warm-up)" if i < spec.warmup else " (memory, untimed)" if i >= timed_end else ""
+            print(f"    step {i + 1}/{timed_end + extra}: {dt:.3f} s{what}", file=sys.stderr, flush=True)
     result["step_seconds"] = times
     result["steps_per_s"] = len(times) / sum(times) if times else None
     result["cpu_seconds_per_step"] = cpu_times
@@ -190,6 +202,9 @@ def run(spec: Spec) -> dict:
     result["losses"] = losses
     result["peak_train_bytes"] = int(meter.peak)
     result["peak_above_loaded_bytes"] = int(meter.peak - loaded)
+    if device.type != "cuda":
+        result["rss_peak_train_bytes"] = int(meter.rss_peak)
+        result["rss_peak_above_loaded_bytes"] = int(meter.rss_peak - rss_loaded)
     result["optimizer_state_bytes"] = int(opt.state_bytes())
     result["optimizer_state_by_part"] = {k: int(v) for k, v in opt.state_bytes_by_part().items()}
     result["method_buffer_bytes"] = int(method_buffer_bytes(model))

@@ -108,8 +108,13 @@ def test_one_step_worker_run_every_method(method, tmp_path):
     result = run(spec)
     assert result["steps_per_s"] > 0 and len(result["step_seconds"]) == 1
     assert result["optimizer_state_bytes"] > 0 and result["peak_train_bytes"] > 0
+    # live tensor bytes, as the training runs gauge them: above the loaded model at least the optimizer state
+    assert result["memory_gauge"] == "live_tensor_bytes"
+    assert result["peak_above_loaded_bytes"] >= result["optimizer_state_bytes"]
+    assert result["rss_peak_train_bytes"] > result["peak_train_bytes"]
     if method in ("sparsegrad", "sparsegrad_regular", "leading_block"):
         assert result["basis"]["loaded_from_cache"] is False and result["basis"]["seconds"] > 0
+        assert result["basis"]["gauged"] and result["basis"]["extra_peak_bytes"] > 0
         assert result["method_buffer_bytes"] > 0
     json.dumps(result)
 

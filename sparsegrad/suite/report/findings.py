@@ -495,11 +495,13 @@ def load_bench_memory(bench_dir: Path | None) -> list[dict]:
         gauge = data.get("memory_gauge") or (measure.CUDA_GAUGE if device.startswith("cuda") else measure.RSS_GAUGE)
         models = {d.get("key"): d.get("model") for d in data.get("shape_defs") or [] if isinstance(d, dict)}
         for shape, block in data["summary"].items():
-            peaks = {m: row["peak_mb"] for m, row in (block.get("methods") or {}).items()
-                     if isinstance(row, dict) and row.get("peak_mb") is not None}
+            rows = {m: row for m, row in (block.get("methods") or {}).items()
+                    if isinstance(row, dict) and row.get("peak_mb") is not None}
             model = str(models.get(shape) or shape.split(" ")[0]).replace("-", "_")
-            out.append({"source": path.name, "model": model, "shape": shape, "device": device, "gauge": gauge,
-                        "peaks": peaks})
+            gauges = {row.get("memory_gauge") or gauge for row in rows.values()}
+            out.append({"source": path.name, "model": model, "shape": shape, "device": device,
+                        "gauge": gauges.pop() if len(gauges) == 1 else gauge,
+                        "peaks": {m: row["peak_mb"] for m, row in rows.items()}})
     return out
 
 
