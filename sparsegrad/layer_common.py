@@ -13,6 +13,10 @@ import contextlib
 import torch
 from torch import nn
 
+# registers torch's missing norm kernel for sparse COO gradients (Trainer's clipping) and the check that
+# refuses an optimizer that cannot train these layers
+from sparsegrad import integrations  # noqa: F401
+
 __all__ = ["ORIENTATIONS", "FORMULATIONS", "STORAGES", "MEPROP_MODES", "TOPK_AT", "needs_master",
            "float32_master", "current_master", "plain_linear", "check_topk_at", "check_data_parallel",
            "save_linear_context", "check_choice", "copy_weight_and_bias", "autocast_off"]  # fmt: skip

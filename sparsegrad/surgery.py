@@ -33,6 +33,7 @@ from torch import nn
 from sparsegrad import (
     methods as _builtin_methods,  # noqa: F401  (registers full, lora, meprop, sparsegrad, leading_block)
 )
+from sparsegrad.integrations import watch_sparse_parameters
 from sparsegrad.methods.sparsegrad.basis import Basis, estimate_basis
 from sparsegrad.registry import METHODS, get_method, registered_methods, swapped_modules
 from sparsegrad.targets import Target, find_targets, set_submodule
@@ -187,6 +188,7 @@ def apply_method(
     _set_trainable(model, targets, cfg.train_non_mlp)
     model = method.apply(model, cfg, targets, basis)
     model.sparsegrad_method = cfg
+    watch_sparse_parameters(model)  # an optimizer other than build_optimizer's is refused at its first step
     return model
 
 

@@ -139,3 +139,39 @@ def test_one_owner_of_the_learning_rate(data, tmp_path):
     trainer.train()
     lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     assert lrs == pytest.approx([0.0, LR / 2, LR, LR / 2])
+
+
+@pytest.mark.parametrize(("method", "max_grad_norm"), [("sparsegrad", 0.05), ("meprop", 0.0), ("leading_block", 0.05)])
+def test_plain_trainer_with_sparse_gradients_trains_like_a_plain_loop(method, max_grad_norm, data, tmp_path):
+    """No prepare_trainer: Trainer's own clipping and grad-norm logging take the k-sparse COO gradients
+    (sparsegrad registers torch's missing norm kernel for them) and train as the plain loop does."""
+    batches, rows, basis = data
+    model = fresh(method, basis)
+    optimizer = sparsegrad.build_optimizer(model, lr=LR, total_steps=STEPS)
+    trainer = Trainer(model=model, args=args(tmp_path, max_grad_norm), train_dataset=rows, optimizers=(optimizer, None))
+    trainer.train()
+    reference = fresh(method, basis)
+    plain_loop(reference, sparsegrad.build_optimizer(reference, lr=LR, total_steps=STEPS, max_grad_norm=max_grad_norm),
+               batches)  # fmt: skip
+    assert_same_parameters(model, reference)
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(logged) == STEPS and all(norm > 0 for norm in logged)
+
+
+@pytest.mark.parametrize("topk_at", ["backward", "step"])
+def test_trainer_given_no_optimizer_names_build_optimizer(topk_at, data, tmp_path):
+    """Trainer builds AdamW when given no optimizer: refused before its first step, with the fix. (With
+    topk_at="step" AdamW would otherwise train every entry of the dense gradient, silently.)"""
+    batches, rows, basis = data
+    model = fresh("sparsegrad", basis, topk_at=topk_at)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer = Trainer(model=model, args=args(tmp_path, 1.0), train_dataset=rows)
+    with pytest.raises(RuntimeError, match=r"^AdamW cannot train SparseGradLinear.*sparsegrad\.build_optimizer\(model"):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())  # no step was taken
+    # the same check for any loop; optimizers that take sparse gradients stay allowed where they did
+    model = fresh("meprop", basis)
+    model(**batches[0]).loss.backward()
+    with pytest.raises(RuntimeError, match="Adam cannot train MePropLinear, which has a k-sparse COO"):
+        torch.optim.Adam([p for p in model.parameters() if p.requires_grad]).step()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR).step()

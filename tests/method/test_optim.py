@@ -75,6 +75,33 @@ def test_clipping_with_sparse_grads_matches_dense_reference():
     torch.testing.assert_close(sparse_p.grad.to_dense(), ref_b_p.grad)
 
 
+def test_torch_norm_and_clipping_take_sparse_grads_as_their_dense_equivalent():
+    """The norm kernel sparsegrad registers for sparse COO tensors (torch has none): every ord, with
+    duplicate coordinates and implicit zeros; torch's own clip_grad_norm_ then equals ours."""
+    import sparsegrad.integrations  # noqa: F401  (registers the kernel)
+
+    idx = torch.tensor([[1, 4, 1, 0], [2, 0, 2, 1]])
+    sparse = torch.sparse_coo_tensor(idx, torch.tensor([2.0, -5.0, 1.5, 0.25]), (6, 3), check_invariants=True)
+    full = torch.sparse_coo_tensor(torch.tensor([[0, 0], [0, 1]]), torch.tensor([-3.0, 4.0]), (1, 2), check_invariants=True)
+    for x in (sparse, full):
+        for ord in (2, 1, 0.5, 3, float("inf"), 0, -1, float("-inf")):
+            torch.testing.assert_close(torch.linalg.vector_norm(x, ord), torch.linalg.vector_norm(x.to_dense(), ord))
+    dense = sparse.to_dense()
+    torch.testing.assert_close(torch.linalg.vector_norm(sparse, keepdim=True, dtype=torch.float64),
+                               torch.linalg.vector_norm(dense, keepdim=True, dtype=torch.float64))  # fmt: skip
+    torch.testing.assert_close(torch.linalg.vector_norm(sparse, 2, dim=0), torch.linalg.vector_norm(dense, 2, dim=0))
+    torch.manual_seed(0)
+    ours, theirs = [nn.Parameter(torch.zeros(5, 4)), nn.Parameter(torch.zeros(6, 3))], []
+    ours[0].grad, ours[1].grad = torch.randn(5, 4) * 3, sparse
+    for p in ours:
+        theirs.append(nn.Parameter(p.detach().clone()))
+        theirs[-1].grad = p.grad.clone()
+    torch.testing.assert_close(torch.nn.utils.clip_grad_norm_(theirs, max_norm=1.0), clip_grad_norm(ours, max_norm=1.0))
+    for a, b in zip(ours, theirs):
+        assert b.grad.is_sparse == a.grad.is_sparse
+        torch.testing.assert_close(b.grad.to_dense(), a.grad.to_dense())
+
+
 def _factors(schedule, warmup, total, n):
     clock = make_schedule(schedule, warmup, total)
     out = []
