@@ -13,12 +13,15 @@ that diverged or has no objective).
 
 The config is checked before anything heavy loads: unknown keys (with the closest valid one),
 types, ranges and choices, data files and model folders, one line per problem, exit 2. Exit codes:
-0 done, 2 a problem with the request or the environment, 3 a single run diverged, 130 interrupted.
+0 done, 2 a problem with the request or the environment, 3 a single run diverged, 130 interrupted
+(Ctrl-C or SIGTERM: ``timeout``, SLURM's time limit or ``--signal``, preemption; the record says
+``interrupted`` and a sweep gives its running trial back to the study).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -61,8 +64,6 @@ OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.output_root")
 def check_output_location(argv: list[str]) -> list[str]:
     """One line per run-folder location (from the command line, or the default output root) that cannot
     be written: Hydra itself writes there before the run starts."""
-    import os
-
     values = {key: arg.split("=", 1)[1] for arg in argv for key in OUTPUT_KEYS if arg.startswith(key + "=")}
     if not values:
         values["paths.output_root"] = os.environ.get("SPARSEGRAD_OUTPUTS") or "outputs"
@@ -146,20 +147,29 @@ def _hydra_main():
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        from sparsegrad.suite import interrupts
         from sparsegrad.suite.errors import SuiteError
         from sparsegrad.suite.run.assets import AssetMissingError
         from sparsegrad.suite.run.runner import objective_value, summary_line
 
+        if "SUBMITIT_FOLDER" not in os.environ:  # submitit's job handles SIGTERM and its pre-timeout signal itself
+            interrupts.install()  # also in a process of the joblib launcher's own
         hydra_cfg = HydraConfig.get()
         output_dir = hydra_cfg.runtime.output_dir
+
+        def interrupted():
+            where = Path(output_dir) / "record.json"
+            _fail(f"interrupted by {interrupts.cause()}; " + (f"the run record (status interrupted) is in {where}"
+                  if where.exists() else "it stopped before the run started (no run record)"), EXIT_INTERRUPTED)
+
         try:
             record = run_from_config(cfg, output_dir)
         except (SuiteError, AssetMissingError) as exc:  # incl. RecordWriteError (its summary is on screen already)
             _fail(str(exc))
         except KeyboardInterrupt:
-            _fail(f"interrupted; the run record is in {output_dir}/record.json", EXIT_INTERRUPTED)
+            interrupted()
         if record["status"] == "interrupted":
-            _fail(f"interrupted; the run record is in {output_dir}/record.json", EXIT_INTERRUPTED)
+            interrupted()
         print(summary_line(record, f"{output_dir}/record.json"), file=sys.stderr)
         if record["status"] == "diverged" and hydra_cfg.mode != RunMode.MULTIRUN:
             raise SystemExit(EXIT_DIVERGED)  # a sweep goes on: its job returns nan, which the sweep records as failed
@@ -170,6 +180,9 @@ def _hydra_main():
 
 
 def cli(argv: list[str] | None = None) -> None:
+    from sparsegrad.suite import interrupts
+
+    interrupts.install()  # SIGTERM as Ctrl-C: a record that says interrupted, trials given back
     argv = sys.argv[1:] if argv is None else argv
     message = check_choices(argv)
     if message:

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, metavar="DIR",
                         help="results root other than results/ (e.g. results/local to resume a --fresh run)")
     args = parser.parse_args(argv)
+    from sparsegrad.suite import interrupts
+
+    interrupts.install()  # SIGTERM (kill, timeout, SLURM's --signal or time limit) stops it as Ctrl-C does
     missing = missing_stages()
     if missing:
         print(f"make reproduce-glue (PROFILE={args.profile}): not built yet: {'; '.join(missing)}. Nothing was run.")

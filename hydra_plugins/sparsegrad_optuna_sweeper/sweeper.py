@@ -7,7 +7,11 @@ claims queued trials, samples a claimed trial's setting with the seed ``sampler.
 launches a batch of ``n_jobs`` through the configured Hydra launcher (basic, joblib, submitit), keeps
 a heartbeat on its running trials and retries once the trial of a worker that died. A job that raises
 or returns no finite number is told to Optuna as FAIL and the sweep goes on. Then it waits until no
-trial of the study is queued or running, and writes ``optimization_results.yaml`` in the sweep folder.
+trial of the study is queued or running and no budget slot is missing (a creator that died half-way:
+whoever sees the slots missing queues them), and writes ``optimization_results.yaml`` in the sweep folder.
+Ctrl-C or SIGTERM (a preempted or timed-out job) gives the running trials back: failed, their setting
+queued again in the same budget slot; the same command resumes. A result that comes back after its trial
+was failed for a missing heartbeat and retried is named on screen (WARNING) as a duplicate run.
 
     python -m experiments.finetune --multirun +hparams_search=lr_batch hydra.sweeper.n_trials=4
     python app.py --multirun hydra/sweeper=optuna 'x=tag(log, interval(1e-3, 1))' hydra.sweeper.storage=sqlite:///s.db
@@ -134,8 +138,10 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list:
         import optuna
 
+        from sparsegrad.suite import interrupts
         from sparsegrad.suite.sweep import studies
 
+        interrupts.install()  # SIGTERM (timeout, SLURM, preemption) gives the trials back as Ctrl-C does
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         c = self.conf
         space, fixed = self._space(list(arguments))
@@ -146,10 +152,13 @@ class OptunaSweeper(Sweeper):
         except studies.StudyError as exc:  # one line (an old database, a missing driver), not Hydra's traceback
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USAGE) from None
+        except KeyboardInterrupt as exc:  # the missing tickets are queued by the next worker that looks
+            raise SystemExit(EXIT_INTERRUPTED) from exc
         log.info(f"Optuna study {name!r} ({c.storage or 'in memory'}): {c.n_trials} trials in total, "
                  f"{c.n_jobs} at a time here; search space {space}")
         returns: list = []
-        job_idx, stuck_since = 0, None
+        job_idx = 0
+        refill = studies.Refill(c.grace_period)
 
         def settle_stale() -> None:
             for number in studies.fail_stale(study, c.grace_period):
@@ -158,34 +167,54 @@ class OptunaSweeper(Sweeper):
 
         with studies.Heartbeat(storage, c.heartbeat_interval, on_beat=settle_stale) as heartbeat:
             while True:
-                settle_stale()
                 trial_ids: list[int] = []
-                try:  # from the claim on: trials this worker holds are never left RUNNING by a Ctrl-C
+                try:  # from the claim on: trials this worker holds are never left RUNNING by an interrupt
+                    settle_stale()
                     studies.claim(study, int(c.n_jobs), into=trial_ids)
                     if trial_ids:
                         returns.append(self._run_batch(study, trial_ids, space, fixed, heartbeat, job_idx))
-                except BaseException as exc:  # Ctrl-C, a job's sys.exit, a launcher failure
-                    self._abandon(study, trial_ids, exc, heartbeat)
-                    if isinstance(exc, KeyboardInterrupt):  # exit status 130 wherever Ctrl-C landed
-                        raise SystemExit(EXIT_INTERRUPTED) from exc
-                    raise
-                if not trial_ids:
-                    state = studies.progress(study)
-                    if state["waiting"] == 0 and state["running"] == 0:
-                        if state["slots"] >= state["budget"]:
-                            break
-                        stuck_since = stuck_since or time.time()  # a creator that died mid-way: refill
-                        if time.time() - stuck_since > 30:
-                            study = studies.prepare(storage, name, c.direction, int(c.n_trials))
-                    try:
+                    elif self._done_or_refilled(study, refill, c):
+                        break
+                    else:
                         time.sleep(c.poll_interval)
-                    except KeyboardInterrupt as exc:
+                except BaseException as exc:  # Ctrl-C, SIGTERM, a job's sys.exit, a launcher failure
+                    given_back = self._abandon(study, trial_ids, exc, heartbeat)
+                    if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit)
+                                                              and exc.code == EXIT_INTERRUPTED):
+                        log.warning(f"interrupted by {interrupts.cause()}: "
+                                    + (f"trial(s) {', '.join(map(str, given_back))} given back to study {name!r} "
+                                       "(failed, their setting queued again in the same budget slot)"
+                                       if given_back else f"no trial of study {name!r} was running here")
+                                    + "; run the same command to resume")
                         raise SystemExit(EXIT_INTERRUPTED) from exc
-                    continue
-                stuck_since = None
+                    if isinstance(exc, studies.StudyError):  # one line with the repair command, no traceback
+                        print(f"error: {exc}", file=sys.stderr, flush=True)
+                        raise SystemExit(EXIT_USAGE) from None
+                    raise
                 job_idx += len(trial_ids)
         self._write_results(study)
         return returns
+
+    @staticmethod
+    def _done_or_refilled(study, refill, c) -> bool:
+        """True when the study's budget is spent; otherwise queue slots that stay missing (their creator
+        died) and say so. A slot that cannot be queued stops the worker with the command that repairs it."""
+        from sparsegrad.suite.sweep import studies
+
+        state = studies.progress(study)
+        if state["waiting"] == 0 and state["running"] == 0 and state["slots"] >= state["budget"]:
+            return True
+        try:
+            queued = refill(study)
+        except Exception as exc:  # noqa: BLE001 - the storage refused: say what to run, do not wait forever
+            raise studies.StudyError(
+                f"study {study.study_name!r}: budget slots {studies.missing_slots(study)} have no trial and "
+                f"could not be queued ({type(exc).__name__}: {exc}); repair it with: "
+                f"{studies.repair_command(c.storage, study.study_name)}") from None
+        if queued:
+            log.warning(f"study {study.study_name!r}: budget slots {queued} of {state['budget']} had no trial "
+                        f"for {c.grace_period:.0f} s (the worker that queued the budget died): queued them")
+        return False
 
     def _run_batch(self, study, trial_ids, space, fixed, heartbeat, job_idx):
         import optuna
@@ -205,6 +234,7 @@ class OptunaSweeper(Sweeper):
         self.validate_batch_is_legal(batch)
         results = self.launcher.launch(batch, initial_job_idx=job_idx)
         for trial, ret in zip(trials, results):
+            heartbeat.remove(trial._trial_id)
             value, reason = None, None
             if ret.status == JobStatus.COMPLETED:
                 try:
@@ -216,21 +246,42 @@ class OptunaSweeper(Sweeper):
             else:
                 reason = f"{type(ret._return_value).__name__}: {ret._return_value}"[:500]
             if value is None:
-                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+                try:  # a trial failed meanwhile (no heartbeat) takes no attribute; its failure is told anyway
+                    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass
                 study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 log.warning(f"trial {trial.number} failed: {reason}")
-            else:
-                study.tell(trial, value, skip_if_finished=True)
-            heartbeat.remove(trial._trial_id)
+                continue
+            study.tell(trial, value, skip_if_finished=True)
+            if study._storage.get_trial(trial._trial_id).state != optuna.trial.TrialState.COMPLETE:
+                self._keep_duplicate(study, trial.number, value, ret)
         return results
 
     @staticmethod
-    def _abandon(study, trial_ids, exc, heartbeat) -> None:
-        """Trials this worker still holds get no result: FAIL, not counted (user attribute), slot queued again."""
+    def _keep_duplicate(study, number: int, value: float, ret) -> None:
+        """A result Optuna cannot take (the trial was failed for a missing heartbeat, and retried): kept
+        in the study beside the job's own output, and named on screen."""
+        from sparsegrad.suite.sweep import studies
+
+        try:
+            output_dir = str(ret.hydra_cfg.hydra.runtime.output_dir)
+        except Exception:  # noqa: BLE001 - a launcher that returns no Hydra config
+            output_dir = ret.working_dir
+        if output_dir and (Path(output_dir) / "record.json").exists():
+            output_dir = str(Path(output_dir) / "record.json")
+        kept = studies.record_duplicate_run(study, number, value, output_dir)
+        log.warning(f"WARNING: duplicate run: {studies.describe_duplicate_run(kept, study.study_name)}")
+
+    @staticmethod
+    def _abandon(study, trial_ids, exc, heartbeat) -> list[int]:
+        """Trials this worker still holds get no result: FAIL, not counted (user attribute), their setting
+        queued again in the same slot. Returns the numbers of the trials given back."""
         import optuna
 
         from sparsegrad.suite.sweep import studies
 
+        given_back = []
         for trial_id in trial_ids:
             heartbeat.remove(trial_id)
             try:
@@ -240,8 +291,10 @@ class OptunaSweeper(Sweeper):
                                                    f"{type(exc).__name__}: {exc}"[:500] or True)
                 number = study._storage.get_trial_number_from_id(trial_id)
                 studies.requeue(study, study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
+                given_back.append(number)
             except Exception as err:  # noqa: BLE001 - the heartbeat will give the trial back instead
                 log.warning(f"trial id {trial_id}: could not be given back ({err}); retried after the grace period")
+        return given_back
 
     def _write_results(self, study) -> None:
         from sparsegrad.suite.sweep import studies

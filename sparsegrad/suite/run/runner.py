@@ -13,7 +13,7 @@
 :func:`finetune` takes plain settings (no Hydra) and returns the run record; the Hydra entry point
 ``experiments/finetune.py`` builds the settings from the composed config with
 :func:`settings_from_config`. The record is written on every exit path after the check: completed,
-diverged, interrupted (Ctrl-C) or failed (the exception is re-raised after writing). When the
+diverged, interrupted (Ctrl-C or SIGTERM) or failed (the exception is re-raised after writing). When the
 record cannot be written (a read-only or full disk) the summary is still printed, the record goes
 to a fallback file (or to the screen) and :class:`RecordWriteError` says so.
 """
@@ -127,8 +127,10 @@ def finetune(settings: FinetuneSettings) -> dict:
         evaluate(run, model, optimizer, data)
         if settings.save_model and run.record["status"] == "completed":
             save_model(run, model, data)
-    except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop (data loading, basis, reporting)
-        run.record.update(status="interrupted", error="interrupted (Ctrl-C)")
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM outside the training loop (data, basis, reporting)
+        from sparsegrad.suite.interrupts import cause
+
+        run.record.update(status="interrupted", error=f"interrupted ({cause()})")
         pending = exc
     except BaseException as exc:
         run.record.update(status="failed", error=f"{type(exc).__name__}: {exc}\n"

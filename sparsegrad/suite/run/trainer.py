@@ -10,8 +10,8 @@ Throughput counts training steps only (evaluation is timed separately) and skips
 no measured step covered (:meth:`sparsegrad.suite.run.measure.MemoryMeter.wants`), and the step that
 ends an evaluation interval in which no step was measured (a growing optimizer state is seen).
 A non-finite loss, or a step loss above ``divergence_factor`` times the first step's, stops the run
-as diverged (:func:`divergence`); Ctrl-C stops it as interrupted; either way the state so far is
-returned to the caller, which writes the run record."""
+as diverged (:func:`divergence`); Ctrl-C or SIGTERM (:mod:`sparsegrad.suite.interrupts`) stops it as
+interrupted; either way the state so far is returned to the caller, which writes the run record."""
 
 from __future__ import annotations
 
@@ -241,7 +241,9 @@ def train(
         if state.status == "completed" and state.step > 0 and not selection.evaluated_at(state.step):
             selection.evaluate(bar)
     except KeyboardInterrupt:
-        state.status, state.stop_reason = "interrupted", f"interrupted (Ctrl-C) at step {state.step}"
+        from sparsegrad.suite.interrupts import cause
+
+        state.status, state.stop_reason = "interrupted", f"interrupted ({cause()}) at step {state.step}"
     finally:
         if bar is not None:
             bar.close()

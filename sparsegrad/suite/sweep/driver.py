@@ -35,7 +35,6 @@ import contextlib
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from sparsegrad.suite.sweep.runrecords import done_seeds, finished_sweep_record,
 from sparsegrad.suite.sweep.runrecords import harvest as _harvest
 from sparsegrad.suite.sweep.runrecords import load_records as _load_records
 from sparsegrad.suite.sweep.runrecords import run_folder_stamp
+from sparsegrad.suite import interrupts
 from sparsegrad.suite.errors import signal_message
 from sparsegrad.suite.sweep import launchers
 
@@ -112,10 +112,12 @@ def study_state(storage: str, name: str, direction: str, n_trials: int | None = 
     counts = {s.name.lower(): sum(1 for t in trials if t.state == s) for s in state}
     interrupted = sum(1 for t in trials if t.user_attrs.get(studies.INTERRUPTED_ATTR))
     retried = sum(1 for t in trials if t.user_attrs.get("stale_heartbeat"))
+    unrun = sum(1 for t in trials if studies.DUPLICATE_TICKET_ATTR in t.user_attrs)  # lost a refill race
     best = studies.best_trial(study)
     return {"total": len(trials), "counts": counts, "interrupted": interrupted, "settled": len(settled),
-            "finished": counts["complete"] + counts["pruned"] + counts["fail"] - interrupted - retried,
+            "finished": counts["complete"] + counts["pruned"] + counts["fail"] - interrupted - retried - unrun,
             "running": counts["running"], "waiting": counts["waiting"], **studies.progress(study),
+            "missing": len(studies.missing_slots(study, trials)), "duplicate_runs": studies.duplicate_runs(study),
             "best": None if best is None else {"number": best.number, "value": best.value, "params": dict(best.params)}}
 
 
@@ -141,7 +143,7 @@ class Driver:
         self.current: subprocess.Popen | None = None  # the running Hydra subprocess
         self.progress = None  # a sparsegrad.suite.sweep.progress.RunProgress while a profile runs
         self.reported: set[Path] = set()  # unreadable records already reported
-        self.interrupted_by: int | None = None  # the signal that stopped the driver (SIGINT, SIGTERM, SIGHUP)
+        self.reported_duplicates: set[tuple[str, int]] = set()  # (study, trial) duplicate runs already named
 
     # ------------------------------------------------------------------ helpers
     def say(self, message: str) -> None:
@@ -193,16 +195,15 @@ class Driver:
             log.write(f"\n$ {' '.join(_quote(c) for c in cmd)}\n")
             log.flush()
             start = log.tell()
-            self.current = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:
+                with interrupts.deferred():  # a SIGTERM now still finds the child to pass it on to
+                    self.current = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
                 self.progress.wait(self.current) if self.progress is not None else self.current.wait()
             except KeyboardInterrupt:
                 # Ctrl-C reaches the child too (same process group); a SIGTERM (kill, timeout, SLURM) reached
                 # only this process: pass it on. Either way the child writes its records, gives its trials
                 # back and cancels the cluster jobs it submitted before it exits.
-                if self.interrupted_by not in (None, signal.SIGINT) and self.current.poll() is None:
-                    self.current.send_signal(self.interrupted_by)
-                self.current.wait()
+                interrupts.pass_on(self.current)
                 self._repeat_cluster_news(log_path, start)
                 raise
             proc, self.current = self.current, None
@@ -255,23 +256,34 @@ class Driver:
                     f"hydra.sweeper.sampler.seed={int(sweep.get('seed', 34))}",
                     f"hydra.sweep.dir={self.layout.work / 'sweep' / name / run_folder_stamp()}",
                     *self.launcher_overrides(sweep=True)]
-            left = n_trials if state is None else state["waiting"] + state["running"]
+            left = n_trials if state is None else state["waiting"] + state["running"] + state["missing"]
             self.say(f"sweep {name}: {left} of {n_trials} trial(s) to run (shared by every worker on this study)")
             self.run(over, f"sweep {name}", f"sweep-{name}")
         else:
             self.say(f"sweep {name}: all {n_trials} trials done")
         if self.opt.dry_run:
             return {"lr": float("nan"), "batch_size": 0}
-        best = best_sweep_records(self.harvest()).get((model, method, task))
+        records = self.harvest()
+        state = study_state(storage, oname, direction, records=records, record_name=name)
+        self.name_duplicate_runs(state, oname)
+        best = best_sweep_records(records).get((model, method, task))
         if best is not None:  # the tables show this very record as the best trial
             lr, bs = _setting(best)
             return {"lr": lr, "batch_size": bs}
-        state = study_state(storage, oname, direction)
         if state["best"] is None:
             self.failures.append(f"sweep {name}: no completed trial")
             return None
         params = state["best"]["params"]
         return {"lr": float(params["trainer.lr"]), "batch_size": int(params["trainer.batch_size"])}
+
+    def name_duplicate_runs(self, state: dict, study: str) -> None:
+        """Say each result of the study that came too late for Optuna (a duplicate run of its setting), once."""
+        from sparsegrad.suite.sweep.studies import describe_duplicate_run
+
+        for kept in state["duplicate_runs"]:
+            if (study, kept["trial"]) not in self.reported_duplicates:
+                self.reported_duplicates.add((study, kept["trial"]))
+                self.say(f"WARNING: duplicate run: {describe_duplicate_run(kept, study)}")
 
     def best_setting(self, model: str, method: str, task: str) -> dict | None:
         p = self.profile
@@ -390,7 +402,14 @@ class Driver:
         log_path = log_dir / "sparsity_analysis.log"
         t0 = time.perf_counter()
         with open(log_path, "a", encoding="utf-8") as log:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+            proc = None
+            try:
+                with interrupts.deferred():
+                    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                proc.wait()
+            except KeyboardInterrupt:
+                interrupts.pass_on(proc)
+                raise
         if proc.returncode == EXIT_INTERRUPTED or _interrupted_by_signal(proc.returncode):
             raise KeyboardInterrupt
         if proc.returncode != 0:
@@ -425,26 +444,6 @@ class Driver:
         while pending:  # another driver is on these: wait until it ends (or dies: its claim goes stale)
             time.sleep(POLL_SECONDS)
             pending = [job for job in pending if not job[0](*job[1:])]
-
-
-@contextlib.contextmanager
-def _stop_signals(driver: Driver):
-    """SIGTERM and SIGHUP stop the driver as Ctrl-C does (resumable); the signal is kept so that the running
-    child gets it too (:meth:`Driver.run`)."""
-    def stop(signum, frame):
-        driver.interrupted_by = signum
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    caught = (signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, stop) for sig in caught}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _quote(arg: str) -> str:
@@ -547,7 +546,7 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
         if not (opts.dry_run or opts.quiet):
             driver.progress = progress.RunProgress(plan, layout.work)
         try:
-            with _stop_signals(driver):
+            with interrupts.catching(signal.SIGTERM, signal.SIGHUP):  # stop as Ctrl-C does, resumable
                 driver.train()
         finally:
             if driver.progress is not None:
@@ -575,7 +574,8 @@ def run_profile(profile: str, tables_only: bool = False, **options: Any) -> int:
         again = resume_command(profile, layout) if layout is not None else "the same command"
         if layout is not None and options.get("launcher") and options["launcher"] != prof.launcher:
             again += f" LAUNCHER={options['launcher']}" + (f" JOBS={options['jobs']}" if options.get("jobs") else "")
-        print(f"[reproduce {profile}] interrupted; run `{again}` to resume where it stopped.")
+        print(f"[reproduce {profile}] interrupted by {interrupts.cause()}; its run records are kept, its claims and "
+              f"trials given back; run `{again}` to resume where it stopped.", flush=True)
         return EXIT_INTERRUPTED
     except ReproduceError as exc:
         print(f"[reproduce {profile}] error: {exc}")

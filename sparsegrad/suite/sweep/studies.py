@@ -9,21 +9,42 @@ WAITING trials, one per slot. Every worker then claims WAITING trials one at a t
 WAITING -> RUNNING switch is atomic in the RDB and journal storages) and samples the claimed trial's
 setting only then, with a sampler seeded by ``seed + trial number``: two workers never sample with the
 same seed and history, so no setting is drawn twice, and N workers together run exactly ``n_trials``.
-A later run with a larger ``n_trials`` adds the missing tickets (do that from one worker).
+A later run with a larger ``n_trials`` raises the budget and adds the missing tickets.
+
+**Missing tickets.** A creator (or a worker raising the budget) that dies between recording the budget
+and queuing its last ticket leaves budget slots without a trial. Any worker that sees the same slots
+missing for a while (:class:`Refill`: a live creator adds a ticket every few milliseconds) queues them
+(:func:`refill`). Two workers may do so at the same moment and queue one slot twice; :func:`claim` then
+lets only the lowest-numbered live trial of a slot run (trial creation is serialised per study in the
+RDB storages, by a lock on the study row, and ordered by the log in the journal storage, so a trial
+that sees itself also sees every lower-numbered one) and marks the other FAIL with the user attribute
+``duplicate_ticket``: each slot runs once, whoever queued it.
 
 **Heartbeat.** A worker writes the time into each trial it runs every ``interval`` seconds (a trial
 system attribute, so it works on every storage, the journal file included). A RUNNING trial whose last
 heartbeat (or start) is older than ``grace`` seconds belongs to a dead worker: any worker marks it FAIL
 and re-queues its setting once (:func:`retry`, Optuna's retry attributes); a second death leaves it
-FAIL. Workers exit only when no ticket is WAITING or RUNNING, so a killed worker's trial
-is retried by the others, or by the same worker restarted. Clocks of machines sharing a study must agree
-to well within ``grace`` (NTP).
+FAIL. Workers exit only when no ticket is WAITING or RUNNING and no slot is missing, so a killed
+worker's trial is retried by the others, or by the same worker restarted. Clocks of machines sharing a
+study must agree to well within ``grace`` (NTP). A trial stopped by Ctrl-C or SIGTERM (a preempted
+job) is failed and its setting queued again in the same slot (:func:`requeue`): counted once.
+
+**Results that come too late.** A worker that was only paused (SIGSTOP, a swapping node, a network
+partition) past the grace period finds its trial failed and retried when its run ends: Optuna cannot
+take that result any more. :func:`record_duplicate_run` keeps it in the study (a study system
+attribute, listed by :func:`duplicate_runs`) beside the run record the job wrote; the sweeper and the
+driver name it on screen as a duplicate run of that setting.
+
+Fault injection for the tests: ``SPARSEGRAD_TEST_KILL_AFTER_TICKETS=n`` makes the worker that creates a
+study kill itself (SIGKILL) right after queuing its ``n``-th ticket.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,7 +54,10 @@ from typing import Any
 HEARTBEAT_ATTR = "sparsegrad:heartbeat"  # trial system attribute: time.time() of the last heartbeat
 TICKET_ATTR = "sparsegrad:slot"  # trial system attribute: the budget slot a ticket fills
 BUDGET_ATTR = "sparsegrad:budget"  # study system attribute: n_trials
-INTERRUPTED_ATTR = "interrupted"  # user attribute of a trial stopped by Ctrl-C (its slot is re-queued)
+INTERRUPTED_ATTR = "interrupted"  # user attribute of a trial stopped by Ctrl-C or SIGTERM (its slot is re-queued)
+DUPLICATE_TICKET_ATTR = "duplicate_ticket"  # user attribute of a ticket that lost a concurrent refill (never run)
+DUPLICATE_RUN_PREFIX = "sparsegrad:duplicate_run:"  # study system attribute + trial number: a result too late
+KILL_AFTER_TICKETS_ENV = "SPARSEGRAD_TEST_KILL_AFTER_TICKETS"  # fault injection (tests): creator dies mid-queue
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 10.0, 30.0  # seconds
 
 
@@ -71,6 +95,11 @@ def upgrade_command(url: str) -> str:
 
     cli = Path(sys.executable).parent / "optuna"
     return f"{cli if cli.exists() else 'optuna'} storage upgrade --storage '{url}'"
+
+
+def repair_command(url: str | None, name: str) -> str:
+    """The shell command that queues a study's missing slots and gives back its dead workers' trials."""
+    return f"python -m scripts.repair_study --storage '{url}' --study '{name}'"
 
 
 def open_storage(url: str | None, attempts: int = 40):
@@ -124,10 +153,12 @@ def _get_or_create(storage, name: str, direction: str):
         return optuna.load_study(study_name=name, storage=storage), False
 
 
-def _ticket(slot: int):
+def _ticket(slot: int, params: dict | None = None, distributions: dict | None = None, **attrs: Any):
+    """A WAITING trial for budget slot ``slot``; with ``params`` it runs that setting (a retry, a requeue)."""
     import optuna
 
-    return optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, system_attrs={TICKET_ATTR: slot})
+    return optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=params,
+                                     distributions=distributions, system_attrs={**attrs, TICKET_ATTR: slot})
 
 
 def _counted_legacy(trials) -> int:
@@ -141,8 +172,11 @@ def prepare(storage, name: str, direction: str, n_trials: int, wait_s: float = 6
     study, created = _get_or_create(storage, name, direction)
     if created:
         study._storage.set_study_system_attr(study._study_id, BUDGET_ATTR, int(n_trials))
+        die_after = int(os.environ.get(KILL_AFTER_TICKETS_ENV) or -1)
         for slot in range(n_trials):
             study.add_trial(_ticket(slot))
+            if slot + 1 == die_after:
+                os.kill(os.getpid(), signal.SIGKILL)
         return study
     deadline = time.time() + wait_s
     while True:  # the creator writes the budget right after creating the study
@@ -155,13 +189,56 @@ def prepare(storage, name: str, direction: str, n_trials: int, wait_s: float = 6
     if budget is None:  # a study from before the queue: its finished trials use up budget
         budget = _counted_legacy(trials)
         study._storage.set_study_system_attr(study._study_id, BUDGET_ATTR, int(budget))
-    if n_trials > budget:  # a larger budget than before: add the missing tickets
-        slots = [t.system_attrs[TICKET_ATTR] for t in trials if TICKET_ATTR in t.system_attrs]
-        first = max(slots) + 1 if slots else 0
+    if n_trials > budget:  # a larger budget than before: its new slots get tickets
         study._storage.set_study_system_attr(study._study_id, BUDGET_ATTR, int(n_trials))
-        for slot in range(first, first + n_trials - budget):
-            study.add_trial(_ticket(slot))
+        refill(study)
     return study
+
+
+def budget(study) -> int:
+    return int(study._storage.get_study_system_attrs(study._study_id).get(BUDGET_ATTR, 0))
+
+
+def missing_slots(study, trials=None) -> list[int]:
+    """Budget slots without any trial (a creator or a budget-raiser that died before queuing them all).
+    Tickets fill slots 0, 1, ...; finished trials from before the queue (no ticket) use up budget too."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    present = {t.system_attrs[TICKET_ATTR] for t in trials if TICKET_ATTR in t.system_attrs}
+    return sorted(set(range(budget(study) - _counted_legacy(trials))) - present)
+
+
+def refill(study, slots: Iterable[int] | None = None) -> list[int]:
+    """Queue a ticket for each missing budget slot (all of them, or those of ``slots`` still missing);
+    returns the slots queued. Safe to run in many workers at once: see :func:`claim`."""
+    todo = missing_slots(study)
+    if slots is not None:
+        todo = sorted(set(todo) & set(slots))
+    for slot in todo:
+        study.add_trial(_ticket(slot))
+    return todo
+
+
+class Refill:
+    """Calls :func:`refill` once the same slots have been missing, with no trial added to the study, for
+    ``settle`` seconds: a creator that is still queuing adds a ticket every few milliseconds, a dead one
+    none. Call it whenever the worker looks for work; returns the slots it queued."""
+
+    def __init__(self, settle: float):
+        self.settle = float(settle)
+        self._seen: tuple | None = None
+        self._since = 0.0
+
+    def __call__(self, study) -> list[int]:
+        trials = study.get_trials(deepcopy=False)
+        missing = missing_slots(study, trials)
+        seen = (tuple(missing), len(trials))
+        if not missing or seen != self._seen:
+            self._seen, self._since = (seen if missing else None), time.time()
+            return []
+        if time.time() - self._since < self.settle:
+            return []
+        self._seen = None
+        return refill(study, missing)
 
 
 def progress(study) -> dict[str, int]:
@@ -169,9 +246,8 @@ def progress(study) -> dict[str, int]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    budget = int(study._storage.get_study_system_attrs(study._study_id).get(BUDGET_ATTR, 0))
     slots = {t.system_attrs[TICKET_ATTR] for t in trials if TICKET_ATTR in t.system_attrs}
-    return {"budget": budget, "slots": len(slots) + _counted_legacy(trials),
+    return {"budget": budget(study), "slots": len(slots) + _counted_legacy(trials),
             "waiting": sum(1 for t in trials if t.state == TrialState.WAITING),
             "running": sum(1 for t in trials if t.state == TrialState.RUNNING)}
 
@@ -188,6 +264,8 @@ def claim(study, limit: int, into: list[int] | None = None) -> list[int]:
             break
         try:
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                if _lost_refill_race(study, t):
+                    continue
                 mine.append(t._trial_id)
                 study._storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -195,11 +273,29 @@ def claim(study, limit: int, into: list[int] | None = None) -> list[int]:
     return mine
 
 
+def _lost_refill_race(study, ticket) -> bool:
+    """True (and the ticket, just claimed, marked FAIL unrun) when a lower-numbered trial of the same slot
+    is still live: two workers refilled the slot at once and the lower number is the one that runs."""
+    from optuna.trial import TrialState
+
+    slot = ticket.system_attrs.get(TICKET_ATTR)
+    if slot is None:
+        return False
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+        if (t.number < ticket.number and t.system_attrs.get(TICKET_ATTR) == slot and t.state != TrialState.FAIL):
+            study._storage.set_trial_user_attr(ticket._trial_id, DUPLICATE_TICKET_ATTR, t.number)
+            study._storage.set_trial_state_values(ticket._trial_id, state=TrialState.FAIL)
+            return True
+    return False
+
+
 def requeue(study, frozen) -> None:
-    """Put the slot of a trial stopped by Ctrl-C back in the queue (a fresh ticket; the trial says FAIL)."""
+    """Put a trial stopped by Ctrl-C or SIGTERM (a preempted job) back in the queue: a ticket of the same
+    slot with the same setting (when it had one), so the budget counts it once; the trial says FAIL."""
     slot = frozen.system_attrs.get(TICKET_ATTR)
     if slot is not None:
-        study.add_trial(_ticket(slot))
+        study.add_trial(_ticket(slot, frozen.params or None, frozen.distributions or None,
+                                failed_trial=frozen.number))
 
 
 def retry(study, failed, max_retry: int = 1) -> bool:
@@ -217,6 +313,37 @@ def retry(study, failed, max_retry: int = 1) -> bool:
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=failed.params,
                                               distributions=failed.distributions, system_attrs=attrs))
     return True
+
+
+def record_duplicate_run(study, number: int, value: float, output_dir: str | None) -> dict:
+    """Keep the result of trial ``number`` that finished after it had been failed (no heartbeat) and, at
+    most once, retried: Optuna takes no result for a finished trial. Returns what is kept (the setting,
+    the value, the retry's number or None, the run folder) as a study system attribute."""
+    frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id,
+                                                                                             number))
+    retries = [t.number for t in study.get_trials(deepcopy=False)
+               if t.system_attrs.get("failed_trial") == number and t.number != number]
+    kept = {"trial": number, "params": dict(frozen.params), "value": float(value),
+            "retried_as": retries[0] if retries else None, "output_dir": output_dir}
+    study._storage.set_study_system_attr(study._study_id, f"{DUPLICATE_RUN_PREFIX}{number}", kept)
+    return kept
+
+
+def duplicate_runs(study) -> list[dict]:
+    """Every result kept by :func:`record_duplicate_run`, by trial number."""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    return sorted((v for k, v in attrs.items() if k.startswith(DUPLICATE_RUN_PREFIX)), key=lambda d: d["trial"])
+
+
+def describe_duplicate_run(kept: dict, study_name: str) -> str:
+    """One line naming a duplicate run of a setting."""
+    setting = " ".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in kept["params"].items())
+    retry = (f"its setting was queued again as trial {kept['retried_as']}, whose result the study keeps"
+             if kept["retried_as"] is not None else "its setting was not retried (second death)")
+    where = f"; its output stays in {kept['output_dir']}" if kept.get("output_dir") else ""
+    return (f"study {study_name!r}: trial {kept['trial']} ({setting}) finished with {kept['value']:.6g} after it "
+            f"had been failed for a missing heartbeat; {retry}. It is a duplicate run of that setting, kept "
+            f"beside the study (not counted in the budget){where}")
 
 
 # ---------------------------------------------------------------------------------------- heartbeat
