@@ -126,6 +126,32 @@ def test_a_slot_two_workers_refilled_at_once_runs_once(tmp_path):
     assert studies.progress(study) == {"budget": 3, "slots": 3, "waiting": 0, "running": 3}
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_slots_that_cannot_be_queued_stop_the_worker_with_the_repair_command(tmp_path, monkeypatch, capsys):
+    import optuna
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.sparsegrad_optuna_sweeper.sweeper import OptunaSweeper
+    from scripts import repair_study
+
+    url = f"journal://{tmp_path / 'study.log'}"
+    study, _ = studies._get_or_create(studies.open_storage(url), "cut", "maximize")
+    study._storage.set_study_system_attr(study._study_id, studies.BUDGET_ATTR, 2)  # its creator died at once
+    conf = OmegaConf.create({"storage": url, "grace_period": 0.0})
+    original = optuna.study.Study.add_trial
+    monkeypatch.setattr(optuna.study.Study, "add_trial", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    refill = studies.Refill(0.0)
+    assert not OptunaSweeper._done_or_refilled(study, refill, conf)  # first sight: wait and see
+    with pytest.raises(studies.StudyError) as err:
+        OptunaSweeper._done_or_refilled(study, refill, conf)
+    assert str(err.value) == ("study 'cut': budget slots [0, 1] have no trial and could not be queued (OSError: disk "
+                              f"full); repair it with: python -m scripts.repair_study --storage '{url}' --study 'cut'")
+    monkeypatch.setattr(optuna.study.Study, "add_trial", original)
+    assert repair_study.main(["--storage", url, "--study", "cut"]) == 0  # the command it names does repair it
+    assert "budget 2, 2 slot(s) with a trial; trials 2 waiting" in capsys.readouterr().out
+    assert studies.missing_slots(study) == []
+
+
 # ----------------------------------------------------------------- real workers, PostgreSQL + journal
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["postgresql", "journal"])
