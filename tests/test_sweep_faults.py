@@ -5,7 +5,6 @@ The real Hydra sweeper on the toy app, against a private PostgreSQL server and a
 fault-free cases are in test_sweep.py.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -19,20 +18,6 @@ from test_sweep import FAST_HEARTBEAT, finish, postgres, start_worker  # noqa: F
 from sparsegrad.suite.sweep import studies
 
 ROOT = Path(__file__).resolve().parents[1]
-# The real entry point (scripts/reproduce_glue.py) on a profile of one study, one trial that trains until stopped.
-DRIVER_SCRIPT = """
-import sys
-from sparsegrad.suite.sweep import driver
-from scripts.reproduce_glue import main
-long_trial = driver.Profile(
-    name="smoke", models=["tiny_bert"], methods=["full"], tasks=["movie_sentiment"], seeds=[1],
-    sweep={"search": "lr_batch_narrow", "n_trials": 1, "seed": 34},
-    overrides=["logger=none", "trainer=smoke", "trainer.threads=1", "trainer.epochs=100000", "trainer.max_steps=null",
-               "trainer.eval_every=100000", "task.max_train_samples=32", "task.max_selection_samples=8",
-               "task.max_report_samples=8", "task.max_length=16"])
-driver.load_profile = lambda name: long_trial
-sys.exit(main(["--profile", "smoke"]))
-"""
 
 
 def _load(storage, name):
@@ -219,38 +204,6 @@ def test_sigterm_gives_a_workers_trial_back_with_its_setting_and_the_same_comman
     trials = _check_one_complete_per_slot(_load(storage, "term"), 2)
     assert [t.params for t in trials if t.system_attrs.get("failed_trial") == 0] == [first[0].params]
     assert len(trials) == 3  # the interrupted trial, its requeue, the second slot: counted once
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_driver_writes_the_record_gives_the_trial_and_claims_back(tmp_path):
-    """`kill <driver pid>` (SIGTERM to the driver alone): the driver passes it on to its sweep, whose running
-    job writes its record as interrupted and whose trial goes back to the study; the driver says how to
-    resume and exits 130, holding no claim."""
-    env = {**os.environ, "SPARSEGRAD_RESULTS": str(tmp_path / "results"),
-           "SPARSEGRAD_REPRODUCE_OUTPUTS": str(tmp_path / "work"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    env.pop("SPARSEGRAD_OPTUNA_STORAGE", None)
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER_SCRIPT], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    logs = tmp_path / "work" / "smoke" / "logs"
-
-    def training() -> bool:
-        return any("steps planned" in p.read_text(errors="replace") for p in logs.glob("sweep-*.log"))
-
-    try:
-        _wait_for(training, "the sweep's first run to train", timeout=240)
-        driver.send_signal(signal.SIGTERM)
-        out, _ = driver.communicate(timeout=120)
-    finally:
-        driver.kill()
-    assert driver.returncode == 130, out[-3000:]
-    assert "interrupted by SIGTERM" in out and "make reproduce-glue PROFILE=smoke" in out, out[-3000:]
-    [record] = [json.loads(p.read_text()) for p in (tmp_path / "work").rglob("record.json")]
-    assert record["status"] == "interrupted" and record["error"].startswith("interrupted (SIGTERM) at step")
-    log = next(logs.glob("sweep-*.log")).read_text()
-    assert "interrupted by SIGTERM: trial(s) 0 given back" in log
-    trials = _load(f"sqlite:///{tmp_path / 'results' / 'smoke' / 'optuna.db'}", "tiny_bert-full-movie_sentiment").trials
-    assert trials[0].state.name == "FAIL" and trials[0].user_attrs[studies.INTERRUPTED_ATTR]
-    assert [t.params for t in trials if t.state.name == "WAITING"][0] == trials[0].params
 
 
 def test_a_driver_stopped_by_sigterm_passes_it_on_to_its_child_and_gives_its_claim_back(tmp_path):
