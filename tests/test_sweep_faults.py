@@ -137,6 +137,38 @@ def test_slots_that_cannot_be_queued_stop_the_worker_with_the_repair_command(tmp
     assert studies.missing_slots(study) == []
 
 
+def _race_refills(storage: str, workers: int = 4) -> None:
+    """Workers that all saw slots 1-3 missing queue them at the same instant, each through its own
+    connection, then all claim at once: every slot is claimed once, every other ticket is FAIL unrun."""
+    import threading
+
+    import optuna
+
+    first = studies.open_storage(storage)
+    study, _ = studies._get_or_create(first, "race", "maximize")
+    first.set_study_system_attr(study._study_id, studies.BUDGET_ATTR, 4)
+    study.add_trial(studies._ticket(0))
+    views = [optuna.load_study(study_name="race", storage=studies.open_storage(storage)) for _ in range(workers)]
+    seen = [studies.missing_slots(view) for view in views]
+    barrier, claimed = threading.Barrier(workers), []
+
+    def worker(view, missing):
+        barrier.wait()
+        for slot in missing:
+            view.add_trial(studies._ticket(slot))
+        barrier.wait()
+        claimed.extend(view._storage.get_trial(i).system_attrs[studies.TICKET_ATTR] for i in studies.claim(view, 10))
+
+    threads = [threading.Thread(target=worker, args=pair) for pair in zip(views, seen)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert seen == [[1, 2, 3]] * workers and sorted(claimed) == [0, 1, 2, 3], claimed
+    unrun = [t for t in views[0].get_trials() if t.state.name == "FAIL"]
+    assert len(unrun) == 3 * (workers - 1) and all(studies.DUPLICATE_TICKET_ATTR in t.user_attrs for t in unrun)
+
+
 # ----------------------------------------------------------------- real workers, PostgreSQL + journal
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["postgresql", "journal"])
@@ -145,7 +177,7 @@ def test_a_creator_killed_mid_queue_and_a_paused_worker_still_give_exactly_the_b
     that ticket is paused (SIGSTOP) past the grace period; the other two both see slots 1-2 missing and
     queue them (perhaps both: only one ticket per slot runs), fail the paused trial and retry its setting.
     When the paused worker wakes up its result is too late for Optuna: named on screen as a duplicate run
-    of that setting and kept in the study."""
+    of that setting and kept in the study. Then four workers queue the same missing slots at once."""
     storage = request.getfixturevalue("postgres") if kind == "postgresql" else f"journal://{tmp_path / 'study.log'}"
     args = ["hydra.sweeper.n_trials=3", "sleep=0.5", *FAST_HEARTBEAT]
     creator = subprocess.run([sys.executable, str(ROOT / "tests/fixtures/toy_sweep/app.py"), "--multirun",
@@ -179,6 +211,7 @@ def test_a_creator_killed_mid_queue_and_a_paused_worker_still_give_exactly_the_b
     assert f"queued again as trial {retry.number}" in warning and str(tmp_path) in warning
     [kept] = studies.duplicate_runs(study)
     assert kept["trial"] == 0 and kept["params"] == trials[0].params and kept["retried_as"] == retry.number
+    _race_refills(storage)
 
 
 # ------------------------------------------------------------------------------------------ SIGTERM

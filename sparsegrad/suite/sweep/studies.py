@@ -219,9 +219,9 @@ def refill(study, slots: Iterable[int] | None = None) -> list[int]:
 
 
 class Refill:
-    """Calls :func:`refill` once the same slots have been missing, with no trial added to the study, for
-    ``settle`` seconds: a creator that is still queuing adds a ticket every few milliseconds, a dead one
-    none. Call it whenever the worker looks for work; returns the slots it queued."""
+    """Calls :func:`refill` once the same slots have been missing for ``settle`` seconds: a creator that is
+    still queuing fills one every few milliseconds, a dead one none. Call it whenever the worker looks for
+    work; returns the slots it queued."""
 
     def __init__(self, settle: float):
         self.settle = float(settle)
@@ -229,9 +229,8 @@ class Refill:
         self._since = 0.0
 
     def __call__(self, study) -> list[int]:
-        trials = study.get_trials(deepcopy=False)
-        missing = missing_slots(study, trials)
-        seen = (tuple(missing), len(trials))
+        missing = missing_slots(study)
+        seen = tuple(missing)
         if not missing or seen != self._seen:
             self._seen, self._since = (seen if missing else None), time.time()
             return []
