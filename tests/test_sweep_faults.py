@@ -227,7 +227,7 @@ def test_sigterm_gives_a_workers_trial_back_with_its_setting_and_the_same_comman
     assert worker.returncode == 130, out[-3000:]
     assert "interrupted by SIGTERM: trial(s) 0 given back to study 'term'" in out and "Traceback" not in out
     first = _load(storage, "term").trials
-    assert first[0].state.name == "FAIL" and first[0].user_attrs[studies.INTERRUPTED_ATTR]
+    assert first[0].state.name == "FAIL" and first[0].user_attrs[studies.INTERRUPTED_ATTR] == "interrupted by SIGTERM"
     [requeued] = [t for t in first if t.state.name == "WAITING" and t.system_attrs.get("failed_trial") == 0]
     assert requeued.params == first[0].params and requeued.system_attrs[studies.TICKET_ATTR] == 0
 

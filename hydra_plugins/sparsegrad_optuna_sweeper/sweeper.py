@@ -99,6 +99,11 @@ def suggest(trial, name: str, dist) -> Any:
     return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
 
 
+def _is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C or SIGTERM here, or in a job that stopped with the interrupted exit status."""
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED)
+
+
 def _fmt(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
@@ -179,8 +184,7 @@ class OptunaSweeper(Sweeper):
                         time.sleep(c.poll_interval)
                 except BaseException as exc:  # Ctrl-C, SIGTERM, a job's sys.exit, a launcher failure
                     given_back = self._abandon(study, trial_ids, exc, heartbeat)
-                    if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit)
-                                                              and exc.code == EXIT_INTERRUPTED):
+                    if _is_interrupt(exc):
                         log.warning(f"interrupted by {interrupts.cause()}: "
                                     + (f"trial(s) {', '.join(map(str, given_back))} given back to study {name!r} "
                                        "(failed, their setting queued again in the same budget slot)"
@@ -279,16 +283,18 @@ class OptunaSweeper(Sweeper):
         queued again in the same slot. Returns the numbers of the trials given back."""
         import optuna
 
+        from sparsegrad.suite import interrupts
         from sparsegrad.suite.sweep import studies
 
+        why = (f"interrupted by {interrupts.cause()}" if _is_interrupt(exc)
+               else f"{type(exc).__name__}: {exc}"[:500] or "stopped")
         given_back = []
         for trial_id in trial_ids:
             heartbeat.remove(trial_id)
             try:
                 if study._storage.get_trial(trial_id).state != optuna.trial.TrialState.RUNNING:
                     continue
-                study._storage.set_trial_user_attr(trial_id, studies.INTERRUPTED_ATTR,
-                                                   f"{type(exc).__name__}: {exc}"[:500] or True)
+                study._storage.set_trial_user_attr(trial_id, studies.INTERRUPTED_ATTR, why)
                 number = study._storage.get_trial_number_from_id(trial_id)
                 studies.requeue(study, study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
                 given_back.append(number)
