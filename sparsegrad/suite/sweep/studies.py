@@ -263,9 +263,10 @@ def claim(study, limit: int, into: list[int] | None = None) -> list[int]:
             break
         try:
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                mine.append(t._trial_id)  # first: an interrupt from here on gives it back (the sweeper's _abandon)
                 if _lost_refill_race(study, t):
+                    mine.remove(t._trial_id)
                     continue
-                mine.append(t._trial_id)
                 study._storage.set_trial_system_attr(t._trial_id, HEARTBEAT_ATTR, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
