@@ -69,7 +69,7 @@ def header(report: dict) -> list[str]:
                    "method's buffers")  # fmt: skip
     lines += [
         "- Step time = wall time of a training step (forward, backward, optimizer step), timed steps only"
-        + (" (CUDA-synchronised)." if report["device"] != "cpu" else "; CPU s/step = the process's CPU time per step "
+        + (" (CUDA-synchronised)." if str(report["device"]).startswith("cuda") else "; CPU s/step = the process's CPU time per step "
            "(all its threads), which other processes time-slicing the cores do not inflate: on a busy machine "
            "its ratios are the ones to read."),
         f"- Peak memory = {mem_def}. Optimizer state = bytes of the optimizer's state tensors after the last step. "

@@ -319,6 +319,8 @@ def test_memory_claim_uses_live_bytes_and_names_the_basis_phase():
 def test_memory_claim_is_checked_against_make_bench(tmp_path):
     import json
 
+    from sparsegrad.suite.report.table_inputs import load_bench_memory
+
     def bench(name, full, sparsegrad, **extra):
         (tmp_path / name).write_text(json.dumps({
             "device": "cpu", **extra, "shape_defs": [{"key": "minilm bs16x128 movie-padded", "model": "minilm"}],
@@ -327,10 +329,10 @@ def test_memory_claim_is_checked_against_make_bench(tmp_path):
 
     bench("cpu-old.json", 900, 1000)  # an RSS bench: SparseGrad above FT, against the records (FT above)
     bench("cpu-new.json", 1000, 900, memory_gauge="live_tensor_bytes")
-    d = by_claim(findings.build(fixture_records(), bench=findings.load_bench_memory(tmp_path)))[("d", "minilm")]
+    d = by_claim(findings.build(fixture_records(), bench=load_bench_memory(tmp_path)))[("d", "minilm")]
     new = next(n for n in d.notes if "cpu-new.json" in n)
     old = next(n for n in d.notes if "cpu-old.json" in n)
     assert "FT − SparseGrad +100 MB" in new and "the direction of this row" in new
     assert "the opposite of this row: the gauges differ" in old
-    none = by_claim(findings.build(fixture_records("smollm2"), bench=findings.load_bench_memory(tmp_path)))
+    none = by_claim(findings.build(fixture_records("smollm2"), bench=load_bench_memory(tmp_path)))
     assert "no run of smollm2 in results/bench (it holds minilm)" in none[("d", "smollm2")].notes[-1]

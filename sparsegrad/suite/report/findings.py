@@ -477,34 +477,6 @@ def sparsity_finding(analysis: dict | None) -> list[Finding]:
 
 
 # ------------------------------------------------------------------------------------ make bench
-def load_bench_memory(bench_dir: Path | None) -> list[dict]:
-    """Peak training memory per method from ``make bench``'s reports (``results/bench/*.json``): one entry per
-    shape, {source, model, shape, device, gauge, peaks {method: MB}}. CPU reports without a ``memory_gauge``
-    were gauged by the peak RSS above the loaded model; CUDA ones by the allocator's peak."""
-    if bench_dir is None or not Path(bench_dir).is_dir():
-        return []
-    out = []
-    for path in sorted(Path(bench_dir).glob("*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(data, dict) or not isinstance(data.get("summary"), dict):
-            continue
-        device = str(data.get("device") or (data.get("machine") or {}).get("device") or "")
-        gauge = data.get("memory_gauge") or (measure.CUDA_GAUGE if device.startswith("cuda") else measure.RSS_GAUGE)
-        models = {d.get("key"): d.get("model") for d in data.get("shape_defs") or [] if isinstance(d, dict)}
-        for shape, block in data["summary"].items():
-            rows = {m: row for m, row in (block.get("methods") or {}).items()
-                    if isinstance(row, dict) and row.get("peak_mb") is not None}
-            model = str(models.get(shape) or shape.split(" ")[0]).replace("-", "_")
-            gauges = {row.get("memory_gauge") or gauge for row in rows.values()}
-            out.append({"source": path.name, "model": model, "shape": shape, "device": device,
-                        "gauge": gauges.pop() if len(gauges) == 1 else gauge,
-                        "peaks": {m: row["peak_mb"] for m, row in rows.items()}})
-    return out
-
-
 GAUGE_WORDS = {measure.LIVE_GAUGE: "live tensor bytes", measure.CUDA_GAUGE: "the CUDA allocator's peak",
                measure.RSS_GAUGE: "peak RSS"}
 
@@ -533,7 +505,8 @@ def bench_agreement(bench: list[dict], model: str, ft_minus_sg: stats.Interval, 
             text += ", the direction of this row"
         else:
             why = [f"the gauges differ (this row: {GAUGE_WORDS.get(ours_gauge, ours_gauge)})"] if b["gauge"] != ours_gauge else []
-            why.append(f"the bench trains one fixed batch shape of random tokens in a fresh process; this row: "
+            what = "" if b["model"] == model else f" {b['model']} in the paper's setting,"
+            why.append(f"the bench trains{what} one fixed batch shape of random tokens in a fresh process; this row: "
                        f"{setting}, the runs' own batches, the basis estimated in the same process")
             text += ", the opposite of this row: " + "; ".join(why)
         notes.append(text)
@@ -554,7 +527,7 @@ def paper_cache() -> dict:
 def build(records: list[dict], analysis: dict | None = None,
           analogue: Mapping[str, Mapping[str, str]] | None = None, bench: list[dict] | None = None) -> list[Finding]:
     """Every finding this profile's records support, ordered by claim, then model (``bench``: the memory of
-    ``make bench``'s runs, :func:`load_bench_memory`, for (d)'s cross-check)."""
+    ``make bench``'s runs, :func:`sparsegrad.suite.report.table_inputs.load_bench_memory`, for (d)'s cross-check)."""
     analogue = analogue or {}
     amodels, atasks = analogue.get("models", {}), analogue.get("tasks", {})
     cells, variants = by_role(seed_runs(records))
@@ -642,6 +615,8 @@ def write(records: list[dict], out_dir: Path, profile_name: str = "",
           analysis_path: Path | None = None, bench_dir: Path | None = None) -> tuple[Path, str]:
     """Write ``out_dir/findings.md``; returns its path and its Markdown (tables.md starts with it)."""
     analysis = load_analysis(analysis_path or Path(out_dir) / "analysis" / "sparsity.json")
+    from sparsegrad.suite.report.table_inputs import load_bench_memory
+
     text = markdown(build(records, analysis, analogue, load_bench_memory(bench_dir)), profile_name)
     path = Path(out_dir) / "findings.md"
     path.parent.mkdir(parents=True, exist_ok=True)

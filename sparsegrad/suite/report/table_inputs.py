@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsegrad.suite.run.measure import CUDA_GAUGE, RSS_GAUGE
+
 PAPER_CSV = Path(__file__).resolve().parents[3] / "results" / "paper" / "paper_numbers.csv"
 # the paper's row a method config stands for (the paper's LoRA and MeProp numbers are the authors' variants)
 PAPER_METHOD = {"lora_authors": "lora", "meprop_adamw": "meprop"}
@@ -189,28 +191,38 @@ def cells(runs: list[dict]) -> dict[tuple[str, str, str], Cell]:
 
 
 # ------------------------------------------------------------------------------------- benchmarks
+def bench_reports(bench_dir: Path | None, pattern: str = "*.json"):
+    """(path, report) of every readable benchmark report in ``bench_dir`` whose name matches ``pattern``."""
+    if bench_dir is None or not Path(bench_dir).exists():
+        return
+    for path in sorted(Path(bench_dir).glob(pattern)):
+        try:
+            yield path, json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+
+
+def bench_shapes(report: dict):
+    """(shape, model, {method: row}) of each shape of a ``python -m experiments.benchmark`` report (``summary``
+    {shape: {"methods": ...}}, ``shape_defs`` naming each shape's model); failed rows left out."""
+    models = {d.get("key"): d.get("model") for d in report.get("shape_defs") or [] if isinstance(d, dict)}
+    for shape, block in report["summary"].items():
+        rows = {m: row for m, row in (block.get("methods") or {}).items() if isinstance(row, dict) and "error" not in row}
+        yield shape, str(models.get(shape) or shape.split(" ")[0]).replace("-", "_"), rows
+
+
 def load_bench(bench_dir: Path | None) -> list[dict]:
     """CUDA benchmark entries from ``results/bench/cuda-*.json`` (the report of ``python -m experiments.benchmark``:
     ``machine`` and ``summary`` {shape: {"methods": {method: {steps_per_s, peak_mb}}}}, with ``shape_defs``
     naming each shape's model), as {device, model, method, task, setting, steps_per_second, peak_memory_mb,
     source}. A plain list of such entries (or {"device", "results": [...]}) is read too."""
-    if bench_dir is None or not Path(bench_dir).exists():
-        return []
     entries = []
-    for path in sorted(Path(bench_dir).glob("cuda-*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+    for path, data in bench_reports(bench_dir, "cuda-*.json"):
         if isinstance(data, dict) and isinstance(data.get("summary"), dict):
             machine = data.get("machine") or {}
             device = machine.get("gpu") or machine.get("device") or "cuda"
-            models = {d.get("key"): d.get("model") for d in data.get("shape_defs") or [] if isinstance(d, dict)}
-            for shape, block in data["summary"].items():
-                for method, row in (block.get("methods") or {}).items():
-                    if not isinstance(row, dict) or "error" in row:
-                        continue
-                    model = str(models.get(shape) or shape.split(" ")[0]).replace("-", "_")
+            for shape, model, rows in bench_shapes(data):
+                for method, row in rows.items():
                     base, setting = method, ""
                     if method == "sparsegrad_regular":
                         base, setting = "sparsegrad", "regular_matmul"
@@ -232,3 +244,22 @@ def load_bench(bench_dir: Path | None) -> list[dict]:
                             "setting": item.get("setting", ""), "shape": item.get("shape", ""),
                             "steps_per_second": sps, "peak_memory_mb": mem, "source": path.name})
     return entries
+
+
+def load_bench_memory(bench_dir: Path | None) -> list[dict]:
+    """Peak training memory per method from ``make bench``'s reports (``results/bench/*.json``): one entry per
+    shape, {source, model, shape, device, gauge, peaks {method: MB}}. CPU reports without a ``memory_gauge``
+    were gauged by the peak RSS above the loaded model; CUDA ones by the allocator's peak."""
+    out = []
+    for path, data in bench_reports(bench_dir):
+        if not isinstance(data, dict) or not isinstance(data.get("summary"), dict):
+            continue
+        device = str(data.get("device") or (data.get("machine") or {}).get("device") or "")
+        gauge = data.get("memory_gauge") or (CUDA_GAUGE if device.startswith("cuda") else RSS_GAUGE)
+        for shape, model, rows in bench_shapes(data):
+            rows = {m: row for m, row in rows.items() if row.get("peak_mb") is not None}
+            gauges = {row.get("memory_gauge") or gauge for row in rows.values()}
+            out.append({"source": path.name, "model": model, "shape": shape, "device": device,
+                        "gauge": gauges.pop() if len(gauges) == 1 else gauge,
+                        "peaks": {m: row["peak_mb"] for m, row in rows.items()}})
+    return out
