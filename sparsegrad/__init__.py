@@ -15,11 +15,23 @@ A SparseGradLinear keeps only W (``storage="weight"``): its gradient is the k-sp
 config to train W~ itself with any sparse optimizer (one more out x in matrix per layer).
 ``estimate_basis(..., micro_batch=4)`` runs one backward pass per 4 rows: a fraction of the activations.
 
+The same as a PEFT method (the target weights stay frozen; a change ΔW beside each trains SparseGrad's
+way, see :mod:`sparsegrad.peft_tuner`)::
+
+    peft_model = peft.get_peft_model(model, sparsegrad.SparseGradConfig(k=0.01))   # or MePropConfig
+    sparsegrad.initialize_sparsegrad_basis(peft_model, batches, steps=11)         # as EVA's init
+    opt = sparsegrad.build_optimizer(peft_model, lr=2e-5, total_steps=1000)
+    ...; peft_model.save_pretrained("adapter"); model = peft_model.merge_and_unload()
+
+``import sparsegrad`` registers both methods with peft as soon as peft is imported
+(:mod:`sparsegrad.peft_registration`), so ``PeftModel.from_pretrained`` loads their adapters.
+
 A method is one folder under :mod:`sparsegrad.methods` (full, lora, meprop, sparsegrad, leading_block),
 as PEFT lays out its tuners: its layer(s), its data-driven initialisation if it has one (SparseGrad's
 basis: :mod:`~sparsegrad.methods.sparsegrad.gram`, :mod:`~sparsegrad.methods.sparsegrad.basis`), and its
 registration by name in :mod:`~sparsegrad.registry`, where ``apply_method``, ``merge``,
-``build_optimizer`` and ``account`` look it up. Add one with ``@sparsegrad.register_method`` on a
+``build_optimizer`` and ``account`` look it up; SparseGrad and MeProp also have a PEFT config and tuner
+(``config.py``, ``model.py``). Add one with ``@sparsegrad.register_method`` on a
 :class:`sparsegrad.Method` subclass.
 
 What every method shares stays here: :mod:`~sparsegrad.targets` (which linears),

@@ -34,6 +34,7 @@ __all__ = [
     "column_major_layout",
     "new_bitmask",
     "mark_bits",
+    "set_bit_positions",
     "count_bits",
     "macs_dense",
     "macs_regular",
@@ -206,6 +207,13 @@ def mark_bits(bits: torch.Tensor, flat: torch.Tensor) -> None:
     new = bits[byte].bitwise_and(value).eq(0)
     # distinct (byte, bit) pairs whose bit is still clear: adding their values sets exactly them
     bits.index_add_(0, byte[new], value[new])
+
+
+def set_bit_positions(bits: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """The flat positions of the set bits (ascending, int64): the inverse of :func:`mark_bits`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    unpacked = bits.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).reshape(-1)[:n_bits]
+    return unpacked.nonzero().squeeze(1)
 
 
 def count_bits(bits: torch.Tensor) -> int:

@@ -1,5 +1,5 @@
-"""What the PEFT methods of the package share: a sparse-gradient layer trained as a change of a frozen
-linear, and its PEFT tuner.
+"""What the PEFT methods of the package share: their config options, a sparse-gradient layer trained as a
+change of a frozen linear, and its PEFT tuner.
 
 A PEFT adapter here is the change of a target's weight, ``ΔW`` (out x in, zero at the start), held by one
 of the method's own layers (a :class:`~sparsegrad.SparseGradLinear` or a
@@ -20,13 +20,65 @@ The methods' registration with peft is in :mod:`sparsegrad.peft_registration`.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-__all__ = ["DeltaLayer", "DeltaTuner", "default_target_modules"]
+from sparsegrad.layer_common import check_topk_at
+
+__all__ = ["DeltaConfig", "DeltaLayer", "DeltaTuner", "default_target_modules", "option"]
+
+
+def option(default, text: str):
+    """A config field with its help text (peft shows ``metadata["help"]``)."""
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DeltaConfig(PeftConfig):
+    """What the configs of the sparse-gradient PEFT methods share (``method``: the registered name).
+
+    Args:
+        target_modules / exclude_modules / modules_to_save: as peft's (default targets: the MLP linears
+            :func:`sparsegrad.find_targets` finds: up and down of BERT, RoBERTa, LLaMA, Mistral, Qwen2).
+        k: entries of the weight gradient kept per layer and step (an int count or a float fraction of
+            in*out; the paper keeps about 1%).
+        topk_at, sparse_by_dense: as for the method's layer.
+        dense_weight_grad: the k-sparse gradient as a dense tensor (zeros elsewhere), for optimizers without
+            sparse support (``torch.optim.AdamW``, whose moments then move entries outside each step's
+            top-k); default: sparse COO, for :func:`sparsegrad.build_optimizer`'s lazy Adam.
+        init_weights: True: ΔW = 0 (the adapter starts as the identity); False: random, for tests.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = option(None, "the linears to adapt (names, suffixes or a regular expression)")
+    exclude_modules: list[str] | str | None = option(None, "linears to leave alone")
+    k: int | float = option(0.01, "entries of the weight gradient per layer and step (count or fraction)")
+    topk_at: str = option("backward", "'backward' or 'step'")
+    sparse_by_dense: bool = option(True, "drop all-zero rows of dL/dY (paper 3.3)")
+    dense_weight_grad: bool = option(False, "the k-sparse gradient as a dense tensor, for a dense optimizer")
+    init_weights: bool = option(True, "True: ΔW = 0; False: random (tests)")
+    modules_to_save: list[str] | None = option(None, "other modules to train and save")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from sparsegrad.peft_registration import peft_type, register_peft_methods
+
+        self.peft_type = peft_type(self.method)
+        register_peft_methods()  # a config built without going through `import sparsegrad` first
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        check_topk_at(self.topk_at)
+        if self.dense_weight_grad and self.topk_at != "backward":
+            raise ValueError("dense_weight_grad (the top-k of each backward pass, dense, for a dense optimizer) and "
+                             "topk_at='step' (the top-k taken by the lazy sparse Adam's step) exclude each other")  # fmt: skip
 
 
 def default_target_modules() -> dict[str, str]:
@@ -46,7 +98,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names: ClassVar[tuple[str, ...]] = ()
     other_param_names: ClassVar[tuple[str, ...]] = ()
-    #: the standard deviation of a random ΔW (``init_weights=False``, for tests: a non-zero adapter)
+    #: the standard deviation of a random change (``init_weights=False``, for tests: a non-zero adapter)
     random_init_std: ClassVar[float] = 0.1
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
@@ -77,17 +129,26 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         initial ΔW)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def randomize(self, delta: nn.Module) -> None:
+        """Give a fresh ΔW random entries (``init_weights=False``: for tests, a non-zero adapter);
+        default: all of them, normal with ``random_init_std``."""
+        delta.weight.normal_(std=self.random_init_std)
+        master = getattr(delta, "weight_master", None)
+        if master is not None:
+            master.copy_(delta.weight)
+
     def update_layer(self, adapter_name: str, config, inference_mode: bool = False, **kwargs) -> None:
         base = self.get_base_layer()
         start = torch.nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=False,
                                          device=base.weight.device, dtype=base.weight.dtype)  # fmt: skip
         with torch.no_grad():
-            if config.init_weights:
-                start.weight.zero_()
-            else:
-                start.weight.normal_(std=self.random_init_std)
+            start.weight.zero_()
         start.weight.requires_grad_(True)
-        self.deltas[adapter_name] = self.make_delta(start, config, adapter_name, **kwargs)
+        delta = self.make_delta(start, config, adapter_name, **kwargs)
+        if not config.init_weights and delta.weight.device.type != "meta":  # meta: the values come from a file
+            self.randomize(delta)
+        self.deltas[adapter_name] = delta
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

@@ -51,7 +51,8 @@ EXCLUDED: dict[str, dict[str, str]] = {
         "test_disable_adapters_with_merging": _FOREIGN_OPTIMIZER,
     },
     **{row: {"test_disable_adapters_with_merging": _SPARSE_ADAM}
-       for row in ("Vanilla MLP 1 SparseGrad", "Vanilla MLP 3 SparseGrad identity basis", "Vanilla MLP 1 MeProp")},
+       for row in ("Vanilla MLP 1 SparseGrad", "Vanilla MLP 3 SparseGrad identity basis",
+                   "Vanilla MLP 5 SparseGrad compact save", "Vanilla MLP 1 MeProp")},
 }  # fmt: skip
 
 
@@ -65,6 +66,8 @@ def rows():
         ("Vanilla MLP 3 SparseGrad identity basis", "MLP", sg,
          {"target_modules": "lin1", "k": 5, "basis": "identity", "storage": "rotated"}),
         ("Vanilla MLP 4 SparseGrad weight storage", "MLP", sg, {"target_modules": ["lin0"], "k": 0.2, "basis": "random"}),
+        ("Vanilla MLP 5 SparseGrad compact save", "MLP", sg,
+         {"target_modules": ["lin0", "lin1"], "k": 0.2, "compact_save": True, **rotated}),
         ("Vanilla MLP 1 MeProp", "MLP", mp, {"target_modules": ["lin0"], "k": 0.2}),
         ("Vanilla MLP 2 MeProp dense gradient", "MLP", mp,
          {"target_modules": ["lin0", "lin1"], "k": 0.3, "dense_weight_grad": True}),
@@ -73,7 +76,7 @@ def rows():
         ("SparseGrad Same", "sparsegrad", sg, {"target_modules": ["lin0"], "k": 0.2, "init_weights": False, **rotated},
          {"target_modules": ["lin0"], "k": 0.2, "init_weights": False, **rotated}),
         ("SparseGrad Different", "sparsegrad", sg, {"target_modules": ["lin0"], "k": 0.2, "init_weights": False, **rotated},
-         {"target_modules": ["lin1"], "k": 0.2, "init_weights": False, **rotated}),
+         {"target_modules": ["lin1"], "k": 0.2, "init_weights": False, "compact_save": True, **rotated}),
         ("MeProp Same", "meprop", mp, {"target_modules": ["lin0"], "k": 0.2, "init_weights": False},
          {"target_modules": ["lin0"], "k": 0.2, "init_weights": False}),
         ("MeProp Different", "meprop", mp, {"target_modules": ["lin0"], "k": 0.2, "init_weights": False},

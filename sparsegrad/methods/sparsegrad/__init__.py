@@ -4,7 +4,10 @@
 * :mod:`~sparsegrad.methods.sparsegrad.basis` — the transition matrices (HOSVD factors) from those statistics;
 * :mod:`~sparsegrad.methods.sparsegrad.autograd` — the autograd function of the layer (rotated top-k gradient);
 * :mod:`~sparsegrad.methods.sparsegrad.layer` — :class:`SparseGradLinear`;
-* :mod:`~sparsegrad.methods.sparsegrad.method` — the registration (``name="sparsegrad"``).
+* :mod:`~sparsegrad.methods.sparsegrad.method` — the registration (``name="sparsegrad"``);
+* :mod:`~sparsegrad.methods.sparsegrad.config`, :mod:`~sparsegrad.methods.sparsegrad.model` — SparseGrad as a
+  PEFT method (``SparseGradConfig``, its tuner, ``initialize_sparsegrad_basis``); they import peft, so they
+  load only when used (``sparsegrad.SparseGradConfig``).
 """
 
 from sparsegrad.methods.sparsegrad.basis import Basis, GroupBasis, estimate_basis, random_basis

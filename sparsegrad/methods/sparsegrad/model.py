@@ -7,7 +7,9 @@ Each adapted linear holds, per adapter, a bias-free :class:`~sparsegrad.SparseGr
 
 The layers of a group share one transition basis (in memory, and once in the saved adapter): the file
 holds, per layer, ΔW (storage "weight"; storage "rotated": ΔW~ and ΔW) and the record of updated
-coordinates, and per group ``u_in`` and ``u_out`` under ``sparsegrad_basis.<group>.``.
+coordinates, and per group ``u_in`` and ``u_out`` under ``sparsegrad_basis.<group>.``. With
+``compact_save=True`` a layer holds ΔW~ on its updated coordinates instead (indices and values: the
+learned sparse matrix itself), and loading computes ΔW = u_out ΔW~ R^T again (equal to rounding).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from sparsegrad.kernels import mark_bits, new_bitmask, set_bit_positions
 from sparsegrad.methods.sparsegrad.basis import Basis, estimate_basis
 from sparsegrad.methods.sparsegrad.layer import SparseGradLinear
 from sparsegrad.peft_tuner import DeltaLayer, DeltaTuner
@@ -55,6 +58,15 @@ class SparseGradLayer(DeltaLayer):
             start, u_in, u_out, config.k, orientation=config.orientation, storage=config.storage,
             sparse_by_dense=config.sparse_by_dense, topk_at=config.topk_at, dense_weight_grad=config.dense_weight_grad,
         )  # fmt: skip
+
+    @torch.no_grad()
+    def randomize(self, delta: SparseGradLinear) -> None:
+        """A random ΔW~ on k random coordinates, as after one step (``init_weights=False``, for tests)."""
+        n = delta.out_features * delta.in_features
+        indices = torch.randperm(n, device=delta.weight.device)[: delta.k].sort().values
+        values = torch.randn(indices.numel(), device=delta.weight.device) * self.random_init_std
+        delta.apply_rotated_step(indices, values)
+        mark_bits(delta.updated_mask, indices)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if torch.is_grad_enabled() and not (self.disable_adapters or self.merged):
@@ -106,7 +118,10 @@ class SparseGradModel(DeltaTuner):
                 continue
             before = {part: getattr(delta, part) for part in ("u_in", "u_out")}
             delta.to(torch.float32)
+            delta.weight_master = None  # a float32 layer trains its weight itself
             for part, old in before.items():
+                if old.device.type == "meta":  # no memory to share (the values come from a file)
+                    continue
                 key = (part, old.data_ptr(), old.device)
                 if key in shared:
                     setattr(delta, part, shared[key])
@@ -115,7 +130,8 @@ class SparseGradModel(DeltaTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """The layers' entries without their basis, plus the basis of each group once."""
+        """The layers' entries without their basis, plus the basis of each group once; with
+        ``compact_save``, ΔW~ on its updated coordinates in place of the layers' dense matrices."""
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for name, layer in _layers(model, adapter_name):
             group = layer.basis_group[adapter_name]
@@ -125,22 +141,79 @@ class SparseGradModel(DeltaTuner):
                     out.setdefault(f"{_BASIS_KEY}.{group}.{adapter_name}.{part}", tensor)
             estimated = torch.tensor(layer.basis_estimated[adapter_name])
             out.setdefault(f"{_BASIS_KEY}.{group}.{adapter_name}.estimated", estimated)
+            if config.compact_save:
+                _compact(out, f"{name}.sparsegrad_delta.{adapter_name}.", layer.sparsegrad_delta[adapter_name])
         return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Give every layer the saved basis of its group (and mark it estimated if it was)."""
+        """Give every layer the saved basis of its group (and mark it estimated if it was); expand a
+        compact ΔW~ back into the layer's matrices."""
         out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         saved = {k: out.pop(k) for k in [k for k in out if k.startswith(f"{_BASIS_KEY}.")]}
         for name, layer in _layers(model, adapter_name):
             group = layer.basis_group[adapter_name]
+            prefix = f"{name}.sparsegrad_delta.{adapter_name}."
             for part in ("u_in", "u_out"):
                 if f"{_BASIS_KEY}.{group}.{part}" in saved:
-                    out[f"{name}.sparsegrad_delta.{adapter_name}.{part}"] = saved[f"{_BASIS_KEY}.{group}.{part}"]
+                    out[prefix + part] = saved[f"{_BASIS_KEY}.{group}.{part}"]
             estimated = saved.get(f"{_BASIS_KEY}.{group}.estimated")
             if estimated is not None:
                 layer.basis_estimated[adapter_name] = bool(estimated)
+            # compact entries have no counterpart in the model, so they kept their checkpoint keys
+            for saved_prefix in (f"{name}.sparsegrad_delta.", f"{_PEFT_PREFIX}{name}.sparsegrad_delta."):
+                if saved_prefix + "rotated_indices" in out:
+                    _expand(out, saved_prefix, prefix, layer.sparsegrad_delta[adapter_name])
         return out
+
+
+def _compact(entries: dict, prefix: str, delta: SparseGradLinear) -> None:
+    """Replace a layer's dense matrices in ``entries`` by ΔW~ = u_out^T ΔW R on its updated coordinates
+    (``rotated_indices``, flat row-major, and ``rotated_values``, float32): exact up to rounding, since a
+    SparseGrad-trained ΔW~ is zero elsewhere. A layer whose coordinates are mostly updated, or whose ΔW~
+    is not zero elsewhere (changed by hand, or ``init_weights=False``), stays dense."""
+    n = delta.out_features * delta.in_features
+    indices = set_bit_positions(delta.updated_mask, n)
+    if indices.numel() * 2 >= n:  # 8 bytes per entry against 4 per dense entry
+        return
+    w_tilde = delta.rotated_weight(torch.float64).reshape(-1)
+    values = w_tilde[indices]
+    off_support = w_tilde.square().sum() - values.square().sum()
+    if off_support > 1e-10 * max(float(w_tilde.square().sum()), 1e-30):
+        return
+    # storage "rotated": the count of updates of a valid cached ΔW stays, saying the cache was valid
+    for key in ("weight", "rotated_weight", "weight_master", "effective_weight", "updated_mask"):
+        entries.pop(prefix + key, None)
+    index_dtype = torch.int32 if n < 2**31 else torch.int64
+    entries[prefix + "rotated_indices"] = indices.to(index_dtype)
+    entries[prefix + "rotated_values"] = values.to(torch.float32)
+
+
+def _expand(entries: dict, saved_prefix: str, prefix: str, delta: SparseGradLinear) -> None:
+    """The inverse of :func:`_compact` (entries under ``saved_prefix``; the layer's own, the basis among
+    them, under ``prefix``): ΔW = u_out ΔW~ R^T in float64, and the layer's other entries from it."""
+    indices = entries.pop(saved_prefix + "rotated_indices").long()
+    values = entries.pop(saved_prefix + "rotated_values").to(torch.float64)
+    shape = (delta.out_features, delta.in_features)
+    w_tilde = torch.zeros(shape[0] * shape[1], dtype=torch.float64, device=values.device)
+    w_tilde[indices] = values
+    w_tilde = w_tilde.view(shape)
+    u_in = entries.get(prefix + "u_in", delta.u_in).to(device=values.device, dtype=torch.float64)
+    u_out = entries.get(prefix + "u_out", delta.u_out).to(device=values.device, dtype=torch.float64)
+    r_mat = u_in if delta.orientation == "hosvd" else u_in.t()
+    w = (u_out @ w_tilde) @ r_mat.t()
+    trained = w if delta.storage == "weight" else w_tilde
+    dtype = delta.weight.dtype
+    entries[prefix + "weight"] = w.to(dtype)
+    if delta.storage == "rotated":
+        entries[prefix + "rotated_weight"] = w_tilde.to(dtype)
+    if delta.weight_master is not None:
+        entries[prefix + "weight_master"] = trained.to(torch.float32)
+    if prefix + "effective_weight_updates" in entries:  # the saved layer had a valid cached ΔW
+        entries[prefix + "effective_weight"] = w.to(torch.float32 if delta.weight_master is not None else dtype)
+    mask = new_bitmask(shape[0] * shape[1], values.device)
+    mark_bits(mask, indices)
+    entries[prefix + "updated_mask"] = mask
 
 
 def _layers(model: nn.Module, adapter_name: str) -> Iterable[tuple[str, SparseGradLayer]]:
