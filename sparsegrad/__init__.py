@@ -39,7 +39,8 @@ What every method shares stays here: :mod:`~sparsegrad.targets` (which linears),
 (helpers of the sparse layers), :mod:`~sparsegrad.optim` (optimizer; the lazy sparse Adam in
 :mod:`~sparsegrad.lazy_adam`), :mod:`~sparsegrad.registry`, :mod:`~sparsegrad.surgery` (apply / merge),
 :mod:`~sparsegrad.accounting` (trainable and updated parameters), :mod:`~sparsegrad.integrations`
-(transformers Trainer, TRL, DistributedDataParallel, accelerate). Module paths of earlier releases
+(transformers Trainer, TRL, DistributedDataParallel, accelerate), :mod:`~sparsegrad.data_parallel`
+(the exchange of every process's top-k entries under data parallelism). Module paths of earlier releases
 (``sparsegrad.layers``, ``sparsegrad.basis``, ``sparsegrad.suite.runner``, ...) still import: see
 :mod:`sparsegrad._moved`.
 """
@@ -51,6 +52,7 @@ _EXPORTS = {
     "accounting": ("LayerAccount", "MethodAccount", "account"),
     "methods.sparsegrad.basis": ("Basis", "GroupBasis", "estimate_basis", "random_basis", "spectrum_concentration"),
     "integrations": ("prepare_trainer",),
+    "data_parallel": ("SparseExchangeError", "prepare_data_parallel"),
     "methods.sparsegrad.layer": ("SparseGradLinear",),
     "methods.meprop.layer": ("MePropLinear",),
     "lazy_adam": ("LazySparseAdam",),
@@ -112,6 +114,7 @@ __all__ = [
     "MethodConfig",
     "SparseGradConfig",
     "SparseGradLinear",
+    "SparseExchangeError",
     "SparseGradModel",
     "SparseGradOptimizer",
     "Target",
@@ -124,6 +127,7 @@ __all__ = [
     "get_method",
     "initialize_sparsegrad_basis",
     "merge",
+    "prepare_data_parallel",
     "prepare_trainer",
     "random_basis",
     "register_method",

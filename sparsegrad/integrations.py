@@ -26,10 +26,20 @@ None))``, and nothing else is needed. What the optimizer needs from Trainer:
   (``lr_scheduler_type``, ``warmup_steps``) drives it; an optimizer that runs its own schedule raises
   at the first step where another scheduler set a different learning rate.
 
-Data parallelism (DistributedDataParallel, ``accelerate launch``): apply the method with
-``topk_at="step"`` so that the gradients stay dense through DDP's all-reduce and the top-k is taken
-once per optimizer step from the whole batch's gradient: every replica selects the same coordinates,
-and the result is that of one process on the concatenated batch.
+Data parallelism (DistributedDataParallel, ``accelerate launch``, Trainer under ``torchrun``) has two
+modes, chosen by the method's ``topk_at``:
+
+* ``"backward"`` (the default, the paper's rule): each process keeps its own top-k in every backward
+  pass; DDP leaves the sparse weights alone (:func:`sparsegrad.prepare_data_parallel`, which
+  :func:`sparsegrad.apply_method` runs on the model it returns) and the k COO entries of every process
+  are summed by :mod:`sparsegrad.data_parallel`: at the end of each backward pass in which DDP
+  synchronises (so Trainer's clipping and logged norm see the sum), or else at clipping or the
+  optimizer step of :func:`sparsegrad.build_optimizer`. N processes end where one process accumulating
+  their N micro-batches would; k entries per process and weight go over the wire.
+* ``"step"``: the gradients stay dense through DDP's all-reduce and the top-k is taken once per
+  optimizer step from the whole batch's gradient: every replica selects the same coordinates, and the
+  result is that of one process on the concatenated batch, at the price of a dense all-reduce and one
+  rotation per step.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from sparsegrad.data_parallel import exchange_pending
 from sparsegrad.lazy_adam import LazySparseAdam
 from sparsegrad.optim import SparseGradOptimizer, clip_grad_norm
 from sparsegrad.registry import swapped_modules
@@ -119,7 +130,9 @@ def prepare_trainer(trainer):
     Returns the trainer. Replaces the two gradient-norm steps of its training loop by
     :func:`sparsegrad.clip_grad_norm`: clipping to ``args.max_grad_norm`` when it is > 0 (0 means no
     clipping, as in Trainer) and the logged ``grad_norm``, with the squares summed in float64. The
-    result is Trainer's own to float32 rounding.
+    result is Trainer's own to float32 rounding. Under data parallelism the processes' top-k entries
+    are summed first if they are not yet (before the mixed-precision unscaling too), so every process
+    clips the same gradient by the same norm.
     """
     if not (hasattr(trainer, "_clip_grad_norm") and hasattr(trainer, "_get_grad_norm")):
         raise TypeError(
@@ -131,11 +144,13 @@ def prepare_trainer(trainer):
         return [p for p in model.parameters() if p.grad is not None]
 
     def clip(model):
+        exchange_pending(model.parameters())
         trainer.accelerator.unscale_gradients()
         return clip_grad_norm(parameters(model), trainer.args.max_grad_norm)
 
     def grad_norm(model, grad_norm=None):
         if grad_norm is None:
+            exchange_pending(model.parameters())
             grad_norm = clip_grad_norm(parameters(model), float("inf"))
         return grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm
 

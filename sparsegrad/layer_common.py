@@ -1,6 +1,6 @@
 """What the sparse-gradient linear layers share: the option choices, float32 master copies of bf16/fp16
 trained matrices, the plain ``nn.Linear`` a layer merges into, the data-parallel check of per-backward
-top-k and the context a row-wise linear autograd function saves.
+top-k (the exchange itself: :mod:`sparsegrad.data_parallel`) and the context a row-wise linear autograd function saves.
 
 Used by :mod:`sparsegrad.methods.sparsegrad.layer` (SparseGradLinear), :mod:`sparsegrad.methods.meprop.layer` (MePropLinear) and
 :mod:`sparsegrad.methods.leading_block.layer` (LeadingBlockLinear); imports nothing of them.
@@ -26,8 +26,9 @@ FORMULATIONS = ("auto", "regular")
 STORAGES = ("weight", "rotated")
 MEPROP_MODES = ("weight", "output")
 # When the top-k of a weight gradient is taken: in every backward pass (the paper's; the gradient is
-# sparse COO from the start) or once per optimizer step, from the dense gradient summed over the
-# micro-batches and all-reduced by DistributedDataParallel (the optimizer takes it).
+# sparse COO from the start, and data-parallel processes exchange only their k entries) or once per
+# optimizer step, from the dense gradient summed over the micro-batches and all-reduced by
+# DistributedDataParallel (the optimizer takes it).
 TOPK_AT = ("backward", "step")
 
 
@@ -99,20 +100,39 @@ def check_topk_at(topk_at: str) -> None:
         raise ValueError(f"unknown topk_at {topk_at!r}; valid: {', '.join(TOPK_AT)}")
 
 
-def check_data_parallel(layer: nn.Module) -> None:
-    """Refuse per-backward top-k when several processes train one model: DistributedDataParallel cannot
-    all-reduce a sparse gradient, and each replica's own top-k would not be the whole batch's."""
-    if layer.topk_at != "backward" or not (layer.training and torch.is_grad_enabled()):
+def check_data_parallel(layer: nn.Module, param: torch.Tensor | None) -> None:
+    """Under data parallelism, check that a per-backward top-k layer (``topk_at="backward"``) is set up
+    for the sparse exchange: its sparse weight ``param`` kept out of DistributedDataParallel
+    (:func:`sparsegrad.prepare_data_parallel`) and stepped by an optimizer of
+    :func:`sparsegrad.build_optimizer`, which sums every process's top-k entries. ``param`` None: the
+    layer's weight gradient is dense and goes through DDP as any other."""
+    if param is None or layer.topk_at != "backward" or not param.requires_grad:
+        return
+    if not (layer.training and torch.is_grad_enabled()):
         return
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(
-            f"{type(layer).__name__} takes the top-k of its weight gradient in every backward pass "
-            f"(topk_at='backward'), but {dist.get_world_size()} processes are training: data parallelism "
-            "(DistributedDataParallel, accelerate) needs topk_at='step', which keeps the gradient dense "
-            "for the all-reduce and takes the top-k of the whole batch's gradient in the optimizer step. "
-            "Apply the method with {'topk_at': 'step', ...} (conf: method.topk_at=step)."
-        )
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if not getattr(param, "_ddp_ignored", False):
+        problem = ("its sparse weight is not kept out of DistributedDataParallel, which cannot all-reduce a "
+                   "sparse gradient: call sparsegrad.prepare_data_parallel(module) on the module you wrap, "
+                   "before wrapping it (apply_method does it for the model it returns)")  # fmt: skip
+    else:
+        exchange = getattr(param, "_sparsegrad_exchange", None)
+        if exchange is not None and exchange() is not None:
+            return
+        problem = ("its sparse weight is in no optimizer from sparsegrad.build_optimizer, whose step sums the "
+                   "processes' top-k entries: build it with sparsegrad.build_optimizer(model, ...)")  # fmt: skip
+    raise RuntimeError(
+        f"{type(layer).__name__} takes the top-k of its weight gradient in every backward pass "
+        f"(topk_at='backward') and {dist.get_world_size()} processes are training, but {problem}. "
+        "Data parallelism has two modes. topk_at='backward' (the paper's): each process keeps its own top-k "
+        "and only those k entries per process are exchanged; the result is one process accumulating the "
+        "processes' micro-batches. topk_at='step': the dense gradient goes through DDP's all-reduce and the "
+        "top-k of the whole batch's gradient is taken once per optimizer step; the result is one process on "
+        "the concatenated batch, at the cost of a dense all-reduce and a rotation per step "
+        "(apply the method with {'topk_at': 'step', ...}; conf: method.topk_at=step)."
+    )
 
 
 def save_linear_context(ctx, x: torch.Tensor, bias, layer, *saved: torch.Tensor) -> None:

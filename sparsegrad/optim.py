@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from sparsegrad.data_parallel import SparseGradientExchange, backward_topk_layers, exchange_pending
 from sparsegrad.lazy_adam import STATE_LAYOUTS, LazySparseAdam  # noqa: F401 (STATE_LAYOUTS re-exported)
 from sparsegrad.registry import method_for_layer, swapped_modules
 
@@ -32,8 +33,13 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     """Clip the global 2-norm of dense gradients and sparse COO gradients together, in place.
 
     Sparse gradients are coalesced first (duplicate indices summed), so the norm is that of the
-    dense-equivalent gradient; the scaling matches ``torch.nn.utils.clip_grad_norm_``.
+    dense-equivalent gradient; the scaling matches ``torch.nn.utils.clip_grad_norm_``. Under data
+    parallelism the local top-k entries of ``topk_at="backward"`` layers are first exchanged
+    (:mod:`sparsegrad.data_parallel`), so every process clips the same summed gradient by the same norm:
+    pass all the model's parameters (those without a gradient are skipped), on every process.
     """
+    params = list(params)
+    exchange_pending(params)
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.tensor(0.0)
@@ -99,6 +105,9 @@ class SparseGradOptimizer(torch.optim.Optimizer):
     ``dense_masters``: ``(param, master)`` pairs where ``dense`` optimises the float32 ``master`` in
     place of the low-precision ``param``: before each step the parameter's gradient is copied to the
     master, after it the master is rounded back into the parameter.
+
+    ``exchange``: the :class:`~sparsegrad.data_parallel.SparseGradientExchange` of the
+    ``topk_at="backward"`` sparse weights, run first in :meth:`step` (a no-op in one process).
     """
 
     def __init__(
@@ -111,6 +120,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         total_steps: int | None = None,
         max_grad_norm: float | None = None,
         dense_masters: Iterable[tuple[torch.Tensor, torch.Tensor]] = (),
+        exchange: SparseGradientExchange | None = None,
     ) -> None:
         if max_grad_norm is not None and max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {max_grad_norm!r}")
@@ -119,6 +129,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
         self.max_grad_norm = max_grad_norm or None
         self.dense_masters = list(dense_masters)
+        self.exchange = exchange
         self._param_of_master = {id(m): p for p, m in self.dense_masters}
         self.step_count = 0
         self.last_grad_norm: float | None = None
@@ -180,6 +191,8 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_schedule_owner()
+        if self.exchange is not None:
+            self.exchange()  # data parallelism: sum every process's top-k entries (once per step)
         if self.sparse is not None:
             self.sparse.select_gradients()  # top-k of gradients kept dense until this step
         if self.max_grad_norm is not None:
@@ -263,6 +276,7 @@ def build_optimizer(
     max_grad_norm: float | None = None,
     sparse_state: str = "dense",
     sparse_lr: float | None = None,
+    exchange_timeout: float | None = None,
 ) -> SparseGradOptimizer:
     """The optimizer of any method: sparse-gradient weights -> LazySparseAdam, the rest -> AdamW.
 
@@ -288,7 +302,10 @@ def build_optimizer(
 
     A layer built with ``topk_at="step"`` keeps its gradient dense through the backward passes (so
     gradient accumulation and DistributedDataParallel's all-reduce see the whole batch's gradient);
-    the optimizer takes its top-k at the start of :meth:`SparseGradOptimizer.step`.
+    the optimizer takes its top-k at the start of :meth:`SparseGradOptimizer.step`. Layers with
+    ``topk_at="backward"`` keep their own top-k per process under data parallelism; the optimizer
+    sums them over the processes at the start of its step (:mod:`sparsegrad.data_parallel`), each
+    collective under ``exchange_timeout`` seconds (None: the process group's own timeout).
     """
     sparse_mods = sparse_weight_modules(model)
     sparse_ids = {id(sparse_param(m)) for m in sparse_mods.values()}
@@ -319,9 +336,11 @@ def build_optimizer(
                 sparse.register_gradient_selector(sparse_param(m), m.select_gradient)
     if dense is None and sparse is None:
         raise ValueError("the model has no parameter with requires_grad=True; was a method applied?")
+    exchanged = [entry for entry in backward_topk_layers(model) if entry[2].requires_grad]
+    exchange = SparseGradientExchange(exchanged, timeout=exchange_timeout) if exchanged else None
     return SparseGradOptimizer(
         dense, sparse, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
-        max_grad_norm=max_grad_norm, dense_masters=dense_masters,
+        max_grad_norm=max_grad_norm, dense_masters=dense_masters, exchange=exchange,
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from sparsegrad import (
     methods as _builtin_methods,  # noqa: F401  (registers full, lora, meprop, sparsegrad, leading_block)
 )
+from sparsegrad.data_parallel import prepare_data_parallel, release_data_parallel
 from sparsegrad.integrations import watch_sparse_parameters
 from sparsegrad.methods.sparsegrad.basis import Basis, estimate_basis
 from sparsegrad.registry import METHODS, get_method, registered_methods, swapped_modules
@@ -189,7 +190,8 @@ def apply_method(
     model = method.apply(model, cfg, targets, basis)
     model.sparsegrad_method = cfg
     watch_sparse_parameters(model)  # an optimizer other than build_optimizer's is refused at its first step
-    return model
+    # per-backward top-k: DistributedDataParallel leaves the sparse weights to the optimizer's exchange
+    return prepare_data_parallel(model)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -198,6 +200,7 @@ def merge(model: nn.Module) -> nn.Module:
     Each registered method undoes its model-level wrapper and merges the layers it swapped in. LoRA: ``merge_and_unload()`` (returns the base transformers model). SparseGradLinear:
     ``W = u_out W~ R^T``. MePropLinear: its weight as is. LeadingBlockLinear: W with its block folded in.
     """
+    release_data_parallel(model)
     for method in registered_methods():
         model = method.unwrap_model(model)
     for name, module, method in list(swapped_modules(model)):

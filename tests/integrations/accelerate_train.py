@@ -1,5 +1,7 @@
 """Run by test_data_parallel under `accelerate launch --num_processes 2`: train each method given on
 the command line with accelerate (gradient accumulation included) and save every replica's state.
+Methods of either data-parallel mode (parallel_setup.METHODS: topk_at="step"; BACKWARD_METHODS:
+topk_at="backward", the optimizer exchanging each process's top-k entries).
 
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 accelerate_train.py OUT METHOD...
 """

@@ -1,6 +1,12 @@
-"""The training both data-parallel tests run: a tiny BERT, global batches of 8 rows, 2 micro-batches
-per optimizer step, 3 steps; each of 2 processes takes half of every micro-batch. ``reference``
-trains the same on one process with whole micro-batches."""
+"""The training the data-parallel tests run: a tiny BERT, global batches of 8 rows, 3 optimizer steps;
+each of 2 processes takes half of every micro-batch.
+
+Two references, one per data-parallel mode:
+
+* ``reference`` (``topk_at="step"``): one process on the whole micro-batches, 2 per step;
+* ``reference_accumulating`` (``topk_at="backward"``): one process that accumulates the processes'
+  micro-batches (each half batch a micro-batch, its loss divided by the number of processes, as
+  DistributedDataParallel averages), ``accumulation`` of them per process and step."""
 
 from __future__ import annotations
 
@@ -24,6 +30,13 @@ METHODS = {
     "meprop": {"name": "meprop", "k": 0.05, "topk_at": "step"},
     "leading_block": {"name": "leading_block", "k": 0.05, "block_factor": 2.0, "topk_at": "step"},
 }
+# topk_at="backward" (the default): each process keeps its own top-k, the optimizer exchanges them
+BACKWARD_METHODS = {
+    "sparsegrad_backward": {"name": "sparsegrad", "k": 0.05},
+    "sparsegrad_rotated_backward": {"name": "sparsegrad", "k": 0.05, "storage": "rotated"},
+    "meprop_backward": {"name": "meprop", "k": 0.05},
+    "leading_block_backward": {"name": "leading_block", "k": 0.05, "block_factor": 2.0},
+}
 STEPS, ACCUMULATION, ROWS, WORLD = 3, 2, 8, 2
 OPTIMIZER = {"lr": 1e-2, "schedule": "linear", "total_steps": STEPS, "max_grad_norm": 1.0, "weight_decay": 0.01}
 
@@ -44,13 +57,19 @@ def shard(batch: dict, rank: int, world: int = WORLD) -> dict:
     return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
 
 
-def build(method: str) -> torch.nn.Module:
-    """The same model on every process: same seed, same basis (estimated on the same batches)."""
-    cfg = METHODS[method]
+def build(method: str, basis_seed: int = 11, **overrides) -> torch.nn.Module:
+    """The same model on every process: same seed, same basis (estimated on the same batches; another
+    ``basis_seed`` draws other batches)."""
+    cfg = {**{**METHODS, **BACKWARD_METHODS}[method], **overrides}
     basis = None
     if cfg["name"] in ("sparsegrad", "leading_block"):
-        basis = sparsegrad.estimate_basis(make_model("bert"), micro_batches()[:2], steps=2)
+        batches = make_batches("bert", n=2, batch_size=ROWS, seed=basis_seed)
+        basis = sparsegrad.estimate_basis(make_model("bert"), batches, steps=2)
     return sparsegrad.apply_method(make_model("bert"), cfg, basis=basis)
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def reference(method: str) -> dict[str, torch.Tensor]:
@@ -63,4 +82,24 @@ def reference(method: str) -> dict[str, torch.Tensor]:
             model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state(model)
+
+
+def step_batches(step: int, accumulation: int) -> list[dict]:
+    return micro_batches()[step * accumulation : (step + 1) * accumulation]
+
+
+def reference_accumulating(method: str, accumulation: int, steps: int = STEPS) -> tuple[dict, list[float]]:
+    """One process accumulating, per step, the half batches every process trains on (``accumulation``
+    micro-batches per process), each loss divided by WORLD: the state and clipped norms per step."""
+    model = build(method)
+    optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
+    norms = []
+    for step in range(steps):
+        for batch in step_batches(step, accumulation):
+            for rank in range(WORLD):
+                (model(**shard(batch, rank)).loss / WORLD).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        norms.append(optimizer.last_grad_norm)
+    return state(model), norms

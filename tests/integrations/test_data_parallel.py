@@ -1,17 +1,30 @@
-"""Data parallelism is exact: 2 gloo processes on 127.0.0.1 (DistributedDataParallel, and accelerate)
-train SparseGrad, MeProp and leading-block models with topk_at="step"; after 3 optimizer steps (2
-micro-batches each) every replica is identical and equal to one process on the concatenated batches."""
+"""Data parallelism, both modes, 2 gloo processes on 127.0.0.1 (DistributedDataParallel, accelerate,
+Trainer under torchrun), tiny BERT, 3 optimizer steps:
 
+* topk_at="step": every replica ends where one process on the concatenated batches does;
+* topk_at="backward": each process keeps its own top-k and the optimizer exchanges only those entries;
+  every replica ends where one process accumulating the processes' micro-batches does, with and
+  without gradient accumulation on top, clips by the same norm, sends the bytes of the formula,
+  resumes exactly; processes that disagree on k or basis refuse; a killed or stalled process ends the
+  step on the other with a named error, not a hang."""
+
+import io
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from parallel_setup import (
     ACCUMULATION,
+    BACKWARD_METHODS,
     METHODS,
     OPTIMIZER,
     STEPS,
@@ -20,78 +33,251 @@ from parallel_setup import (
     free_port,
     micro_batches,
     reference,
+    reference_accumulating,
     shard,
+    state,
+    step_batches,
 )
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsegrad
+from sparsegrad.data_parallel import backward_topk_layers, exchange_message_bytes
 
 HERE = Path(__file__).resolve().parent
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
+def _init(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _train(model, optimizer, rank: int, accumulation: int, steps) -> dict:
+    """DDP training, the last micro-batch of a step synchronising the dense gradients."""
+    ddp = DistributedDataParallel(model)
+    norms, sent = [], []
+    for step in steps:
+        group = step_batches(step, accumulation)
+        for i, batch in enumerate(group):
+            with ddp.no_sync() if i < len(group) - 1 else nullcontext():
+                ddp(**shard(batch, rank)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        norms.append(optimizer.last_grad_norm)
+        exchange = optimizer.exchange
+        if exchange is not None:
+            sent.append([exchange.last_bytes_sent, *exchange.last_counts])
+    return {"state": state(model), "norms": norms, "sent": sent}
+
+
+def _refusal(model, rank: int) -> str:
+    optimizer = sparsegrad.build_optimizer(model, lr=1e-2, schedule="constant")
+    DistributedDataParallel(model)(**shard(micro_batches()[0], rank)).loss.backward()
     try:
-        results = {}
-        for method in METHODS:
-            model = DistributedDataParallel(build(method))
-            optimizer = sparsegrad.build_optimizer(model.module, **OPTIMIZER)
-            batches = micro_batches()
-            for step in range(STEPS):
-                group = batches[step * ACCUMULATION : (step + 1) * ACCUMULATION]
-                for i, batch in enumerate(group):
-                    if i < len(group) - 1:
-                        with model.no_sync():  # accumulate locally, all-reduce with the last micro-batch
-                            model(**shard(batch, rank)).loss.backward()
-                    else:
-                        model(**shard(batch, rank)).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            results[method] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-        # the paper's per-backward top-k cannot be all-reduced: refused with the fix named
-        model = DistributedDataParallel(build("sparsegrad").train())
-        model.module.bert.encoder.layer[0].intermediate.dense.topk_at = "backward"
-        try:
-            model(**shard(batches[0], rank))
-            results["refusal"] = ""
-        except RuntimeError as exc:
-            results["refusal"] = str(exc)
+        optimizer.step()
+    except sparsegrad.SparseExchangeError as exc:
+        return str(exc)
+    return ""
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        results = {"step": {}, "backward": {}}
+        for method in METHODS:  # topk_at="step"
+            model = build(method)
+            optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
+            results["step"][method] = _train(model, optimizer, rank, ACCUMULATION, range(STEPS))["state"]
+        for method in BACKWARD_METHODS:
+            for accumulation in (1, ACCUMULATION):
+                model = build(method)
+                optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
+                results["backward"][f"{method}-{accumulation}"] = _train(
+                    model, optimizer, rank, accumulation, range(STEPS))  # fmt: skip
+        # resume after the first step from a checkpoint, in a fresh model and optimizer
+        model = build("sparsegrad_backward")
+        optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
+        _train(model, optimizer, rank, ACCUMULATION, range(1))
+        checkpoint = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
+        checkpoint.seek(0)
+        saved = torch.load(checkpoint, weights_only=False)
+        model = build("sparsegrad_backward")
+        model.load_state_dict(saved["model"])
+        optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
+        optimizer.load_state_dict(saved["optimizer"])
+        results["resumed"] = _train(model, optimizer, rank, ACCUMULATION, range(1, STEPS))["state"]
+        # processes that disagree refuse at the first step, every one of them
+        results["refuse_k"] = _refusal(build("sparsegrad_backward", k=0.05 if rank == 0 else 0.1), rank)
+        results["refuse_basis"] = _refusal(build("sparsegrad_backward", basis_seed=11 + rank), rank)
+        # a layer left in DDP's buckets, or outside any build_optimizer optimizer, refuses at its forward
+        refusals = []
+        for prepared in (False, True):
+            model = build("meprop_backward")
+            if not prepared:
+                for _, _, param in backward_topk_layers(model):
+                    del param._ddp_ignored
+            try:
+                model(**shard(micro_batches()[0], rank))
+                refusals.append("")
+            except RuntimeError as exc:
+                refusals.append(str(exc))
+        results["refuse_unprepared"], results["refuse_no_optimizer"] = refusals
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def assert_replicas_match_reference(states: list[dict], method: str) -> None:
-    expected = reference(method)
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def assert_replicas_match_reference(states: list[dict], expected: dict, method: str) -> None:
     for key, value in expected.items():
-        for state in states[1:]:
-            assert torch.equal(state[key], states[0][key]), (method, key, "replicas differ")
+        for other in states[1:]:
+            assert torch.equal(other[key], states[0][key]), (method, key, "replicas differ")
         if value.is_floating_point():
             torch.testing.assert_close(states[0][key], value, rtol=0, atol=1e-5, msg=f"{method}: {key}")
         else:
             assert torch.equal(states[0][key], value), (method, key)
 
 
-def test_distributed_data_parallel_equals_one_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+def test_step_mode_equals_one_process_on_the_whole_batch(ddp_runs):
     for method in METHODS:
-        assert_replicas_match_reference([s[method] for s in states], method)
-    assert "topk_at='step'" in states[0]["refusal"]
+        assert_replicas_match_reference([r["step"][method] for r in ddp_runs], reference(method), method)
 
 
-def test_accelerate_equals_one_process(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, ACCUMULATION])
+@pytest.mark.parametrize("method", list(BACKWARD_METHODS))
+def test_backward_mode_equals_one_process_accumulating(ddp_runs, method, accumulation):
+    runs = [r["backward"][f"{method}-{accumulation}"] for r in ddp_runs]
+    expected, expected_norms = reference_accumulating(method, accumulation)
+    assert_replicas_match_reference([run["state"] for run in runs], expected, method)
+    # clipping (max_grad_norm=1) saw the summed sparse step: the same norm on every process
+    assert runs[0]["norms"] == runs[1]["norms"]
+    torch.testing.assert_close(torch.tensor(runs[0]["norms"]), torch.tensor(expected_norms), rtol=1e-5, atol=0)
+
+
+def test_exchange_sends_k_entries_per_process(ddp_runs):
+    """Per step and process: 8 bytes of count per sparse weight, then per weight k entries of an int32
+    index and a float32 value (up to k per micro-batch with accumulation)."""
+    ks = [layer.k for _, layer, _ in backward_topk_layers(build("sparsegrad_backward"))]
+    numels = [p.numel() for _, _, p in backward_topk_layers(build("sparsegrad_backward"))]
+    for run in ddp_runs:
+        for sent in run["backward"]["sparsegrad_backward-1"]["sent"]:
+            assert sent == [8 * len(ks) + sum(8 * k for k in ks), *ks]
+        for sent in run["backward"]["sparsegrad_backward-2"]["sent"]:
+            counts = sent[1:]
+            assert all(k < c <= ACCUMULATION * k for c, k in zip(counts, ks)), (counts, ks)
+            assert sent[0] == 8 * len(ks) + 8 * sum(counts) == exchange_message_bytes(counts, numels)
+    # the paper's LLaMA-2-7B setting: 22 matrices of 11008 x 4096, k = 100,000; bf16 values: 6 bytes
+    assert exchange_message_bytes([100_000] * 22, [11008 * 4096] * 22) == 22 * 8 + 22 * 100_000 * 8
+    assert exchange_message_bytes([100_000] * 22, [11008 * 4096] * 22, torch.bfloat16) == 22 * 8 + 22 * 100_000 * 6
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(ddp_runs):
+    for run in ddp_runs:
+        uninterrupted = run["backward"][f"sparsegrad_backward-{ACCUMULATION}"]["state"]
+        assert run["resumed"].keys() == uninterrupted.keys()
+        for key, value in uninterrupted.items():
+            assert torch.equal(run["resumed"][key], value), key
+
+
+def test_processes_that_disagree_refuse_at_the_first_step(ddp_runs):
+    for run in ddp_runs:
+        assert "keeps k=102 entries per backward pass on rank 0 and k=205 on rank 1" in run["refuse_k"]
+        assert "different transition basis (u_in) on rank 0 and rank 1" in run["refuse_basis"]
+
+
+def test_unprepared_layers_refuse_naming_both_modes(ddp_runs):
+    for run in ddp_runs:
+        message = run["refuse_unprepared"]
+        assert "prepare_data_parallel(module)" in message
+        assert "topk_at='backward'" in message and "topk_at='step'" in message
+        assert "sparsegrad.build_optimizer(model, ...)" in run["refuse_no_optimizer"]
+
+
+def _timeout_worker(rank: int, port: int, out: str) -> None:
+    """Step 1 both processes; step 2 rank 1 stalls past the 1.5 s exchange timeout; after a barrier, a new
+    optimizer steps once and rank 1 is SIGKILLed after its backward pass of the next step."""
+    _init(rank, port)
+    report = Path(out) / f"rank{rank}.txt"
+    model = build("sparsegrad_backward")
+    batches = micro_batches()
+    lines = []
+    for phase in ("stalled", "killed"):
+        optimizer = sparsegrad.build_optimizer(model, lr=1e-2, schedule="constant", exchange_timeout=1.5)
+        model(**shard(batches[0], rank)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model(**shard(batches[1], rank)).loss.backward()
+        if rank == 1 and phase == "stalled":
+            time.sleep(4)
+        elif rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            started = time.monotonic()
+            try:
+                optimizer.step()
+                lines.append(f"{phase}\tno error")
+            except sparsegrad.SparseExchangeError as exc:
+                lines.append(f"{phase}\t{time.monotonic() - started:.2f}\t{exc}")
+        report.write_text("\n".join(lines))
+        dist.barrier() if phase == "stalled" else None
+    os._exit(0)  # the process group is broken: skip its teardown
+
+
+def test_a_killed_or_stalled_process_ends_the_step_with_a_named_error(tmp_path):
+    context, port = multiprocessing.get_context("spawn"), free_port()
+    procs = [context.Process(target=_timeout_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, -signal.SIGKILL]
+    lines = dict(line.split("\t", 1) for line in (tmp_path / "rank0.txt").read_text().splitlines())
+    waited, message = lines["stalled"].split("\t")
+    assert 1.4 < float(waited) < 4, waited
+    assert "all_gather of the entry counts" in message and "collective timeout 1.5 s" in message
+    assert "exchange_timeout=seconds" in message
+    waited, message = lines["killed"].split("\t")
+    assert float(waited) < 4, waited
+    assert "sparse gradient exchange" in message and "died, stalled" in message
+
+
+def test_accelerate_both_modes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; the script asks for
     Accelerator(cpu=True): 2 CPU processes on gloo). `--cpu` alone would start one process."""
-    methods = ["sparsegrad", "meprop", "leading_block"]
+    step_methods = ["sparsegrad", "meprop", "leading_block"]
+    backward_methods = ["sparsegrad_backward", "leading_block_backward"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(HERE / "accelerate_train.py"), str(tmp_path), *methods]  # fmt: skip
+           "--main_process_port", str(free_port()), str(HERE / "accelerate_train.py"), str(tmp_path),
+           *step_methods, *backward_methods]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for method in methods:
+    for method in step_methods + backward_methods:
         states = [torch.load(tmp_path / f"{method}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
-        assert_replicas_match_reference(states, method)
+        expected = reference(method) if method in METHODS else reference_accumulating(method, ACCUMULATION)[0]
+        assert_replicas_match_reference(states, expected, method)
+
+
+def test_trainer_under_torchrun(tmp_path):
+    """transformers.Trainer with prepare_trainer, launched by torchrun on 2 gloo processes, trains a
+    topk_at="backward" SparseGrad model as one process accumulating the rows both processes saw."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+           str(free_port()), str(HERE / "torchrun_trainer.py"), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = [torch.load(tmp_path / f"trainer-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    from torchrun_trainer import replay
+
+    expected, expected_norms = replay([run["batches"] for run in runs])
+    assert_replicas_match_reference([run["state"] for run in runs], expected, "trainer")
+    assert runs[0]["norms"] == runs[1]["norms"]
+    torch.testing.assert_close(torch.tensor(runs[0]["norms"]), torch.tensor(expected_norms), rtol=1e-5, atol=0)

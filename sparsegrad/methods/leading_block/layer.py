@@ -267,8 +267,7 @@ class LeadingBlockLinear(nn.Module):
         return topk_coo(grad, self.k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sparse_block_grad:
-            check_data_parallel(self)
+        check_data_parallel(self, self.block if self.sparse_block_grad else None)
         self.fold()
         return apply_to_rows(_LeadingBlockFunction, x, self.out_features, self.block, self.bias, self)
 

@@ -170,8 +170,7 @@ class MePropLinear(nn.Module):
         return selected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "weight":
-            check_data_parallel(self)
+        check_data_parallel(self, self.weight if self.sparse_weight_grad else None)
         return apply_to_rows(_MePropFunction, x, self.out_features, self.weight, self.bias, self)
 
     def num_updated(self) -> int:

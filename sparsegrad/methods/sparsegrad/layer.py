@@ -551,7 +551,7 @@ class SparseGradLinear(nn.Module):
 
     # --------------------------------------------------------------------------------------- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_data_parallel(self)
+        check_data_parallel(self, self.weight)
         if self.storage == "weight":
             self._check_not_stepped_by_foreign_optimizer()
             w_eff = self.weight
