@@ -1,20 +1,27 @@
-"""Data-parallel rows of ``make bench``: full FT, LoRA and SparseGrad under DistributedDataParallel.
+"""Data-parallel rows of ``make bench``: full FT, LoRA and SparseGrad in both data-parallel modes under
+DistributedDataParallel.
 
     python -m benchmarks.ddp                       # 2 gloo processes on CPU, BERT-base shape, 16 x 64
     python -m benchmarks.ddp --steps 8 --seq 128 --hidden 256 --layers 4
 
 Each method runs in 2 fresh processes (``torch.multiprocessing.spawn``, gloo on 127.0.0.1, one thread
-each), each process taking half of every global batch. SparseGrad runs with ``topk_at="step"`` (dense
-gradient through the all-reduce, rotation and top-k once per optimizer step: the exact data-parallel
-mode). Measured per optimizer step, after warm-up steps, as the median over the timed steps of rank 0:
+each), each process taking half of every global batch. SparseGrad runs in both modes:
+``topk_at="step"`` (dense gradient through the all-reduce, rotation and top-k once per optimizer
+step: one process on the whole batch) and ``topk_at="backward"`` (each process keeps its own top-k in
+its backward pass and the optimizer all-gathers only those entries: one process accumulating the
+processes' micro-batches; :mod:`sparsegrad.data_parallel`). Measured per optimizer step, after
+warm-up steps, as the median over the timed steps of rank 0:
 
 * wall seconds and CPU seconds of the process (``time.process_time``, all its threads);
-* bytes all-reduced: counted by a DDP communication hook (the gradient buckets of the step, what
-  each process sends into the all-reduce), buffers not included (``broadcast_buffers=False``: every
-  replica computes the same buffers, the basis and the updated-coordinate bit set, itself). The bytes
-  DDP's default ``broadcast_buffers=True`` would add per forward pass are listed beside them.
+* bytes each process puts into the collectives: DDP's gradient buckets (counted by a communication
+  hook, split into the MLP matrices and the rest) plus the sparse exchange's count header, indices
+  and values (``optimizer.exchange.last_bytes_sent``, all MLP matrices). Buffers are not included
+  (``broadcast_buffers=False``; under ``topk_at="backward"`` DDP leaves the layers' buffers alone
+  anyway); the bytes DDP's default ``broadcast_buffers=True`` would add per forward pass are listed.
 
-Ratios are to full FT under the same DDP setting. Writes ``results/bench/ddp.md`` and ``ddp.json``.
+Ratios are to full FT under the same DDP setting. Writes ``results/bench/ddp.md`` and ``ddp.json``, with
+the MLP bytes per step at the BERT-base and LLaMA-2-7B shapes by calculation, from the message sizes
+of the same code (:func:`sparsegrad.data_parallel.exchange_message_bytes`).
 """
 
 from __future__ import annotations
@@ -36,7 +43,12 @@ WORLD = 2
 METHODS = {
     "full": {"name": "full"},
     "lora": {"name": "lora", "lora_rank": 8},
-    "sparsegrad": {"name": "sparsegrad", "k": 0.01, "topk_at": "step"},
+    "sparsegrad_step": {"name": "sparsegrad", "k": 0.01, "topk_at": "step"},
+    "sparsegrad_backward": {"name": "sparsegrad", "k": 0.01, "topk_at": "backward"},
+}
+LABELS = {
+    "sparsegrad_step": "sparsegrad, topk_at='step' (dense all-reduce)",
+    "sparsegrad_backward": "sparsegrad, topk_at='backward' (sparse exchange)",
 }
 
 
@@ -56,13 +68,22 @@ def _model(opts: dict):
     return BertForSequenceClassification(cfg)
 
 
-def _batch(opts: dict, step: int, rank: int) -> dict:
+def _batch(opts: dict, step: int, rank: int | None) -> dict:
+    """Process ``rank``'s half of the global batch of ``step`` (the whole batch for ``rank=None``)."""
     gen = torch.Generator().manual_seed(1000 + step)
     rows, seq = opts["batch"], opts["seq"]
     ids = torch.randint(1000, 30000, (rows, seq), generator=gen)
     labels = torch.randint(0, 2, (rows,), generator=gen)
+    if rank is None:
+        return {"input_ids": ids, "labels": labels}
     half = rows // WORLD
     return {"input_ids": ids[rank * half : (rank + 1) * half], "labels": labels[rank * half : (rank + 1) * half]}
+
+
+def _mlp_matrix_params(model, name: str) -> list:
+    """The trained parameters that stand for the MLP matrix ``name``: its weight, or its LoRA adapters."""
+    module = model.get_submodule(f"base_model.model.{name}") if hasattr(model, "peft_config") else model.get_submodule(name)
+    return [p for n, p in module.named_parameters() if not n.endswith("bias") and p.requires_grad]
 
 
 def _worker(rank: int, port: int, method: str, opts: dict, out: str) -> None:
@@ -71,44 +92,55 @@ def _worker(rank: int, port: int, method: str, opts: dict, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     import sparsegrad
+    from sparsegrad.data_parallel import backward_topk_layers
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model = _model(opts)
+        targets = sparsegrad.find_targets(model)
+        mlp_numels = [model.get_submodule(t.name).weight.numel() for t in targets]
         basis = None
-        if method == "sparsegrad":
-            basis = sparsegrad.estimate_basis(model, [_batch(opts, -1 - i, rank) for i in range(2)], steps=2)
+        if method.startswith("sparsegrad"):  # the same batches on every process: the same basis
+            basis = sparsegrad.estimate_basis(model, [_batch(opts, -1 - i, None) for i in range(2)], steps=2)
         model = sparsegrad.apply_method(model, METHODS[method], basis=basis)
+        # the MLP matrices' parameters (LoRA: their adapters), to split the bytes sent
+        mlp_ids = {id(p) for t in targets for p in _mlp_matrix_params(model, t.name)}
         buffer_bytes = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.buffers()}.values())
         ddp = DistributedDataParallel(model, broadcast_buffers=False)
-        sent = [0]
+        sent = {"mlp": 0, "other": 0}
 
         def counting_allreduce(state, bucket):  # DDP's default all-reduce, counting what goes in
-            sent[0] += bucket.buffer().numel() * bucket.buffer().element_size()
+            for p in bucket.parameters():
+                sent["mlp" if id(p) in mlp_ids else "other"] += p.numel() * bucket.buffer().element_size()
             return default_hooks.allreduce_hook(state, bucket)
 
         ddp.register_comm_hook(None, counting_allreduce)
         optimizer = sparsegrad.build_optimizer(model, lr=1e-5, schedule="constant")
-        wall, cpu, comm = [], [], []
+        wall, cpu, mlp, other = [], [], [], []
         for step in range(opts["warmup"] + opts["steps"]):
             batch = _batch(opts, step, rank)
             dist.barrier()
-            sent[0] = 0
+            sent.update(mlp=0, other=0)
             w0, c0 = time.perf_counter(), time.process_time()
             ddp(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             w1, c1 = time.perf_counter(), time.process_time()
+            exchanged = optimizer.exchange.last_bytes_sent if optimizer.exchange is not None else 0
             if step >= opts["warmup"]:
                 wall.append(w1 - w0)
                 cpu.append(c1 - c0)
-                comm.append(sent[0])
+                mlp.append(sent["mlp"] + exchanged)
+                other.append(sent["other"])
         result = {
             "method": method, "rank": rank, "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
-            "allreduce_bytes": statistics.median(comm), "buffer_bytes": buffer_bytes,
+            "mlp_bytes": statistics.median(mlp), "other_bytes": statistics.median(other),
+            "sent_bytes": statistics.median([a + b for a, b in zip(mlp, other)]), "buffer_bytes": buffer_bytes,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "mlp_numels": mlp_numels,
+            "k": [layer.k for _, layer, _ in backward_topk_layers(model)] or None,
         }  # fmt: skip
         Path(out, f"{method}-rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -130,6 +162,60 @@ def run(opts: dict) -> list[dict]:
     return rows
 
 
+# The paper's LLaMA-2-7B setting: up and down projections of every third block (11 of 32), k ~ 100,000.
+SHAPES = {
+    "BERT-base (24 MLP matrices 3072 x 768, k = 1%, LoRA rank 8)": {"n": 24, "out_in": (3072, 768), "k": 0.01, "lora_rank": 8},
+    "LLaMA-2-7B (22 MLP matrices 11008 x 4096, k = 100,000, LoRA rank 32)": {"n": 22, "out_in": (11008, 4096), "k": 100_000, "lora_rank": 32},
+}  # fmt: skip
+
+
+def mlp_bytes_by_mode(n: int, out_in: tuple[int, int], k, lora_rank: int) -> dict[str, int]:
+    """Bytes one process puts into the collectives per optimizer step for ``n`` MLP matrices (float32
+    gradients, one micro-batch per process): the dense all-reduce of full FT and topk_at='step', LoRA's
+    adapters, and the sparse exchange of topk_at='backward' (its own message-size rule)."""
+    from sparsegrad.data_parallel import exchange_message_bytes
+    from sparsegrad.kernels import resolve_k
+
+    out_f, in_f = out_in
+    count = resolve_k(k, out_f * in_f)
+    dense = n * out_f * in_f * 4
+    return {"full": dense, "lora": n * lora_rank * (out_f + in_f) * 4, "sparsegrad_step": dense,
+            "sparsegrad_backward": exchange_message_bytes([count] * n, [out_f * in_f] * n)}  # fmt: skip
+
+
+def _cost_note(opts: dict, rows: list[dict]) -> str:
+    """Multiply-adds per MLP matrix, process and optimizer step at the measured shape (the layer's
+    cost model, :mod:`sparsegrad.kernels`): where SparseGrad's extra CPU time goes."""
+    from sparsegrad.kernels import macs_auto, macs_dense
+
+    tokens, d_in, d_out = opts["batch"] // WORLD * opts["seq"], opts["hidden"], 4 * opts["hidden"]
+    dense = macs_dense(tokens, d_in, d_out)
+    apply_step = d_out * d_in * min(d_in, d_out)  # u_out dW~ R^T, a step touching every row and column
+    backward = macs_auto(tokens, d_in, d_out, weight_refresh_macs=apply_step)
+    step = dense + d_out * d_in * (d_in + d_out) + apply_step
+    g = 1e9
+    sent = {r["method"]: r["mlp_bytes"] for r in rows}
+    share = (f"{sent['sparsegrad_backward'] / sent['full']:.1%} of" if {"full", "sparsegrad_backward"} <= set(sent)
+             else "a small fraction of")  # fmt: skip
+    return (
+        f"Where SparseGrad's CPU time goes, by the layers' cost model (`sparsegrad.kernels`), per MLP matrix "
+        f"({d_out} x {d_in}), process and optimizer step at {tokens} tokens per process: full FT's three "
+        f"products {dense / g:.1f} G multiply-adds; topk_at='backward' {backward / g:.1f} G (the rotations of "
+        f"each backward pass, per token or once per call whichever is cheaper, plus about "
+        f"{apply_step / g:.1f} G to apply the summed k-sparse step to W); topk_at='step' {step / g:.1f} G (one "
+        f"rotation of the dense summed gradient, out*in*(in + out), plus the same step). The MLP holds two thirds "
+        "of a BERT layer's matrix parameters, so the rotations, not the communication, set SparseGrad's time "
+        f"at this small per-process batch: the exchange itself sends {share} full FT's MLP bytes. Per-token "
+        "rotations grow with the tokens as the layer's own products do, and rows of padding are dropped before "
+        "them (sparse_by_dense), so padded batches cost relatively less. Wall times on a shared 2-core machine "
+        "are dominated by waiting for the other process; the CPU seconds are the steadier figure."
+    )
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:,.1f}"
+
+
 def render(rows: list[dict], opts: dict, meta: dict) -> str:
     base = next(r for r in rows if r["method"] == "full")
     lines = [
@@ -138,38 +224,61 @@ def render(rows: list[dict], opts: dict, meta: dict) -> str:
         f"{WORLD} processes, gloo on 127.0.0.1, one thread each, CPU; random BERT (hidden {opts['hidden']}, "
         f"{opts['layers']} layers, MLP {4 * opts['hidden']}), global batch {opts['batch']} x {opts['seq']} tokens "
         f"({opts['batch'] // WORLD} rows per process), unpadded; median of {opts['steps']} steps after "
-        f"{opts['warmup']} warm-up steps, rank 0. SparseGrad: k = 1% of each MLP matrix, topk_at='step' "
-        "(dense gradient through the all-reduce, rotation and top-k once per step). LoRA: rank 8 on the MLP "
-        "linears. Every method in the paper's encoder setting (non-MLP parameters train densely).",
+        f"{opts['warmup']} warm-up steps, rank 0. SparseGrad: k = 1% of each MLP matrix, in its two data-parallel "
+        "modes: topk_at='step' (dense gradient through the all-reduce, rotation and top-k once per step: one "
+        "process on the whole batch) and topk_at='backward' (each process keeps its own top-k in its backward "
+        "pass, the optimizer all-gathers only those entries and steps their sum: one process accumulating the "
+        "processes' micro-batches). LoRA: rank 8 on the MLP linears. Every method in the paper's encoder setting "
+        "(non-MLP parameters train densely, through DDP's all-reduce).",
         "",
         f"Machine: {meta['machine']}; load average before the run: {meta['load_before']}, after: "
         f"{meta['load_after']}; torch {meta['torch']}; git {meta['git']}.",
         "",
-        "| method | wall s / step | vs full | CPU s / step | vs full | all-reduced MB / step | vs full "
-        "| buffers MB (broadcast each forward if broadcast_buffers=True) | trainable parameters |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Bytes are what each process puts into the collectives per optimizer step (the all-reduce's input; the "
+        "all-gather's input, of which each process receives 2 x): the MLP matrices (their gradients, LoRA's "
+        "adapters, or the sparse exchange's counts, indices and values) and the rest (non-MLP parameters and "
+        "biases).",
+        "",
+        "| method | wall s / step | vs full | CPU s / step | vs full | MB sent / step | vs full | MLP matrices MB "
+        "| vs full | rest MB | buffers MB (broadcast each forward if broadcast_buffers=True) | trainable parameters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['wall_s']:.3f} | {r['wall_s'] / base['wall_s']:.2f}x | {r['cpu_s']:.3f} | "
-            f"{r['cpu_s'] / base['cpu_s']:.2f}x | {r['allreduce_bytes'] / 1e6:.1f} | "
-            f"{r['allreduce_bytes'] / base['allreduce_bytes']:.2f}x | {r['buffer_bytes'] / 1e6:.1f} | "
+            f"| {LABELS.get(r['method'], r['method'])} | {r['wall_s']:.3f} | {r['wall_s'] / base['wall_s']:.2f}x | "
+            f"{r['cpu_s']:.3f} | {r['cpu_s'] / base['cpu_s']:.2f}x | {_mb(r['sent_bytes'])} | "
+            f"{r['sent_bytes'] / base['sent_bytes']:.2f}x | {_mb(r['mlp_bytes'])} | "
+            f"{r['mlp_bytes'] / base['mlp_bytes']:.3f}x | {_mb(r['other_bytes'])} | {_mb(r['buffer_bytes'])} | "
             f"{r['trainable']:,} |"
         )
     lines += [
         "",
-        "SparseGrad's exact data-parallel mode all-reduces the dense gradient of its MLP weights, as full FT "
-        "does (the top-k of the whole batch's gradient needs the whole gradient); LoRA all-reduces only its "
-        "adapters and the non-MLP parameters. Its extra time over full FT is the rotation "
-        "u_out^T (dL/dW) R once per step, out*in*(in + out) multiply-adds per matrix (9.1 G for a "
-        "768 x 3072 one), the top-k and the lazy sparse Adam. Rotating per token in the backward pass "
-        "(what topk_at='backward' picks when cheaper) costs T (in^2 + out^2): the step rotation is the "
-        "cheaper one from about out*in*(in + out) / (in^2 + out^2) tokens per optimizer step (900 for "
-        "BERT-base's MLP), so this small-batch row (512 tokens per process) is its worst case. Wall times "
-        "on a shared 2-core machine are dominated by waiting for the other process; the CPU seconds are "
-        "the steadier figure.",
+        "## MLP bytes per step by calculation",
         "",
+        "From the message sizes of the same code (`sparsegrad.data_parallel.exchange_message_bytes`: 8 bytes of "
+        "count per matrix, then per matrix k entries of an int32 flat index and a float32 value) and the float32 "
+        "gradient sizes of the dense modes, per process and optimizer step, one micro-batch per process (with "
+        "gradient accumulation the exchange carries up to k per micro-batch). Each process receives N times "
+        "the exchange's bytes (N = 2: twice); a ring all-reduce moves about 2 (N - 1) / N times its input per "
+        "process. bf16 gradients halve the dense rows and make an entry 6 bytes.",
+        "",
+        "| shape | full FT | LoRA | SparseGrad topk_at='step' | SparseGrad topk_at='backward' | received by each of 2 processes | backward / full |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for label, shape in SHAPES.items():
+        b = mlp_bytes_by_mode(**shape)
+        lines.append(
+            f"| {label} | {_mb(b['full'])} MB | {_mb(b['lora'])} MB | {_mb(b['sparsegrad_step'])} MB | "
+            f"{_mb(b['sparsegrad_backward'])} MB | {_mb(WORLD * b['sparsegrad_backward'])} MB | "
+            f"{b['sparsegrad_backward'] / b['full']:.4f}x |"
+        )
+    measured = {r["method"]: r["mlp_bytes"] for r in rows}
+    if opts["hidden"] == 768 and opts["layers"] == 12 and "sparsegrad_backward" in measured:
+        calc = mlp_bytes_by_mode(**next(iter(SHAPES.values())))
+        lines += ["", "Measured above at the BERT-base shape: "
+                  + ", ".join(f"{m} {_mb(measured[m])} MB (calculated {_mb(calc[m])})" for m in measured if m in calc)
+                  + "."]  # fmt: skip
+    lines += ["", _cost_note(opts, rows), ""]
     return "\n".join(lines)
 
 

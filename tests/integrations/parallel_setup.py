@@ -10,6 +10,8 @@ Two references, one per data-parallel mode:
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import socket
 import sys
@@ -57,14 +59,16 @@ def shard(batch: dict, rank: int, world: int = WORLD) -> dict:
     return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
 
 
+@functools.cache
+def _basis(seed: int):
+    return sparsegrad.estimate_basis(make_model("bert"), make_batches("bert", n=2, batch_size=ROWS, seed=seed), steps=2)
+
+
 def build(method: str, basis_seed: int = 11, **overrides) -> torch.nn.Module:
     """The same model on every process: same seed, same basis (estimated on the same batches; another
     ``basis_seed`` draws other batches)."""
     cfg = {**{**METHODS, **BACKWARD_METHODS}[method], **overrides}
-    basis = None
-    if cfg["name"] in ("sparsegrad", "leading_block"):
-        batches = make_batches("bert", n=2, batch_size=ROWS, seed=basis_seed)
-        basis = sparsegrad.estimate_basis(make_model("bert"), batches, steps=2)
+    basis = _basis(basis_seed) if cfg["name"] in ("sparsegrad", "leading_block") else None
     return sparsegrad.apply_method(make_model("bert"), cfg, basis=basis)
 
 
@@ -74,6 +78,11 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def reference(method: str) -> dict[str, torch.Tensor]:
     """One process, whole micro-batches: the state every replica must end in."""
+    return copy.deepcopy(_reference(method))
+
+
+@functools.cache
+def _reference(method: str) -> dict[str, torch.Tensor]:
     model = build(method)
     optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
     batches = micro_batches()
@@ -89,13 +98,18 @@ def step_batches(step: int, accumulation: int) -> list[dict]:
     return micro_batches()[step * accumulation : (step + 1) * accumulation]
 
 
-def reference_accumulating(method: str, accumulation: int, steps: int = STEPS) -> tuple[dict, list[float]]:
+def reference_accumulating(method: str, accumulation: int) -> tuple[dict, list[float]]:
     """One process accumulating, per step, the half batches every process trains on (``accumulation``
     micro-batches per process), each loss divided by WORLD: the state and clipped norms per step."""
+    return copy.deepcopy(_reference_accumulating(method, accumulation))
+
+
+@functools.cache
+def _reference_accumulating(method: str, accumulation: int) -> tuple[dict, list[float]]:
     model = build(method)
     optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
     norms = []
-    for step in range(steps):
+    for step in range(STEPS):
         for batch in step_batches(step, accumulation):
             for rank in range(WORLD):
                 (model(**shard(batch, rank)).loss / WORLD).backward()
