@@ -19,9 +19,12 @@ How it runs:
   sparse gradient (on NCCL not at all), and every replica computes those buffers itself, so DDP
   neither buckets nor broadcasts them. Everything else (non-MLP parameters, biases, the head) goes
   through DDP as usual.
-* :class:`SparseGradientExchange` (held by :func:`sparsegrad.build_optimizer`'s optimizer) runs once
-  per optimizer step, before clipping and the step, when a backward pass has added local entries:
-  one all-gather of the entry counts (8 bytes per sparse weight), then one all-gather of every
+* :class:`SparseGradientExchange` (held by :func:`sparsegrad.build_optimizer`'s optimizer) runs where
+  DDP all-reduces the dense gradients: at the end of a backward pass whose forward ran inside a
+  synchronising DDP forward (not under ``no_sync()``, which gradient accumulation in accelerate and
+  Trainer uses for all but the last micro-batch), so any clipping that follows sees the summed step;
+  without DDP, at :func:`sparsegrad.clip_grad_norm` or the optimizer step, whichever comes first. It
+  runs one all-gather of the entry counts (8 bytes per sparse weight), then one all-gather of every
   process's flat indices (int32 below 2^31 entries) and values, each weight padded to the largest
   count of any process so that every process sends the same number of bytes. Every process then
   sums the same concatenation in the same order, so the coalesced sparse step is bit-identical on
@@ -170,9 +173,10 @@ CHECKSUM_RTOL = 1e-9
 
 class SparseGradientExchange:
     """Sums the local sparse gradients of ``topk_at="backward"`` layers over the data-parallel processes
-    (see the module doc). Built by :func:`sparsegrad.build_optimizer`; called by the optimizer's
-    ``step`` and by :func:`sparsegrad.clip_grad_norm`, whichever comes first after a backward pass
-    (later calls until the next backward pass do nothing). In one process it does nothing.
+    (see the module doc). Built by :func:`sparsegrad.build_optimizer`; runs at the end of a backward
+    pass that DDP synchronises, else when the optimizer's ``step`` or :func:`sparsegrad.clip_grad_norm`
+    calls it, whichever comes first (later calls until the next backward pass do nothing). In one
+    process it does nothing.
 
     ``layers``: ``(name, layer, sparse weight)`` as :func:`backward_topk_layers` gives them, in the same
     order on every process. ``timeout``: seconds for each collective on a process group of its own
@@ -191,6 +195,8 @@ class SparseGradientExchange:
         self._group = None
         self._checked = False
         self._pending = False
+        self._sync_after_backward = False  # a forward ran inside a synchronising DDP forward
+        self._callback_queued = False
         self.steps = 0
         self.last_counts: list[int] = []
         self.last_bytes_sent = 0
@@ -199,8 +205,13 @@ class SparseGradientExchange:
 
         def note_backward(_param) -> None:
             exchange = ref()
-            if exchange is not None:
-                exchange._pending = True
+            if exchange is None:
+                return
+            exchange._pending = True
+            if exchange._sync_after_backward and not exchange._callback_queued:
+                # run once this backward pass has accumulated every gradient, as DDP finalises its own
+                exchange._callback_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(exchange._at_backward_end)
 
         for _, _, param in self.layers:
             param.register_post_accumulate_grad_hook(note_backward)
@@ -211,10 +222,29 @@ class SparseGradientExchange:
         """Whether a backward pass added local entries since the last exchange."""
         return self._pending
 
+    def sync_after_backward(self) -> None:
+        """Exchange at the end of the coming backward pass: a layer's forward ran inside a
+        DistributedDataParallel forward that synchronises (not under ``no_sync()``), so the dense
+        gradients are all-reduced in that backward pass and the sparse ones follow them; clipping of
+        any kind (Trainer's, accelerate's, torch's) then sees the summed step."""
+        self._sync_after_backward = True
+
+    def _at_backward_end(self) -> None:
+        self._callback_queued = False
+        self._sync_after_backward = False
+        self()
+
     # ----------------------------------------------------------------------------------- collectives
     def _process_group(self):
         if self.timeout is not None and self._group is None:
-            self._group = torch.distributed.new_group(timeout=timedelta(seconds=self.timeout))
+            # created under the default timeout (the processes may reach their first exchange seconds
+            # apart), then held to the exchange's own
+            group = torch.distributed.new_group()
+            try:
+                torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=self.timeout), group)
+            except (AttributeError, RuntimeError, ValueError):  # a torch without it: a group made with it
+                group = torch.distributed.new_group(timeout=timedelta(seconds=self.timeout))
+            self._group = group
         return self._group
 
     def _collective(self, what: str, run, device: torch.device):

@@ -104,8 +104,9 @@ def check_data_parallel(layer: nn.Module, param: torch.Tensor | None) -> None:
     """Under data parallelism, check that a per-backward top-k layer (``topk_at="backward"``) is set up
     for the sparse exchange: its sparse weight ``param`` kept out of DistributedDataParallel
     (:func:`sparsegrad.prepare_data_parallel`) and stepped by an optimizer of
-    :func:`sparsegrad.build_optimizer`, which sums every process's top-k entries. ``param`` None: the
-    layer's weight gradient is dense and goes through DDP as any other."""
+    :func:`sparsegrad.build_optimizer`, which sums every process's top-k entries; inside a DDP forward
+    that synchronises, have them summed at the end of its backward pass. ``param`` None: the layer's
+    weight gradient is dense and goes through DDP as any other."""
     if param is None or layer.topk_at != "backward" or not param.requires_grad:
         return
     if not (layer.training and torch.is_grad_enabled()):
@@ -113,15 +114,19 @@ def check_data_parallel(layer: nn.Module, param: torch.Tensor | None) -> None:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
+    ref = getattr(param, "_sparsegrad_exchange", None)
+    exchange = ref() if ref is not None else None
+    if getattr(param, "_ddp_ignored", False) and exchange is not None:
+        ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is not None and getattr(ddp, "require_backward_grad_sync", False):
+            exchange.sync_after_backward()  # this backward pass all-reduces: exchange at its end
+        return
     if not getattr(param, "_ddp_ignored", False):
         problem = ("its sparse weight is not kept out of DistributedDataParallel, which cannot all-reduce a "
                    "sparse gradient: call sparsegrad.prepare_data_parallel(module) on the module you wrap, "
                    "before wrapping it (apply_method does it for the model it returns)")  # fmt: skip
     else:
-        exchange = getattr(param, "_sparsegrad_exchange", None)
-        if exchange is not None and exchange() is not None:
-            return
-        problem = ("its sparse weight is in no optimizer from sparsegrad.build_optimizer, whose step sums the "
+        problem = ("its sparse weight is in no optimizer from sparsegrad.build_optimizer, which sums the "
                    "processes' top-k entries: build it with sparsegrad.build_optimizer(model, ...)")  # fmt: skip
     raise RuntimeError(
         f"{type(layer).__name__} takes the top-k of its weight gradient in every backward pass "

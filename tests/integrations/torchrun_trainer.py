@@ -1,6 +1,7 @@
-"""Run by test_data_parallel under torchrun: transformers.Trainer with sparsegrad.prepare_trainer trains a
-topk_at="backward" SparseGrad model on 2 gloo processes; each process saves its replica's state, the
-logged gradient norms and the micro-batches it trained on. :func:`replay` trains the same in one process.
+"""Run by test_data_parallel under torchrun: transformers.Trainer trains a topk_at="backward" SparseGrad
+model on 2 gloo processes, once as it is and once after sparsegrad.prepare_trainer; each process saves
+its replica's state, the logged gradient norms and the micro-batches it trained on. :func:`replay`
+trains the same in one process.
 
     python -m torch.distributed.run --nproc_per_node 2 torchrun_trainer.py OUT
 """
@@ -28,23 +29,24 @@ def main(out: str) -> None:
         ddp_backend="gloo", ddp_timeout=120, report_to=[], logging_steps=1, save_strategy="no",
         disable_tqdm=True, train_sampling_strategy="sequential",
     )  # fmt: skip
-    model = build(METHOD)
-    optimizer = sparsegrad.build_optimizer(model, lr=LR, schedule=None)  # Trainer's scheduler drives it
     rows = [{k: v[i] for k, v in b.items()} for b in micro_batches() for i in range(len(b["labels"]))]
-    seen = []
+    for name, prepare in (("plain", lambda trainer: trainer), ("prepared", sparsegrad.prepare_trainer)):
+        model = build(METHOD)
+        optimizer = sparsegrad.build_optimizer(model, lr=LR, schedule=None)  # Trainer's scheduler drives it
+        seen = []
 
-    def collate(features):
-        batch = default_data_collator(features)
-        seen.append({k: v.clone() for k, v in batch.items()})
-        return batch
+        def collate(features, seen=seen):
+            batch = default_data_collator(features)
+            seen.append({k: v.clone() for k, v in batch.items()})
+            return batch
 
-    trainer = sparsegrad.prepare_trainer(Trainer(
-        model=model, args=args, train_dataset=rows, data_collator=collate, optimizers=(optimizer, None)))  # fmt: skip
-    trainer.train()
-    norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
-    used = seen[: STEPS * ACCUMULATION]  # the data loader may have fetched one batch ahead
-    torch.save({"state": state(model), "norms": norms, "batches": used},
-               Path(out) / f"trainer-rank{args.process_index}.pt")  # fmt: skip
+        trainer = prepare(Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+                                  optimizers=(optimizer, None)))  # fmt: skip
+        trainer.train()
+        norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
+        used = seen[: STEPS * ACCUMULATION]  # the data loader may have fetched one batch ahead
+        torch.save({"state": state(model), "norms": norms, "batches": used},
+                   Path(out) / f"trainer-{name}-rank{args.process_index}.pt")  # fmt: skip
 
 
 def replay(batches_per_rank: list[list[dict]], loss_scale: float = 1.0) -> tuple[dict, list[float]]:
