@@ -11,7 +11,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from parallel_setup import ACCUMULATION, OPTIMIZER, build, micro_batches, shard
+from parallel_setup import (
+    ACCUMULATION,
+    BACKWARD_METHODS,
+    BACKWARD_STEPS,
+    OPTIMIZER,
+    build,
+    micro_batches,
+    shard,
+)
 
 import sparsegrad
 
@@ -24,7 +32,10 @@ def main(out: str, methods: list[str]) -> None:
         optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
         model, optimizer = accelerator.prepare(model, optimizer)
         rank, world = accelerator.process_index, accelerator.num_processes
-        for batch in micro_batches():
+        batches = micro_batches()
+        if method in BACKWARD_METHODS:
+            batches = batches[: BACKWARD_STEPS * ACCUMULATION]
+        for batch in batches:
             with accelerator.accumulate(model):
                 # accelerate scales the loss by 1 / ACCUMULATION; the reference sums the micro-batch
                 # losses, so undo it to compare the same objective

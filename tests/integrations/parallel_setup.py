@@ -1,5 +1,5 @@
-"""The training the data-parallel tests run: a tiny BERT, global batches of 8 rows, 3 optimizer steps;
-each of 2 processes takes half of every micro-batch.
+"""The training the data-parallel tests run: a tiny BERT, global batches of 8 rows, 3 optimizer steps
+(2 with topk_at="backward"); each of 2 processes takes half of every micro-batch.
 
 Two references, one per data-parallel mode:
 
@@ -44,6 +44,7 @@ BACKWARD_METHODS = {
 }
 KIND = {"meprop_llama_mlp_only": "llama"}  # the model of a method (default: bert)
 STEPS, ACCUMULATION, ROWS, WORLD = 3, 2, 8, 2
+BACKWARD_STEPS = 2  # optimizer steps of the topk_at="backward" runs (the second one sees Adam's state)
 OPTIMIZER = {"lr": 1e-2, "schedule": "linear", "total_steps": STEPS, "max_grad_norm": 1.0, "weight_decay": 0.01}
 
 
@@ -113,7 +114,7 @@ def _reference_accumulating(method: str, accumulation: int) -> tuple[dict, list[
     model = build(method)
     optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
     norms = []
-    for step in range(STEPS):
+    for step in range(BACKWARD_STEPS):
         for batch in step_batches(step, accumulation, method):
             for rank in range(WORLD):
                 (model(**shard(batch, rank)).loss / WORLD).backward()

@@ -1,5 +1,5 @@
 """Data parallelism, both modes, 2 gloo processes on 127.0.0.1 (DistributedDataParallel, accelerate,
-Trainer under torchrun), tiny BERT, 3 optimizer steps:
+Trainer under torchrun), tiny BERT, 3 optimizer steps (2 with topk_at="backward"):
 
 * topk_at="step": every replica ends where one process on the concatenated batches does;
 * topk_at="backward": each process keeps its own top-k and the optimizer exchanges only those entries;
@@ -16,15 +16,16 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from parallel_setup import (
     ACCUMULATION,
     BACKWARD_METHODS,
+    BACKWARD_STEPS,
     KIND,
     METHODS,
     OPTIMIZER,
@@ -50,7 +51,8 @@ HERE = Path(__file__).resolve().parent
 def _init(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a process that fails leaves the other one waiting in a collective: let it fail too, soon
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
 
 
 def _train(model, optimizer, rank: int, accumulation: int, steps, method: str = "", ddp: bool = True) -> dict:
@@ -84,58 +86,80 @@ def _refusal(model, rank: int) -> str:
 
 
 def _ddp_worker(rank: int, port: int, out: str) -> None:
+    """Every scenario in one pair of processes (one start-up): the trainings, the refusals, then the
+    faults, which end with rank 1 killed and rank 0 leaving its broken process group behind."""
     _init(rank, port)
-    try:
-        results = {"step": {}, "backward": {}}
-        for method in METHODS:  # topk_at="step"
+    results = {"step": {}, "backward": {}}
+    for method in METHODS:  # topk_at="step"
+        model = build(method)
+        optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
+        results["step"][method] = _train(model, optimizer, rank, ACCUMULATION, range(STEPS))["state"]
+    for method in BACKWARD_METHODS:
+        for accumulation in (1, ACCUMULATION) if method not in KIND else (ACCUMULATION,):
             model = build(method)
             optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
-            results["step"][method] = _train(model, optimizer, rank, ACCUMULATION, range(STEPS))["state"]
-        for method in BACKWARD_METHODS:
-            for accumulation in (1, ACCUMULATION) if method not in KIND else (ACCUMULATION,):
-                model = build(method)
-                optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
-                results["backward"][f"{method}-{accumulation}"] = _train(
-                    model, optimizer, rank, accumulation, range(STEPS), method, ddp=method not in KIND)  # fmt: skip
-        # resume after the first step from a checkpoint, in a fresh model and optimizer
-        model = build("sparsegrad_backward")
-        optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
-        _train(model, optimizer, rank, ACCUMULATION, range(1))
-        checkpoint = io.BytesIO()
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
-        checkpoint.seek(0)
-        saved = torch.load(checkpoint, weights_only=False)
-        model = build("sparsegrad_backward")
-        model.load_state_dict(saved["model"])
-        optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
-        optimizer.load_state_dict(saved["optimizer"])
-        results["resumed"] = _train(model, optimizer, rank, ACCUMULATION, range(1, STEPS))["state"]
-        # processes that disagree refuse at the first step, every one of them
-        results["refuse_k"] = _refusal(build("sparsegrad_backward", k=0.05 if rank == 0 else 0.1), rank)
-        results["refuse_basis"] = _refusal(build("sparsegrad_backward", basis_seed=11 + rank), rank)
-        # a layer left in DDP's buckets, or outside any build_optimizer optimizer, refuses at its forward
-        refusals = []
-        for prepared in (False, True):
-            model = build("meprop_backward")
-            if not prepared:
-                for _, _, param in backward_topk_layers(model):
-                    del param._ddp_ignored
-            try:
-                model(**shard(micro_batches()[0], rank))
-                refusals.append("")
-            except RuntimeError as exc:
-                refusals.append(str(exc))
-        results["refuse_unprepared"], results["refuse_no_optimizer"] = refusals
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+            results["backward"][f"{method}-{accumulation}"] = _train(
+                model, optimizer, rank, accumulation, range(BACKWARD_STEPS), method, ddp=method not in KIND)  # fmt: skip
+    # resume after the first step from a checkpoint, in a fresh model and optimizer
+    model = build("sparsegrad_backward")
+    optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
+    _train(model, optimizer, rank, ACCUMULATION, range(1))
+    checkpoint = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
+    checkpoint.seek(0)
+    saved = torch.load(checkpoint, weights_only=False)
+    model = build("sparsegrad_backward")
+    model.load_state_dict(saved["model"])
+    optimizer = sparsegrad.build_optimizer(model, **OPTIMIZER)
+    optimizer.load_state_dict(saved["optimizer"])
+    results["resumed"] = _train(model, optimizer, rank, ACCUMULATION, range(1, BACKWARD_STEPS))["state"]
+    # processes that disagree refuse at the first step, every one of them
+    results["refuse_k"] = _refusal(build("sparsegrad_backward", k=0.05 if rank == 0 else 0.1), rank)
+    results["refuse_basis"] = _refusal(build("sparsegrad_backward", basis_seed=11 + rank), rank)
+    # a layer left in DDP's buckets, or outside any build_optimizer optimizer, refuses at its forward
+    refusals = []
+    for prepared in (False, True):
+        model = build("meprop_backward")
+        if not prepared:
+            for _, _, param in backward_topk_layers(model):
+                del param._ddp_ignored
+        try:
+            model(**shard(micro_batches()[0], rank))
+            refusals.append("")
+        except RuntimeError as exc:
+            refusals.append(str(exc))
+    results["refuse_unprepared"], results["refuse_no_optimizer"] = refusals
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    _faults(rank, out)
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+def launched(tmp_path_factory):
+    """The 2 processes of :func:`_ddp_worker`: each one's results, and rank 0's report of the faults."""
+    out, port = tmp_path_factory.mktemp("ddp"), free_port()
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_ddp_worker, args=(r, port, str(out))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=900)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, -signal.SIGKILL], "a worker failed: see its traceback above"
+    runs = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    faults = dict(line.split("\t", 1) for line in (out / "faults-rank0.txt").read_text().splitlines())
+    return runs, faults
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(launched):
+    return launched[0]
+
+
+@pytest.fixture(scope="module")
+def faults(launched):
+    return launched[1]
 
 
 def assert_replicas_match_reference(states: list[dict], expected: dict, method: str) -> None:
@@ -172,8 +196,8 @@ def test_backward_mode_equals_one_process_accumulating(ddp_runs, method, accumul
 def test_exchange_sends_k_entries_per_process(ddp_runs):
     """Per step and process: 8 bytes of count per sparse weight, then per weight k entries of an int32
     index and a float32 value (up to k per micro-batch with accumulation)."""
-    ks = [layer.k for _, layer, _ in backward_topk_layers(build("sparsegrad_backward"))]
-    numels = [p.numel() for _, _, p in backward_topk_layers(build("sparsegrad_backward"))]
+    layers = backward_topk_layers(build("sparsegrad_backward"))
+    ks, numels = [layer.k for _, layer, _ in layers], [p.numel() for _, _, p in layers]
     for run in ddp_runs:
         for sent in run["backward"]["sparsegrad_backward-1"]["sent"]:
             assert sent == [8 * len(ks) + sum(8 * k for k in ks), *ks]
@@ -208,11 +232,11 @@ def test_unprepared_layers_refuse_naming_both_modes(ddp_runs):
         assert "sparsegrad.build_optimizer(model, ...)" in run["refuse_no_optimizer"]
 
 
-def _timeout_worker(rank: int, port: int, out: str) -> None:
+def _faults(rank: int, out: str) -> None:
     """Each phase: one step of both processes, then a backward pass, after which rank 1 stalls past the
-    3 s exchange timeout (phase "stalled") or is SIGKILLed (phase "killed"); rank 0 steps and reports."""
-    _init(rank, port)
-    report = Path(out) / f"rank{rank}.txt"
+    3 s exchange timeout (phase "stalled") or is SIGKILLed (phase "killed"); rank 0 steps and reports.
+    Without DDP: the exchange runs in the optimizer step."""
+    report = Path(out) / f"faults-rank{rank}.txt"
     model = build("sparsegrad_backward")
     batches = micro_batches()
     lines = []
@@ -225,7 +249,7 @@ def _timeout_worker(rank: int, port: int, out: str) -> None:
         model(**shard(batches[1], rank)).loss.backward()
         dist.barrier()
         if rank == 1 and phase == "stalled":
-            time.sleep(6)
+            time.sleep(4.5)
         elif rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         else:
@@ -242,20 +266,12 @@ def _timeout_worker(rank: int, port: int, out: str) -> None:
     os._exit(0)  # the process group is broken: skip its teardown
 
 
-def test_a_killed_or_stalled_process_ends_the_step_with_a_named_error(tmp_path):
-    context, port = multiprocessing.get_context("spawn"), free_port()
-    procs = [context.Process(target=_timeout_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, -signal.SIGKILL]
-    lines = dict(line.split("\t", 1) for line in (tmp_path / "rank0.txt").read_text().splitlines())
-    waited, message = lines["stalled"].split("\t")
+def test_a_killed_or_stalled_process_ends_the_step_with_a_named_error(faults):
+    waited, message = faults["stalled"].split("\t")
     assert 2.9 < float(waited) < 5.5, waited
     assert "all_gather of the entry counts" in message and "collective timeout 3 s" in message
     assert "exchange_timeout=seconds" in message
-    waited, message = lines["killed"].split("\t")
+    waited, message = faults["killed"].split("\t")
     assert float(waited) < 2.9, waited  # a closed connection, noticed before the timeout
     assert "sparse gradient exchange" in message and "died, stalled" in message
 
