@@ -262,11 +262,11 @@ class SparseGradientExchange:
         shown = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return (
-            f"the sparse gradient exchange ({what}, optimizer step {self.steps + 1}, "
-            f"{len(self.layers)} sparse weight(s)) failed on rank {dist.get_rank()} of {dist.get_world_size()} "
-            f"after {waited:.1f} s (collective timeout {shown}): {first}. Another process did not send its "
-            "entries: it died, stalled or skipped this optimizer step (every process must reach "
-            "optimizer.step(), or clip_grad_norm, after the same backward passes). Set the timeout with "
+            f"the sparse gradient exchange ({what}, exchange {self.steps + 1}, {len(self.layers)} sparse "
+            f"weight(s)) failed on rank {dist.get_rank()} of {dist.get_world_size()} after {waited:.1f} s "
+            f"(collective timeout {shown}): {first}. Another process did not send its entries: it died, "
+            "stalled or skipped this step (every process must run the same backward passes and optimizer "
+            "steps). Set the timeout with "
             "sparsegrad.build_optimizer(..., exchange_timeout=seconds), or for the whole process group with "
             "torch.distributed.init_process_group(timeout=timedelta(...)), accelerate's "
             "InitProcessGroupKwargs(timeout=...) or TrainingArguments(ddp_timeout=seconds)."

@@ -66,9 +66,10 @@ class MethodConfig:
         W; the default except for the regular formulation; needs :func:`sparsegrad.build_optimizer`) or
         "rotated" (keep W~ and a cached W; any sparse optimizer), see :class:`SparseGradLinear`.
     topk_at: when the top-k of a sparse weight gradient is taken (sparsegrad, leading_block, meprop
-        "weight"): "backward" (every backward pass, the paper's) or "step" (once per optimizer step, from
-        the dense gradient summed over gradient accumulation and all-reduced across data-parallel
-        processes: required under DistributedDataParallel / accelerate; the optimizer takes it).
+        "weight"): "backward" (every backward pass, the paper's; under data parallelism each process
+        keeps its own top-k and only those entries are exchanged, :mod:`sparsegrad.data_parallel`) or
+        "step" (once per optimizer step, from the dense gradient summed over gradient accumulation and
+        all-reduced across data-parallel processes; the optimizer takes it).
     target_patterns: group -> regex (default by model_type); every_nth_block: keep blocks whose index
         is divisible by it (LLaMA setting: 3); train_non_mlp: see module docstring.
     basis_steps / basis_per_layer / basis_micro_batch: used when apply_method estimates the basis from

@@ -172,6 +172,18 @@ def assert_replicas_match_reference(states: list[dict], expected: dict, method: 
             assert torch.equal(states[0][key], value), (method, key)
 
 
+def test_ddp_leaves_the_sparse_weights_and_layer_buffers_alone_until_merge():
+    """apply_method lists, for DDP to ignore, the sparse weights of topk_at="backward" layers and their
+    buffers (the bias stays with DDP); topk_at="step" lists nothing; merge gives the names back."""
+    model = build("sparsegrad_backward")
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    layer = "bert.encoder.layer.0.intermediate.dense"
+    assert {f"{layer}.weight", f"{layer}.u_in", f"{layer}.u_out", f"{layer}.updated_mask"} <= ignored
+    assert not any(name.endswith("bias") for name in ignored)
+    assert not hasattr(build("sparsegrad"), "_ddp_params_and_buffers_to_ignore")
+    assert not hasattr(sparsegrad.merge(model), "_ddp_params_and_buffers_to_ignore")
+
+
 def test_step_mode_equals_one_process_on_the_whole_batch(ddp_runs):
     for method in METHODS:
         assert_replicas_match_reference([r["step"][method] for r in ddp_runs], reference(method), method)
