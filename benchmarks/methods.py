@@ -103,5 +103,9 @@ register(BenchMethod(
     "leading_block", "variant: SparseGrad restricted to the leading block of W~ (sparsegrad.methods.leading_block.layer)",
     _apply_config(lambda k, fam, spec: {"name": "leading_block", "k": k, "block_factor": spec.block_factor}),
     needs_basis=True))
+register(BenchMethod(
+    "shira", "peft SHiRA: a fixed random sparse mask of each MLP weight with r·(in+out) ≈ k entries "
+    "(r = round(k/(in+out))), trained in the original space under AdamW; no basis",
+    _apply_config(lambda k, fam, spec: {"name": "shira", "k": k})))
 
 METHODS = tuple(ROWS)  # the rows registered here (code that runs later reads ROWS, which may have grown)

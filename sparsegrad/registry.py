@@ -8,7 +8,9 @@ call). It says, in one place, everything the rest of the package needs to know a
   fields of :class:`~sparsegrad.MethodConfig` (with their defaults; read them with ``cfg.option(key)``);
 * ``needs_basis`` — whether :func:`~sparsegrad.apply_method` must provide a transition basis;
 * :meth:`Method.apply` / :meth:`Method.wrap` — how it wraps a target linear;
-* ``layer_types`` — the module classes it swaps in; modules of these types are looked up here by
+* ``layer_types`` — the module classes it swaps in (a class, or its dotted name ``"package.module.Class"``
+  so that registering does not import the library that defines it); modules of these types (subclasses
+  included) are looked up here by
   :func:`~sparsegrad.merge`, :func:`~sparsegrad.build_optimizer` and :func:`~sparsegrad.account`;
 * :meth:`Method.sparse_parameter` / :meth:`Method.attach_optimizer` — which parameter has a sparse
   gradient and how the lazy sparse Adam steps it;
@@ -59,8 +61,8 @@ class Method:
     extra_options: ClassVar[Mapping[str, Any]] = {}
     #: whether apply_method needs a transition basis (``basis=`` or ``batches=``)
     needs_basis: ClassVar[bool] = False
-    #: the module classes this method swaps in for a target linear
-    layer_types: ClassVar[tuple[type, ...]] = ()
+    #: the module classes this method swaps in for a target linear (classes or dotted class names)
+    layer_types: ClassVar[tuple[type | str, ...]] = ()
 
     # -- config ------------------------------------------------------------------------------------
     def check(self, cfg) -> None:
@@ -118,12 +120,18 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_BY_LAYER: dict[type, Method] = {}
+_BY_LAYER: dict[type | str, Method] = {}
+_NAMED_LAYERS = False  # whether some layer type is registered by its dotted name
+
+
+def _type_name(layer_type: type | str) -> str:
+    return layer_type if isinstance(layer_type, str) else layer_type.__qualname__
 
 
 def register_method(method, *, replace: bool = False):
     """Register a :class:`Method` subclass or instance under its ``name``; returns what it was given,
     so it works as a class decorator. ``replace=True`` replaces a method of the same name."""
+    global _NAMED_LAYERS
     if not (isinstance(method, Method) or (isinstance(method, type) and issubclass(method, Method))):
         raise TypeError(f"register_method takes a sparsegrad.Method subclass or instance, got {method!r}")
     instance = method() if isinstance(method, type) else method
@@ -136,12 +144,13 @@ def register_method(method, *, replace: bool = False):
     for layer_type in instance.layer_types:
         owner = _BY_LAYER.get(layer_type)
         if owner is not None and owner.name != name:
-            raise ValueError(f"layer type {layer_type.__qualname__} already belongs to method {owner.name!r}")
+            raise ValueError(f"layer type {_type_name(layer_type)} already belongs to method {owner.name!r}")
     if name in _METHODS:
         unregister_method(name)
     _METHODS[name] = instance
     for layer_type in instance.layer_types:
         _BY_LAYER[layer_type] = instance
+        _NAMED_LAYERS = _NAMED_LAYERS or isinstance(layer_type, str)
     return method
 
 
@@ -167,6 +176,8 @@ def method_for_layer(module: nn.Module) -> Method | None:
     """The method that swapped in ``module`` (by its class), or None for any other module."""
     for cls in type(module).__mro__:
         method = _BY_LAYER.get(cls)
+        if method is None and _NAMED_LAYERS:
+            method = _BY_LAYER.get(f"{cls.__module__}.{cls.__qualname__}")
         if method is not None:
             return method
     return None

@@ -22,8 +22,7 @@ def test_config_groups_list_the_spec():
     assert set(MODELS) == {"bert_base", "roberta_base", "roberta_large", "llama2_7b", "minilm", "smollm2",
                            "tiny_bert", "tiny_roberta", "tiny_llama", "minilm_mlp", "tiny_bert_mlp"}
     assert set(METHODS) == {"full", "lora", "lora_authors", "meprop", "meprop_adamw", "meprop_output", "sparsegrad",
-                            "sparsegrad_official",
-                            "leading_block"}
+                            "sparsegrad_official", "leading_block", "shira"}
     assert set(TASK_NAMES) == set(TASKS)
 
 
@@ -33,7 +32,7 @@ def _check(cfg, model, method, task, tmp_path):
     assert settings.model.name == model and settings.method.name == method and settings.task.name == task
     spec = get_task(task)
     assert resolved["task"]["direction"] == ("maximize" if spec.higher_is_better else "minimize")
-    if settings.method.kind in ("sparsegrad", "meprop", "leading_block"):
+    if settings.method.kind in ("sparsegrad", "meprop", "leading_block", "shira"):
         assert settings.method.k == settings.model.sparse_k > 0
     if settings.method.kind == "lora":
         assert settings.method.rank == settings.model.lora_rank

@@ -454,7 +454,7 @@ def test_the_settings_check_imports_no_torch_and_the_method_layer_still_loads_wh
             "assert 'torch' not in sys.modules\n"
             "import sparsegrad\n"
             "assert sparsegrad.apply_method is not None and 'torch' in sys.modules\n"
-            "assert tuple(sparsegrad.METHODS) == ('full', 'lora', 'meprop', 'sparsegrad', 'leading_block')\n"
+            "assert tuple(sparsegrad.METHODS) == ('full', 'lora', 'meprop', 'sparsegrad', 'leading_block', 'shira')\n"
             "assert {'hydra', 'omegaconf', 'wandb', 'pandas', 'optuna'}.isdisjoint(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
 

@@ -9,8 +9,8 @@ from suite_fixtures import data_files_override
 from sparsegrad.suite.errors import IncompatibleTaskError
 from sparsegrad.suite.run import record as record_lib
 
-METHODS = ["full", "lora", "meprop", "meprop_output", "sparsegrad", "sparsegrad_official", "leading_block"]
-SPARSE = {"meprop", "sparsegrad", "sparsegrad_official", "leading_block"}
+METHODS = ["full", "lora", "meprop", "meprop_output", "sparsegrad", "sparsegrad_official", "leading_block", "shira"]
+SPARSE = {"meprop", "sparsegrad", "sparsegrad_official", "leading_block", "shira"}
 BASIS = {"sparsegrad", "sparsegrad_official", "leading_block"}
 
 

@@ -54,14 +54,23 @@ from sparsegrad.suite.report.table_inputs import (
 
 # leading_block (sparsegrad.methods.leading_block.layer) is our variant, not a method of the paper: it sits right after the
 # exact SparseGrad it approximates, and its paper columns stay "—" (no paper row names it).
-METHOD_ORDER = ("full", "lora", "lora_authors", "sparsegrad", "leading_block", "meprop", "meprop_adamw",
+METHOD_ORDER = ("full", "lora", "lora_authors", "sparsegrad", "leading_block", "shira", "meprop", "meprop_adamw",
                 "sparsegrad_official", "meprop_output")
 # which LoRA (conf/method/lora*.yaml) and which MeProp optimizer (conf/method/meprop*.yaml) a row used
 METHOD_LABEL = {"full": "Regular FT", "lora": "LoRA (peft, α = r)", "lora_authors": "LoRA (authors': α = 1, scale 1/r)",
                 "sparsegrad": "SparseGrad", "leading_block": "SparseGrad, leading block (variant)",
                 "meprop": "MeProp (lazy sparse Adam)", "meprop_adamw": "MeProp (authors': dense AdamW)",
-                "sparsegrad_official": "SparseGrad (authors' basis)", "meprop_output": "meProp (dL/dY)"}
-VARIANTS = ("leading_block",)  # ours, not the paper's: no paper number exists for them
+                "sparsegrad_official": "SparseGrad (authors' basis)", "meprop_output": "meProp (dL/dY)",
+                "shira": "SHiRA (peft, random sparse mask)"}
+# Rows that are not methods of the paper (no paper number exists for them), and what each is.
+VARIANT_NOTES = {
+    "leading_block": "this repository's variant of SparseGrad (sparsegrad.methods.leading_block.layer.LeadingBlockLinear: "
+                     "only the leading block of the rotated weight is trained, with the same transition basis and "
+                     "budget k)",
+    "shira": "peft's SHiRA, a sparse baseline beside the paper's (a fixed random mask of each MLP weight with "
+             "about SparseGrad's k entries, trained in the original space: sparsity without the basis and the top-k)",
+}
+VARIANTS = tuple(VARIANT_NOTES)
 TASK_ORDER = ("stsb", "cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "wnli",
               "movie_sentiment", "movie_score", "oasst1", "chat")
 GLUE_TASKS = ("stsb", "cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2")
@@ -91,12 +100,8 @@ def _not_completed_note(cs: Mapping[tuple, Cell]) -> list[str]:
 def _variant_note(methods: Iterable[str]) -> list[str]:
     """Says which rows are this repository's variants, so an empty paper column is not read as missing data."""
     shown = [m for m in VARIANTS if m in set(methods)]
-    if not shown:
-        return []
-    return [", ".join(METHOD_LABEL[m] for m in shown) + ": this repository's variant of SparseGrad "
-            "(sparsegrad.methods.leading_block.layer.LeadingBlockLinear: only the leading block of the rotated weight is "
-            "trained, with the same transition basis and budget k), not a method of the paper, so its paper "
-            "columns are empty."]
+    return [f"{METHOD_LABEL[m]}: {VARIANT_NOTES[m]}, not a method of the paper, so its paper columns are empty."
+            for m in shown]
 
 
 # ----------------------------------------------------------------------------------------- builders

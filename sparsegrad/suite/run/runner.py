@@ -272,6 +272,8 @@ def _check_budget(run: Run) -> None:
     """A count k the method layer had to cap at a matrix's size means dense training: refused unless allowed
     (catches models whose size the settings check could not read, e.g. a Hub id)."""
     ms, budget = run.settings.method, run.record["parameters"]["sparse_budget_per_matrix"]
+    if ms.kind == "shira":  # peft sizes its mask r (in + out), which may fall short of k without any cap
+        return
     if isinstance(ms.k, int) and not isinstance(ms.k, bool) and budget is not None and ms.k > budget \
             and not ms.allow_dense and ms.mode != "output":
         raise ConfigError(f"method.k={ms.k}: above the {budget} entries of the largest MLP matrix of "

@@ -87,7 +87,7 @@ TOP_LEVEL_KEYS = ("seed", "save_model", "paths", *GROUPS)
 OTHER_GROUPS = ("experiment", "hparams_search", "profile", "hydra")
 DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-K_KINDS = ("meprop", "sparsegrad", "leading_block")  # methods whose k is a per-matrix budget
+K_KINDS = ("meprop", "sparsegrad", "leading_block", "shira")  # methods whose k is a per-matrix budget
 
 
 # ---------------------------------------------------------------------------------------- wording
