@@ -245,3 +245,9 @@ def test_pandas_writers_keep_the_plain_formats_on_random_tables():
         assert t.csv() == buf.getvalue()
         assert t.latex() == "% title\n" + _reference_latex(columns, rows) + "% a note\n"
         assert t.rows == rows and t.columns == columns
+
+
+def test_every_row_that_is_not_the_papers_gets_its_note():
+    notes = tables._variant_note(m for m in ["full", "shira", "leading_block"])  # a generator, read once
+    assert [n.split(":")[0] for n in notes] == ["SparseGrad, leading block (variant)", "SHiRA (peft, random sparse mask)"]
+    assert tables.METHOD_ORDER.index("shira") == tables.METHOD_ORDER.index("leading_block") + 1

@@ -99,7 +99,8 @@ def _not_completed_note(cs: Mapping[tuple, Cell]) -> list[str]:
 
 def _variant_note(methods: Iterable[str]) -> list[str]:
     """Says which rows are this repository's variants, so an empty paper column is not read as missing data."""
-    shown = [m for m in VARIANTS if m in set(methods)]
+    methods = set(methods)  # often a generator: read it once
+    shown = [m for m in VARIANTS if m in methods]
     return [f"{METHOD_LABEL[m]}: {VARIANT_NOTES[m]}, not a method of the paper, so its paper columns are empty."
             for m in shown]
 
