@@ -140,7 +140,7 @@ def test_registry_errors_speak_to_the_user(top_rows):
         register_method(TopRows)
     with pytest.raises(ValueError, match="unknown method option"):
         sparsegrad.MethodConfig.from_any({"name": "full", "rows": 2})  # another method's option
-    with pytest.raises(ValueError, match="valid: full, lora, meprop, sparsegrad, leading_block, top_rows"):
+    with pytest.raises(ValueError, match="valid: full, lora, meprop, sparsegrad, leading_block, shira, top_rows"):
         sparsegrad.get_method("topk_rows")
     with pytest.raises(TypeError, match="Method subclass or instance"):
         register_method(TopRowsLinear)
