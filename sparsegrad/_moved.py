@@ -16,7 +16,7 @@ import sys
 _SUITE_JOBS = {
     "run": ("assets", "tasks", "data", "models", "heads", "methods", "trainer", "metrics", "measure", "record",
             "tracking", "runner", "settings", "tiny_tokenizers", "convergence", "sparsity"),
-    "sweep": ("studies", "profiles", "progress", "runrecords", "search", "grid", "sweep_history"),
+    "sweep": ("studies", "profiles", "progress", "runrecords", "search", "sweep_history"),
     "report": ("tables", "table_inputs", "table_format", "findings", "stats", "figures", "sweep_figures",
                "plotting"),
 }  # fmt: skip

@@ -18,7 +18,11 @@ was failed for a missing heartbeat and retried is named on screen (WARNING) as a
 
 Search space (``params`` or sweep overrides on the command line): ``interval(a, b)`` a float (``int``
 tag: an integer), ``tag(log, interval(a, b))`` on a log scale, ``choice(...)`` / ``a,b,c`` / ``range(...)``
-categorical.
+categorical. ``sampler.kind``: ``tpe`` (default; ``n_trials`` trials) or ``grid`` (Optuna's GridSampler:
+every combination of the categorical parameters once, ``n_trials`` ignored; an interrupted grid resumes
+with the points left, a grown grid runs only its new points):
+
+    python app.py --multirun hydra/sweeper=optuna hydra.sweeper.sampler.kind=grid 'lr=choice(1e-4, 1e-3)'
 """
 
 # (no `from __future__ import annotations`: Hydra's plugin scanner runs this module before it is in
@@ -47,7 +51,8 @@ EXIT_USAGE = 2  # a problem the user fixes (experiments.finetune's code for it):
 
 @dataclass
 class SamplerConf:
-    seed: Optional[int] = None  # noqa: UP045  # trial n samples with seed + n
+    kind: str = "tpe"  # tpe | grid (GridSampler over the choice(...) parameters)
+    seed: Optional[int] = None  # noqa: UP045  # tpe: trial n samples with seed + n; grid: the order of the points
     n_startup_trials: int = 10  # random trials before TPE models the results
     constant_liar: bool = True  # running trials of other workers count as bad: workers spread out
 
@@ -133,12 +138,37 @@ class OptunaSweeper(Sweeper):
                 fixed.append(override.input_line)
         return space, fixed
 
-    def _sampler(self, number: int):
+    def _sampler(self, frozen, space: dict[str, Any]):
+        """The sampler of one claimed trial and the distributions it suggests: a grid ticket's own GridSampler
+        (its grid and seed are in the ticket), else TPE seeded with seed + trial number."""
         import optuna
 
+        from sparsegrad.suite.sweep import studies
+
+        if "grid_id" in frozen.system_attrs:
+            grid = frozen.system_attrs["search_space"]
+            sampler = studies.grid_sampler(grid, frozen.system_attrs.get(studies.GRID_SEED_ATTR))
+            return sampler, studies.grid_distributions(grid)
         s = self.conf.sampler
-        return optuna.samplers.TPESampler(seed=None if s.seed is None else int(s.seed) + number,
-                                          n_startup_trials=s.n_startup_trials, constant_liar=s.constant_liar)
+        return optuna.samplers.TPESampler(seed=None if s.seed is None else int(s.seed) + frozen.number,
+                                          n_startup_trials=s.n_startup_trials, constant_liar=s.constant_liar), space
+
+    def _grid(self, space: dict[str, Any]) -> dict[str, list] | None:
+        """{parameter: values} of a grid sweep (None for TPE); every parameter must be a choice(...)."""
+        from optuna.distributions import CategoricalDistribution
+
+        from sparsegrad.suite.sweep import studies
+
+        kind = str(self.conf.sampler.kind)
+        if kind not in ("tpe", "grid"):
+            raise studies.StudyError(f"hydra.sweeper.sampler.kind={kind!r}: choose tpe or grid")
+        if kind == "tpe":
+            return None
+        ranges = sorted(k for k, d in space.items() if not isinstance(d, CategoricalDistribution))
+        if ranges:
+            raise studies.StudyError(f"a grid sweep needs choice(...) values; {', '.join(ranges)} is a range: "
+                                     f"write e.g. {ranges[0]}='choice(1e-4, 3e-4, 1e-3)'")
+        return {k: list(d.choices) for k, d in space.items()}
 
     def sweep(self, arguments: list[str]) -> list:
         import optuna
@@ -152,14 +182,19 @@ class OptunaSweeper(Sweeper):
         space, fixed = self._space(list(arguments))
         name = c.study_name or "optuna"
         try:
+            grid = self._grid(space)
             storage = studies.open_storage(c.storage)
-            study = studies.prepare(storage, name, c.direction, int(c.n_trials))
-        except studies.StudyError as exc:  # one line (an old database, a missing driver), not Hydra's traceback
+            if grid is not None:
+                study = studies.prepare_grid(storage, name, c.direction, grid, c.sampler.seed)
+            else:
+                study = studies.prepare(storage, name, c.direction, int(c.n_trials))
+        except studies.StudyError as exc:  # one line (an old database, a missing driver, a bad grid), no traceback
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USAGE) from None
         except KeyboardInterrupt as exc:  # the missing tickets are queued by the next worker that looks
             raise SystemExit(EXIT_INTERRUPTED) from exc
-        log.info(f"Optuna study {name!r} ({c.storage or 'in memory'}): {c.n_trials} trials in total, "
+        budget = f"a grid of {math.prod(len(v) for v in grid.values())} points" if grid else f"{c.n_trials} trials"
+        log.info(f"Optuna study {name!r} ({c.storage or 'in memory'}): {budget} in total, "
                  f"{c.n_jobs} at a time here; search space {space}")
         returns: list = []
         job_idx = 0
@@ -227,11 +262,12 @@ class OptunaSweeper(Sweeper):
         trials, batch = [], []
         for trial_id in trial_ids:
             heartbeat.add(trial_id)
-            number = study._storage.get_trial_number_from_id(trial_id)
-            view = optuna.load_study(study_name=study.study_name, storage=study._storage,
-                                     sampler=self._sampler(number))
+            frozen = study._storage.get_trial(trial_id)
+            number = frozen.number
+            sampler, trial_space = self._sampler(frozen, space)
+            view = optuna.load_study(study_name=study.study_name, storage=study._storage, sampler=sampler)
             trial = optuna.Trial(view, trial_id)
-            params = {key: suggest(trial, key, dist) for key, dist in space.items()}
+            params = {key: suggest(trial, key, dist) for key, dist in trial_space.items()}
             trials.append(trial)
             batch.append([*fixed, *(f"{k}={_fmt(v)}" for k, v in params.items())])
             log.info(f"trial {number}: {' '.join(batch[-1][len(fixed):])}")

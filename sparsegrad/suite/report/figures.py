@@ -7,6 +7,8 @@
 * Figure 3 — the row structure of dL/dỸ at the first training step and the share of its non-zero rows
   and entries over training, per layer. Same source.
 * Pareto — peak training memory vs score per method, one panel per model, from the seed re-runs.
+* Selection curves — per study, every seed run's main metric on the selection split at each
+  evaluation (the curve its run record carries), its best checkpoint and where and why it stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from sparsegrad.suite.report.plotting import pyplot as _plt
 from sparsegrad.suite.report.plotting import save_figure as _save
 from sparsegrad.suite.report.tables import METHOD_LABEL, METHOD_ORDER, final_runs, mean_std, score_of
+from sparsegrad.suite.run.convergence import BUDGET_PREFIX, CAP_REASON, CONVERGED_PREFIX
 
 SPACE_LABEL = {"original": "original space", "hosvd": "SparseGrad (HOSVD basis)",
                "official": "authors' orientation", "random": "random orthogonal basis"}
@@ -134,6 +137,55 @@ def pareto(records: list[dict], out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "pareto_memory_score")
 
 
+STOP_MARK = {CONVERGED_PREFIX: ("X", "early stop"), BUDGET_PREFIX: ("s", "budget done"), CAP_REASON: ("^", "step cap")}
+
+
+def _stop_mark(reason: str) -> tuple[str, str]:
+    for prefix, mark in STOP_MARK.items():
+        if reason.startswith(prefix):
+            return mark
+    return "v", "other end"
+
+
+def _draw_curves(ax, runs: list[dict], higher: bool) -> None:
+    """One line per seed run: its selection curve over epochs; o marks the best checkpoint, the end marker the stop."""
+    from sparsegrad.suite.sweep.runrecords import setting  # (lr, batch size) of a run
+
+    shown = set()
+    settings = {setting(r) for r in runs}
+    for i, r in enumerate(sorted(runs, key=lambda r: (str(setting(r)), r.get("seed", 0)))):
+        metric = (r.get("main_metric") or {}).get("name")
+        curve = [(float(e["epoch"]), e["metrics"].get(metric), int(e["step"])) for e in r.get("evaluations") or []
+                 if e.get("role") == "selection" and e.get("checkpoint", "current") == "current"]
+        curve = [(x, (100 * y if higher else y), step) for x, y, step in curve if y is not None]
+        if not curve:
+            continue
+        color = f"C{i % 10}"
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], "-", lw=1, color=color, label=f"seed {r.get('seed')}" + (
+            f", lr {setting(r)[0]:.0e}, batch {setting(r)[1]}" if len(settings) > 1 else ""))
+        best_step = (r.get("best") or {}).get("step")
+        best = [c for c in curve if c[2] == best_step]
+        if best:
+            ax.plot([best[0][0]], [best[0][1]], "o", ms=7, mfc="none", mec=color)
+        marker, what = _stop_mark(str((r.get("training") or {}).get("stop_reason") or ""))
+        ax.plot([curve[-1][0]], [curve[-1][1]], marker, ms=6, color=color,
+                label=None if what in shown else f"stop: {what}")
+        shown.add(what)
+    if shown:
+        ax.legend(fontsize=6)
+
+
+def selection_curves(records: list[dict], out_dir: Path) -> list[Path]:
+    """Per study: every seed run's selection curve, its best checkpoint (o) and its stop (marker by reason)."""
+    from sparsegrad.suite.report.sweep_figures import per_study
+
+    records = [r for r in records if r.get("_stage") == "seeds" and any(
+        e.get("role") == "selection" for e in r.get("evaluations") or [])]
+    return per_study(records, out_dir, _draw_curves, "epoch",
+                     "Selection curve of every seed run (o: best checkpoint; end marker: where and why it stopped)",
+                     "selection_curves", stage="seeds", ylabel="selection metric")
+
+
 def write_all(records: list[dict], out_dir: Path, *, analysis: Path | None = None) -> list[Path]:
     """Every figure whose inputs exist, under ``out_dir/figures``; returns the files written."""
     fig_dir = Path(out_dir) / "figures"
@@ -141,6 +193,7 @@ def write_all(records: list[dict], out_dir: Path, *, analysis: Path | None = Non
     from sparsegrad.suite.report import sweep_figures  # per study: optimisation history, objective vs lr
 
     written += sweep_figures.write_all(records, fig_dir)
+    written += selection_curves(records, fig_dir)
     if analysis is not None and Path(analysis).exists():
         data = json.loads(Path(analysis).read_text(encoding="utf-8"))
         written += figure2(data, fig_dir)

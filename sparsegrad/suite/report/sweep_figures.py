@@ -19,10 +19,11 @@ from pathlib import Path
 from sparsegrad.suite.report.plotting import pyplot, save_figure
 
 
-def _trials(records: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+def by_study(records: list[dict], stage: str = "sweep") -> dict[tuple[str, str, str], list[dict]]:
+    """The records of one stage per (model, method, task), each study's in the order they started."""
     out: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in records:
-        if r.get("_stage") == "sweep":
+        if r.get("_stage") == stage:
             out[(r["model"], r["method"], r["task"])].append(r)
     for rs in out.values():
         rs.sort(key=lambda r: (r.get("started_at") or "", r.get("run_id") or ""))
@@ -46,9 +47,10 @@ def _grid(n: int):
     return fig, list(axes.flat)
 
 
-def _per_study(records: list[dict], out_dir: Path, draw, xlabel: str, title: str, name: str) -> list[Path]:
-    """One panel per study: ``draw(ax, trial_records, higher_is_better)`` fills it, the frame is shared."""
-    studies = _trials(records)
+def per_study(records: list[dict], out_dir: Path, draw, xlabel: str, title: str, name: str, stage: str = "sweep",
+              ylabel: str = "objective") -> list[Path]:
+    """One panel per study: ``draw(ax, records_of_the_study, higher_is_better)`` fills it, the frame is shared."""
+    studies = by_study(records, stage)
     if not studies:
         return []
     fig, axes = _grid(len(studies))
@@ -57,7 +59,7 @@ def _per_study(records: list[dict], out_dir: Path, draw, xlabel: str, title: str
         draw(ax, rs, higher)
         ax.set_title(f"{model} / {method} / {task}", fontsize=8)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("objective" + (" (x100)" if higher else ""))
+        ax.set_ylabel(ylabel + (" (x100)" if higher else ""))
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, out_dir, name)
@@ -100,12 +102,12 @@ def _draw_objective_vs_lr(ax, rs: list[dict], higher: bool) -> None:
 
 
 def history(records: list[dict], out_dir: Path) -> list[Path]:
-    return _per_study(records, out_dir, _draw_history, "trial",
+    return per_study(records, out_dir, _draw_history, "trial",
                       "Optimisation history per study (selection-split objective)", "sweep_history")  # fmt: skip
 
 
 def objective_vs_lr(records: list[dict], out_dir: Path) -> list[Path]:
-    return _per_study(records, out_dir, _draw_objective_vs_lr, "learning rate",
+    return per_study(records, out_dir, _draw_objective_vs_lr, "learning rate",
                       "Objective vs learning rate per study", "sweep_objective_vs_lr")  # fmt: skip
 
 

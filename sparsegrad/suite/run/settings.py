@@ -52,7 +52,11 @@ class TrainerSettings:
     max_grad_norm: Annotated[float, Ge(0)] | None = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast
     eval_every: Count | None = 50  # optimizer steps; None: once per epoch
+    evals_per_epoch: Count | None = None  # evaluations per epoch, whatever the batch size (replaces eval_every)
     patience: Count | None = 5  # evaluations without improvement; None: never stop early
+    stop_metric: Literal["main", "loss"] = "main"  # what early stopping watches on the selection split
+    stop_window: Count = 1  # early stopping watches the mean of the last stop_window evaluations
+    min_epochs: Annotated[float, Ge(0)] = 0.0  # epochs of training before early stopping may stop the run
     protocol: Literal["heldout", "official"] = "heldout"  # official: select and report on dev
     heldout_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.1
     heldout_max: Count | None = 2000

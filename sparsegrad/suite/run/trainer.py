@@ -2,9 +2,10 @@
 
 :func:`train` is one loop over optimizer steps: the gradients of ``grad_accum`` micro-batches
 (:func:`_forward_backward`), the update, the bookkeeping (:func:`_count`), the divergence check and,
-every ``eval_every`` steps (and after the last), an evaluation on the selection split
-(:class:`_Selection`: keeps the best weights in memory, counts evaluations without improvement and
-ends the run when ``patience`` runs out); a further stopping rule belongs beside those two.
+every ``eval_every`` steps (or ``evals_per_epoch`` times an epoch; and after the last), an evaluation
+on the selection split (:class:`_Selection`: keeps the best weights in memory and asks the convergence
+criterion, :class:`sparsegrad.suite.run.convergence.EarlyStopping`, whether the run has finished
+learning); a further stopping rule belongs beside those two.
 Throughput counts training steps only (evaluation is timed separately) and skips the first
 ``timing_warmup_steps`` and, on CPU, the steps whose memory was measured: each step with a batch shape
 no measured step covered (:meth:`sparsegrad.suite.run.measure.MemoryMeter.wants`), and the step that
@@ -28,7 +29,7 @@ import torch
 from sparsegrad.suite.errors import ConfigError
 from sparsegrad.suite.run import data as data_lib
 from sparsegrad.suite.run import metrics as metrics_lib
-from sparsegrad.suite.run.convergence import EarlyStopping
+from sparsegrad.suite.run.convergence import CAP_REASON, EarlyStopping, better, budget_reason, steps_for_epochs
 from sparsegrad.suite.run.settings import TrainerSettings
 from sparsegrad.suite.run.tasks import CAUSAL_LM, REGRESSION, TaskSpec
 
@@ -199,9 +200,12 @@ def train(
     state = state or TrainState()
     steps_per_epoch = _steps_per_epoch(len(features), settings)
     last_step = min(total_steps, math.ceil(settings.epochs * steps_per_epoch))
-    eval_every = settings.eval_every or steps_per_epoch
+    eval_every = evaluation_interval(settings, steps_per_epoch)
     batches = _micro_batches(len(features), settings)
-    selection = _Selection(state, model, evaluate_selection, main_metric, higher_is_better, settings.patience,
+    stopper = EarlyStopping(settings.patience, higher_is_better if settings.stop_metric == "main" else False,
+                            window=settings.stop_window, min_steps=steps_for_epochs(settings.min_epochs, steps_per_epoch))
+    watched = main_metric if settings.stop_metric == "main" else "loss"
+    selection = _Selection(state, model, evaluate_selection, main_metric, higher_is_better, stopper, watched,
                            meter, tracker)
     bar = _progress_bar(settings, total_steps)
     model.train()
@@ -237,7 +241,7 @@ def train(
             elif state.step % eval_every == 0 and selection.evaluate(bar):
                 state.stop_reason = selection.stopper.reason()
         if state.stop_reason is None:
-            state.stop_reason = "max_steps reached" if state.step >= (settings.max_steps or math.inf) else "epochs done"
+            state.stop_reason = end_reason(state.step, total_steps, settings)
         if state.status == "completed" and state.step > 0 and not selection.evaluated_at(state.step):
             selection.evaluate(bar)
     except KeyboardInterrupt:
@@ -310,19 +314,21 @@ def _show_progress(state: TrainState, settings: TrainerSettings, tracker, bar) -
 
 
 class _Selection:
-    """Evaluation on the selection split: keeps the best weights and counts evaluations without improvement."""
+    """Evaluation on the selection split: keeps the weights of the best raw main metric and feeds the
+    watched metric to the convergence criterion (``stopper``)."""
 
-    def __init__(self, state, model, evaluate_selection, main_metric, higher_is_better, patience, meter, tracker):
+    def __init__(self, state, model, evaluate_selection, main_metric, higher_is_better, stopper, watched, meter,
+                 tracker):
         self.state, self.model, self.run = state, model, evaluate_selection
-        self.metric, self.higher, self.patience = main_metric, higher_is_better, patience
+        self.metric, self.higher = main_metric, higher_is_better
+        self.stopper, self.watched = stopper, watched
         self.meter, self.tracker = meter, tracker
-        self.stopper = EarlyStopping(patience, higher_is_better)  # the convergence criterion
 
     def evaluated_at(self, step: int) -> bool:
         return bool(self.state.evaluations) and self.state.evaluations[-1]["step"] == step
 
     def evaluate(self, bar=None) -> bool:
-        """Evaluate now; True when patience is exhausted."""
+        """Evaluate now; True when the convergence criterion says stop."""
         state = self.state
         t0 = time.perf_counter()
         with self.meter.phase("eval") if self.meter is not None else contextlib.nullcontext():
@@ -332,8 +338,10 @@ class _Selection:
         if self.tracker is not None:
             self.tracker.log({f"selection/{k}": v for k, v in result.items()}, step=state.step)
         value = result.get(self.metric)
-        if self.stopper.update(value) or state.best_snapshot is None:
-            state.best_value = self.stopper.best
+        self.stopper.update(result.get(self.watched), state.step)
+        improved = better(value, state.best_value, self.higher)
+        if improved or state.best_snapshot is None:
+            state.best_value = value if improved else state.best_value
             state.best_step, state.best_metrics = state.step, result
             state.best_snapshot = snapshot(self.model)
         if bar is not None:
@@ -355,6 +363,22 @@ def _progress_bar(settings: TrainerSettings, total_steps: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, leave=False)
+
+
+def evaluation_interval(settings: TrainerSettings, steps_per_epoch: int) -> int:
+    """Optimizer steps between evaluations: ``evals_per_epoch`` times an epoch, else ``eval_every``, else once
+    per epoch."""
+    if settings.evals_per_epoch:
+        return max(1, steps_per_epoch // settings.evals_per_epoch)
+    return settings.eval_every or steps_per_epoch
+
+
+def end_reason(step: int, total_steps: int, settings: TrainerSettings) -> str:
+    """Why a run that no stopping rule ended stopped: its linear schedule ran out (the learning rate is 0 at
+    ``total_steps``), the step cap, or the end of its epochs."""
+    if settings.schedule == "linear" and step >= total_steps:
+        return budget_reason(step)
+    return CAP_REASON if step >= (settings.max_steps or math.inf) else "epochs done"
 
 
 def _steps_per_epoch(n_examples: int, settings: TrainerSettings) -> int:

@@ -1,9 +1,8 @@
 """The sweep: profiles, studies, the driver and its progress, the run-records folder.
 
 * :mod:`~sparsegrad.suite.sweep.profiles` — a profile's studies, seeds and settings
-* :mod:`~sparsegrad.suite.sweep.studies` — study names and storages (Optuna)
+* :mod:`~sparsegrad.suite.sweep.studies` — study names and storages (Optuna), budgets, grids (GridSampler)
 * :mod:`~sparsegrad.suite.sweep.driver` — ``make reproduce-glue``: search, seeds, analysis, tables
-* :mod:`~sparsegrad.suite.sweep.grid` — fixed learning-rate grids
 * :mod:`~sparsegrad.suite.sweep.progress` — the plan and one progress bar over the runs
 * :mod:`~sparsegrad.suite.sweep.runrecords` — the records folder: run folders, reading, claims
 * :mod:`~sparsegrad.suite.sweep.search` / :mod:`~sparsegrad.suite.sweep.sweep_history` — what each study tried

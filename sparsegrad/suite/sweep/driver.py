@@ -3,7 +3,9 @@
 For each (model, method, task) of a profile (:mod:`sparsegrad.suite.sweep.profiles`) :func:`run_profile`
 
 1. runs an Optuna study through our Optuna sweeper (``python -m experiments.finetune --multirun
-   +hparams_search=...``, a subprocess: Hydra stays in ``experiments/`` and ``conf/``). The study lives
+   +hparams_search=...``, a subprocess: Hydra stays in ``experiments/`` and ``conf/``): TPE over the
+   profile's search space, or, for a profile with a stated grid (``sweep.grid``), Optuna's GridSampler
+   over its learning rates x batch sizes (:meth:`Profile.grid`), one trial per point. The study lives
    in a persistent storage — SQLite under the profile's results folder, or any storage URL in
    ``SPARSEGRAD_OPTUNA_STORAGE`` (PostgreSQL, or a journal file on a shared file system) so that many
    workers and machines share one study — and is named ``<model>-<method>-<task>``. The budget
@@ -26,7 +28,7 @@ while a live driver works there, a fresh start joins its run instead).
 Nothing here raises to the user: failures print one line and a non-zero exit code.
 
 Longer than 500 lines because :class:`Driver` is one job, the stages above with the claims, subprocesses
-and messages they share; the study state, grid and progress helpers are in their own modules already.
+and messages they share; the study state and progress helpers are in their own modules already.
 """
 
 from __future__ import annotations
@@ -84,8 +86,10 @@ def _task_direction(task: str) -> str:
 
 
 def study_state(storage: str, name: str, direction: str, n_trials: int | None = None, records: Sequence[dict] = (),
-                grace: float | None = None, record_name: str | None = None) -> dict:
-    """Trial counts of a study. With ``n_trials`` the study is created (with that budget) if missing.
+                grace: float | None = None, record_name: str | None = None, grid: dict | None = None,
+                seed: int | None = None) -> dict:
+    """Trial counts of a study. With ``n_trials`` the study is created (with that budget) if missing; with
+    ``grid`` ({parameter: values}) it is a GridSampler study whose points nobody holds yet are queued.
     Trials left RUNNING by a dead worker (no heartbeat for ``grace`` s) are settled: COMPLETE with the
     run record's objective when the run had finished, else FAIL and queued again once."""
     import optuna
@@ -95,7 +99,9 @@ def study_state(storage: str, name: str, direction: str, n_trials: int | None = 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         store = studies.open_storage(storage)
-        if n_trials is not None:
+        if grid is not None:
+            study = studies.prepare_grid(store, name, direction, grid, seed)
+        elif n_trials is not None:
             study = studies.prepare(store, name, direction, n_trials)
         else:
             study = optuna.load_study(study_name=name, storage=store)
@@ -239,25 +245,31 @@ class Driver:
         name = study_name(model, method, task)
         direction = _task_direction(task)
         storage = self.layout.storage()
-        n_trials = int(sweep.get("n_trials", 10))
+        grid, seed = self.profile.grid(model, method), int(sweep.get("seed", 34))
+        n_trials = self.profile.grid_size(model, method) if grid else int(sweep.get("n_trials", 10))
         oname = name if self.opt.dry_run else self.layout.optuna_name(model, method, task)
         state = None
         if not self.opt.dry_run:
             self.layout.results.mkdir(parents=True, exist_ok=True)
-            state = study_state(storage, oname, direction, n_trials, self.harvest(), record_name=name)
+            state = study_state(storage, oname, direction, n_trials, self.harvest(), record_name=name, grid=grid,
+                                seed=seed)
             if state["settled"]:
                 self.say(f"sweep {name}: {state['settled']} trial(s) of a dead worker settled (finished ones from "
                          f"their run record, the others queued again)")
-        if state is None or state["waiting"] or state["running"] or state["slots"] < n_trials:
-            over = [f"+hparams_search={sweep.get('search', 'lr_batch')}",
-                    *self.base_overrides(model, method, task, "sweep"),
+        if state is None or state["waiting"] or state["running"] or state["missing"] or \
+                (not grid and state["slots"] < n_trials):
+            space = [f"{k}=choice({', '.join(repr(v) for v in values)})" for k, values in (grid or {}).items()]
+            over = [f"+hparams_search={sweep.get('search', 'lr_grid' if grid else 'lr_batch')}",
+                    *self.base_overrides(model, method, task, "sweep"), *space,
+                    *(["hydra.sweeper.sampler.kind=grid"] if grid else []),
                     f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={oname}",
                     f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.direction={direction}",
-                    f"hydra.sweeper.sampler.seed={int(sweep.get('seed', 34))}",
+                    f"hydra.sweeper.sampler.seed={seed}",
                     f"hydra.sweep.dir={self.layout.work / 'sweep' / name / run_folder_stamp()}",
                     *self.launcher_overrides(sweep=True)]
             left = n_trials if state is None else state["waiting"] + state["running"] + state["missing"]
-            self.say(f"sweep {name}: {left} of {n_trials} trial(s) to run (shared by every worker on this study)")
+            what = f"grid points ({' x '.join(str(len(v)) for v in grid.values())})" if grid else "trial(s)"
+            self.say(f"sweep {name}: {left} of {n_trials} {what} to run (shared by every worker on this study)")
             self.run(over, f"sweep {name}", f"sweep-{name}")
         else:
             self.say(f"sweep {name}: all {n_trials} trials done")
@@ -287,10 +299,6 @@ class Driver:
 
     def best_setting(self, model: str, method: str, task: str) -> dict | None:
         p = self.profile
-        if p.best_from == "sweep" and (p.sweep or {}).get("grid"):  # a stated grid (sparsegrad.suite.sweep.grid)
-            from sparsegrad.suite.sweep.grid import run_grid
-
-            return run_grid(self, model, method, task)
         if p.best_from == "sweep":
             return self.sweep(model, method, task)
         if p.best_from == "paper":

@@ -43,7 +43,7 @@ class Profile:
     tasks: list[str]
     seeds: list[int]
     description: str = ""
-    sweep: dict[str, Any] | None = None  # {search, n_trials, seed}
+    sweep: dict[str, Any] | None = None  # {search, n_trials, seed} (TPE) or {grid, batch_size, seed} (GridSampler)
     best_from: str = "sweep"  # sweep | paper | fixed
     fixed: dict[str, Any] | None = None  # {lr, batch_size} when nothing is swept
     lr_variants: dict[str, float] = field(default_factory=dict)
@@ -60,6 +60,29 @@ class Profile:
 
     def studies(self) -> list[tuple[str, str, str]]:
         return [(m, meth, t) for m in self.models for t in self.tasks for meth in self.methods]
+
+    def grid(self, model: str, method: str) -> dict[str, list] | None:
+        """The grid a study runs through Optuna's GridSampler, {"trainer.lr": [...], "trainer.batch_size": [...]},
+        or None for a TPE study. ``sweep.grid`` is a list of learning rates, or a mapping from ``model/method``,
+        a model, a method or ``default`` (looked up in that order) to one; ``sweep.batch_size`` one batch size
+        or a list (default 16)."""
+        sweep = self.sweep or {}
+        lrs = sweep.get("grid")
+        if not lrs or self.best_from != "sweep":
+            return None
+        if isinstance(lrs, dict):
+            key = next((k for k in (f"{model}/{method}", model, method, "default") if k in lrs), None)
+            if key is None:
+                raise ReproduceError(f"profile {self.name!r}: sweep.grid has no entry for {model}/{method} "
+                                     f"and no 'default'; its keys: {sorted(lrs)}")
+            lrs = lrs[key]
+        batch = sweep.get("batch_size", 16)
+        batches = batch if isinstance(batch, list) else [batch]
+        return {"trainer.lr": sorted(float(v) for v in lrs), "trainer.batch_size": sorted(int(b) for b in batches)}
+
+    def grid_size(self, model: str, method: str) -> int:
+        grid = self.grid(model, method) or {}
+        return len(grid.get("trainer.lr", [])) * len(grid.get("trainer.batch_size", []))
 
 
 def available_profiles(conf_dir: Path = CONF_DIR) -> list[str]:

@@ -215,10 +215,8 @@ def make_plan(profile, records: Sequence[dict], jobs: int = 1, models: Sequence[
                 if method == "sparsegrad" and model in kf.get("models", []) and task in kf.get("tasks", []):
                     kept_total = len(kf.get("k", [])) * len(kf.get("seeds", profile.seeds))
                 todo_seeds = len([s for s in profile.seeds if s not in seeds])
-                if (profile.sweep or {}).get("grid") and profile.best_from == "sweep":
-                    from sparsegrad.suite.sweep.grid import grid_values
-
-                    n_trials = len(grid_values(profile.sweep, model, method))
+                if profile.grid(model, method):  # a grid study: one trial per point
+                    n_trials = profile.grid_size(model, method)
                 done += min(trials, n_trials) + len(profile.seeds) - todo_seeds + min(kept_done, kept_total)
                 seconds, source, on_gpu = _run_seconds(profile, speed, section, overrides, model, method, task)
                 studies.append(PlannedStudy(model, method, task, max(0, n_trials - trials), todo_seeds,

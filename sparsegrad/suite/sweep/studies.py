@@ -11,6 +11,14 @@ setting only then, with a sampler seeded by ``seed + trial number``: two workers
 same seed and history, so no setting is drawn twice, and N workers together run exactly ``n_trials``.
 A later run with a larger ``n_trials`` raises the budget and adds the missing tickets.
 
+**A grid** (:func:`prepare_grid`, Optuna's ``GridSampler``): one ticket per grid point, numbered as
+GridSampler numbers its points (``grid_id``, with the grid and its seed in the ticket's system
+attributes), so whichever worker claims a ticket, its GridSampler gives it that point. A trial that
+ran a point (completed, diverged or failed) holds it for good; a ticket given back by an interrupt or
+a dead worker keeps its point; a slot refilled after its creator died gets a point no trial holds yet.
+A grid that grows later gets tickets for its new points only (grow it from one worker): no value runs
+twice.
+
 **Missing tickets.** A creator (or a worker raising the budget) that dies between recording the budget
 and queuing its last ticket leaves budget slots without a trial. Any worker that sees the same slots
 missing for a while (:class:`Refill`: a live creator adds a ticket every few milliseconds) queues them
@@ -58,6 +66,9 @@ INTERRUPTED_ATTR = "interrupted"  # user attribute of a trial stopped by Ctrl-C 
 DUPLICATE_TICKET_ATTR = "duplicate_ticket"  # user attribute of a ticket that lost a concurrent refill (never run)
 DUPLICATE_RUN_PREFIX = "sparsegrad:duplicate_run:"  # study system attribute + trial number: a result too late
 KILL_AFTER_TICKETS_ENV = "SPARSEGRAD_TEST_KILL_AFTER_TICKETS"  # fault injection (tests): creator dies mid-queue
+GRID_ATTR = "sparsegrad:grid"  # study system attribute: {"space": the grid, "seed": GridSampler's seed}
+GRID_SEED_ATTR = "sparsegrad:grid_seed"  # trial system attribute: the GridSampler seed of a grid ticket
+GRID_TRIAL_ATTRS = ("grid_id", "search_space", GRID_SEED_ATTR)  # what makes a ticket one grid point
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 10.0, 30.0  # seconds
 
 
@@ -161,6 +172,11 @@ def _ticket(slot: int, params: dict | None = None, distributions: dict | None = 
                                      distributions=distributions, system_attrs={**attrs, TICKET_ATTR: slot})
 
 
+def _grid_attrs(frozen) -> dict:
+    """The grid point of a grid ticket (GridSampler's grid_id, its grid and seed); {} for other trials."""
+    return {k: frozen.system_attrs[k] for k in GRID_TRIAL_ATTRS if k in frozen.system_attrs}
+
+
 def _counted_legacy(trials) -> int:
     """Finished trials made without tickets (studies from before the queue); Ctrl-C'd ones do not count."""
     return sum(1 for t in trials if TICKET_ATTR not in t.system_attrs and t.state.is_finished()
@@ -209,12 +225,19 @@ def missing_slots(study, trials=None) -> list[int]:
 
 def refill(study, slots: Iterable[int] | None = None) -> list[int]:
     """Queue a ticket for each missing budget slot (all of them, or those of ``slots`` still missing);
-    returns the slots queued. Safe to run in many workers at once: see :func:`claim`."""
+    returns the slots queued. In a grid study each gets a point no trial holds yet, in grid order, so two
+    workers that refill at once queue the same point in the same slot. Safe to run in many workers at
+    once: see :func:`claim`."""
     todo = missing_slots(study)
     if slots is not None:
         todo = sorted(set(todo) & set(slots))
+    grid = study._storage.get_study_system_attrs(study._study_id).get(GRID_ATTR)
+    free = iter(_free_points(study, grid["space"], grid["seed"]) if grid else [])
     for slot in todo:
-        study.add_trial(_ticket(slot))
+        point = next(free, None) if grid else None
+        if grid and point is None:
+            break  # every point of the grid is held: nothing to queue
+        study.add_trial(_ticket(slot, **(_grid_ticket(grid["space"], grid["seed"], point[0]) if grid else {})))
     return todo
 
 
@@ -238,6 +261,101 @@ class Refill:
             return []
         self._seen = None
         return refill(study, missing)
+
+
+# --------------------------------------------------------------------------------------------- grid
+def grid_sampler(space: dict[str, list], seed: int | None):
+    """Optuna's GridSampler over ``space`` ({parameter: [values]}); ``seed`` fixes the order of its points."""
+    import optuna
+
+    return optuna.samplers.GridSampler({k: list(v) for k, v in space.items()}, seed=seed)
+
+
+def grid_distributions(space: dict[str, list]) -> dict:
+    """The distribution each grid parameter is suggested from: numbers as ranges over their values (on a log
+    scale for positive floats), so that a grid that grows later stays one study (Optuna fixes a categorical
+    parameter's choices for good); anything else categorical."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    def one(values: list):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return IntDistribution(min(values), max(values))
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return FloatDistribution(float(min(values)), float(max(values)), log=min(values) > 0)
+        return CategoricalDistribution(list(values))
+
+    return {k: one(list(v)) for k, v in space.items()}
+
+
+def grid_points(space: dict[str, list], seed: int | None) -> list[dict]:
+    """The grid's points in GridSampler's order: point i is what GridSampler gives the trial with grid_id i."""
+    import optuna
+
+    sampler, dists = grid_sampler(space, seed), grid_distributions(space)
+    n = math.prod(len(v) for v in space.values())
+    frozen = [optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, system_attrs={"grid_id": i})
+              for i in range(n)]
+    return [{k: sampler.sample_independent(None, f, k, d) for k, d in dists.items()} for f in frozen]
+
+
+def _point_key(params: dict) -> tuple:
+    return tuple(sorted((k, float(v) if isinstance(v, (int, float)) else v) for k, v in params.items()))
+
+
+def _grid_ticket(space: dict[str, list], seed: int | None, grid_id: int) -> dict:
+    return {"grid_id": grid_id, "search_space": {k: list(v) for k, v in space.items()}, GRID_SEED_ATTR: seed}
+
+
+def _free_points(study, space: dict[str, list], seed: int | None) -> list[tuple[int, dict]]:
+    """(grid_id, point) of the grid's points that no trial of the study holds, in grid order: a trial holds
+    its parameters, a queued ticket the point of its grid_id; a trial given back by an interrupt holds
+    none (its point was queued again) and neither does a duplicate ticket that never ran."""
+    held, orders = set(), {}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(INTERRUPTED_ATTR) or t.user_attrs.get(DUPLICATE_TICKET_ATTR) is not None:
+            continue
+        if t.params:
+            held.add(_point_key(t.params))
+        elif "grid_id" in t.system_attrs:
+            grid, own_seed = t.system_attrs["search_space"], t.system_attrs.get(GRID_SEED_ATTR)
+            key = (repr(sorted(grid.items())), own_seed)
+            if key not in orders:
+                orders[key] = grid_points(grid, own_seed)
+            held.add(_point_key(orders[key][t.system_attrs["grid_id"]]))
+    return [(i, p) for i, p in enumerate(grid_points(space, seed)) if _point_key(p) not in held]
+
+
+def prepare_grid(storage, name: str, direction: str, space: dict[str, list], seed: int | None = None,
+                 wait_s: float = 60.0):
+    """Open (or create) study ``name`` as a grid over ``space``: a ticket for each point no trial holds yet.
+
+    The budget counts every ticket made; a grid that grows later raises it by its new points (do that from
+    one worker). A creator that dies while queuing leaves slots that any worker refills (:class:`Refill`)."""
+    study, created = _get_or_create(storage, name, direction)
+    grid = {"space": {k: list(v) for k, v in space.items()}, "seed": seed}
+    if created:
+        study._storage.set_study_system_attr(study._study_id, GRID_ATTR, grid)
+        study._storage.set_study_system_attr(study._study_id, BUDGET_ATTR, math.prod(len(v) for v in space.values()))
+        die_after = int(os.environ.get(KILL_AFTER_TICKETS_ENV) or -1)
+        for slot, _ in enumerate(grid_points(space, seed)):
+            study.add_trial(_ticket(slot, **_grid_ticket(space, seed, slot)))
+            if slot + 1 == die_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return study
+    deadline = time.time() + wait_s
+    while True:  # the creator writes the grid and the budget right after creating the study
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        if GRID_ATTR in attrs or study.get_trials(deepcopy=False) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    if attrs.get(GRID_ATTR) != grid:  # a new or grown grid: its points no trial holds get slots
+        missing = len(missing_slots(study))
+        study._storage.set_study_system_attr(study._study_id, GRID_ATTR, grid)
+        free = len(_free_points(study, space, seed))
+        if free > missing:
+            study._storage.set_study_system_attr(study._study_id, BUDGET_ATTR, budget(study) + free - missing)
+        refill(study)
+    return study
 
 
 def progress(study) -> dict[str, int]:
@@ -295,7 +413,7 @@ def requeue(study, frozen) -> None:
     slot = frozen.system_attrs.get(TICKET_ATTR)
     if slot is not None:
         study.add_trial(_ticket(slot, frozen.params or None, frozen.distributions or None,
-                                failed_trial=frozen.number))
+                                failed_trial=frozen.number, **_grid_attrs(frozen)))  # a grid ticket keeps its point
 
 
 def retry(study, failed, max_retry: int = 1) -> bool:
@@ -307,7 +425,7 @@ def retry(study, failed, max_retry: int = 1) -> bool:
     history = [*failed.system_attrs.get("retry_history", []), failed.number]
     if len(history) > max_retry:
         return False
-    attrs = {"failed_trial": history[0], "retry_history": history}
+    attrs = {"failed_trial": history[0], "retry_history": history, **_grid_attrs(failed)}
     if TICKET_ATTR in failed.system_attrs:
         attrs[TICKET_ATTR] = failed.system_attrs[TICKET_ATTR]
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=failed.params,
