@@ -222,3 +222,44 @@ def test_the_sweeper_runs_its_batches_through_hydras_joblib_and_submitit_launche
     trials = optuna.load_study(study_name="launch", storage=db).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
     assert len({(t.params["lr"], t.params["batch_size"]) for t in trials}) == 4
+
+
+# ------------------------------------------------------------------------------------------- grid
+def _grid_trials(storage, study_name):
+    import optuna
+
+    return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+
+
+@pytest.mark.slow
+def test_a_grid_through_optuna_resumes_after_an_interruption_without_rerunning_a_value(tmp_path):
+    """GridSampler over lr x batch size: Ctrl-C in the middle of a point, then the same command runs the
+    points left (the interrupted one again, once); a grown grid runs only its new points."""
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    grid = ["hydra.sweeper.sampler.kind=grid", "batch_size=choice(16, 32)"]
+    first = start_worker(tmp_path, "a", storage, "grid", *grid, "lr=choice(1e-4, 1e-3)", "sleep=1.5")
+    deadline = time.time() + 120
+    while time.time() < deadline and sum("trial " in ln and ": lr=" in ln for ln in first.lines) < 2:
+        time.sleep(0.1)  # the first point is done, the second running
+    first.send_signal(signal.SIGINT)
+    out = finish(first)
+    assert first.returncode == 130, out[-3000:]
+    trials = _grid_trials(storage, "grid")
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE, TrialState.FAIL] and trials[1].user_attrs["interrupted"]
+
+    again = subprocess.run(toy_command(tmp_path, storage, "grid", *grid, "lr=choice(1e-4, 1e-3)",
+                                       f"hydra.sweep.dir={tmp_path / 'b'}"), capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    grown = subprocess.run(toy_command(tmp_path, storage, "grid", *grid, "lr=choice(1e-4, 1e-3, 1e-2)",
+                                       f"hydra.sweep.dir={tmp_path / 'c'}"), capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    trials = _grid_trials(storage, "grid")
+    complete = [(t.params["lr"], t.params["batch_size"]) for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == sorted((lr, bs) for lr in (1e-4, 1e-3, 1e-2) for bs in (16, 32))  # each once
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(interrupted) == 1 and (interrupted[0].params["lr"], interrupted[0].params["batch_size"]) in complete
+    assert all("grid_id" in t.system_attrs for t in trials)  # every point placed by GridSampler

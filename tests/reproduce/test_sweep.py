@@ -55,6 +55,48 @@ def test_every_profile_loads_and_names_real_configs():
     assert {"default", "smoke", "paper", "paper_best", "llama", "llama_offline"} <= set(sweep.available_profiles())
 
 
+def test_a_profile_grid_per_study_with_a_default_and_batch_sizes():
+    grid = {"default": [3e-4, 1e-4], "lora": [1e-3], "minilm_mlp/full": [2e-3], "minilm_mlp": [5e-3]}
+    p = sweep.Profile(name="g", models=["minilm"], methods=["full"], tasks=["t"], seeds=[1],
+                      sweep={"grid": grid, "batch_size": [32, 16]})
+    assert p.grid("minilm", "full") == {"trainer.lr": [1e-4, 3e-4], "trainer.batch_size": [16, 32]}
+    assert p.grid("minilm", "lora")["trainer.lr"] == [1e-3]
+    assert p.grid("minilm_mlp", "full")["trainer.lr"] == [2e-3]
+    assert p.grid("minilm_mlp", "lora")["trainer.lr"] == [5e-3]
+    assert p.grid_size("minilm", "full") == 4
+    single = sweep.Profile(name="g", models=["m"], methods=["x"], tasks=["t"], seeds=[1], sweep={"grid": [1e-3, 1e-4]})
+    assert single.grid("m", "x") == {"trainer.lr": [1e-4, 1e-3], "trainer.batch_size": [16]}
+    tpe = sweep.Profile(name="g", models=["m"], methods=["x"], tasks=["t"], seeds=[1], sweep={"search": "lr_cpu"})
+    assert tpe.grid("m", "x") is None
+    with pytest.raises(sweep.ReproduceError, match="no entry for m/x"):
+        sweep.Profile(name="g", models=["m"], methods=["x"], tasks=["t"], seeds=[1], sweep={"grid": {"y": [1.0]}}).grid("m", "x")
+
+
+def test_the_plan_counts_the_grid_points_left():
+    from sparsegrad.suite.sweep import progress
+    from tests.reproduce.fixture_records import record
+
+    profile = sweep.Profile(name="g", models=["minilm"], methods=["full"], tasks=["movie_sentiment"], seeds=[1, 2, 3],
+                            sweep={"grid": [1e-4, 3e-4, 1e-3], "batch_size": [16, 32]})
+    done = [record("sweep", "full", "movie_sentiment", 42, 0.8, lr=1e-4)]
+    plan = progress.make_plan(profile, done)
+    assert (plan.studies[0].sweep, plan.studies[0].seeds, plan.done) == (5, 3, 1)
+
+
+def test_the_default_profile_runs_its_grids_as_optuna_grid_studies(capsys):
+    """The stated grid is an Optuna study (GridSampler) through the sweeper, like every other search."""
+    assert sweep.run_profile("default", dry_run=True, quiet=True) == 0
+    out = capsys.readouterr().out
+    profile = sweep.load_profile("default")
+    for model in profile.models:
+        for method in profile.methods:
+            grid = profile.grid(model, method)
+            lrs = ", ".join(repr(v) for v in grid["trainer.lr"])
+            assert f"trainer.lr=choice({lrs})" in out, (model, method)
+    assert "+hparams_search=lr_grid" in out and "hydra.sweeper.sampler.kind=grid" in out
+    assert out.count("experiments.finetune --multirun +hparams_search=lr_grid") == len(profile.studies())
+
+
 def test_unknown_profile_lists_the_valid_ones():
     with pytest.raises(sweep.ReproduceError, match="valid profiles: .*default"):
         sweep.load_profile("nope")

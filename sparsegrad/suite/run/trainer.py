@@ -29,7 +29,13 @@ import torch
 from sparsegrad.suite.errors import ConfigError
 from sparsegrad.suite.run import data as data_lib
 from sparsegrad.suite.run import metrics as metrics_lib
-from sparsegrad.suite.run.convergence import CAP_REASON, EarlyStopping, better, budget_reason, steps_for_epochs
+from sparsegrad.suite.run.convergence import (
+    CAP_REASON,
+    EarlyStopping,
+    better,
+    budget_reason,
+    steps_for_epochs,
+)
 from sparsegrad.suite.run.settings import TrainerSettings
 from sparsegrad.suite.run.tasks import CAUSAL_LM, REGRESSION, TaskSpec
 
