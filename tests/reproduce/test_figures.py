@@ -60,3 +60,37 @@ def test_pareto_legend_follows_the_method_order_with_the_leading_block_variant(t
     labels = [t.get_text() for t in seen[0].axes[0].get_legend().get_texts()]
     figures._plt().close(seen[0])
     assert labels == ["Regular FT", "SparseGrad", "SparseGrad, leading block (variant)"]
+
+
+def test_selection_curves_mark_each_seed_runs_best_checkpoint_and_stop(tmp_path, monkeypatch):
+    """One panel per study from the seed runs' records: a line per seed over epochs, the best checkpoint
+    ringed, the stop marked by its reason."""
+    from tests.reproduce.fixture_records import record
+
+    def run(seed, curve, reason, best):
+        r = record("seeds", "full", "movie_sentiment", seed, 0.8)
+        r["evaluations"] = [{"step": 25 * (i + 1), "epoch": 0.2 * (i + 1), "split": "validation", "role": "selection",
+                             "checkpoint": "current", "metrics": {"accuracy": v, "loss": 1 - v}}
+                            for i, v in enumerate(curve)]
+        r["evaluations"].append({"step": 25 * len(curve), "epoch": 0.2 * len(curve), "split": "test", "role": "report",
+                                 "checkpoint": "best", "metrics": {"accuracy": 0.8}})
+        r["best"]["step"] = 25 * (best + 1)
+        r["training"]["stop_reason"] = reason
+        return r
+
+    runs = [run(1, [0.6, 0.7, 0.8, 0.79], "budget done: the linear schedule ended at step 100 (learning rate 0)", 2),
+            run(2, [0.5, 0.75, 0.74], "early stopping: no improvement in 2 evaluations", 1)]
+    seen = []
+    monkeypatch.setattr("sparsegrad.suite.report.sweep_figures.save_figure",
+                        lambda fig, out_dir, stem: seen.append((stem, fig)) or [])
+    figures.selection_curves(runs + glue_like_records(), tmp_path)  # fixture records without curves: no panel
+    (stem, fig), = seen
+    ax = fig.axes[0]
+    assert stem == "selection_curves" and len([a for a in fig.axes if a.get_visible()]) == 1
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["seed 1"].get_ydata()) == [60.0, 70.0, 80.0, 79.0]
+    assert {"stop: budget done", "stop: early stop"} <= set(lines)
+    rings = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert sorted((round(float(r.get_xdata()[0]), 6), float(r.get_ydata()[0])) for r in rings) == [(0.4, 75.0), (0.6, 80.0)]
+    figures._plt().close(fig)
+    assert figures.selection_curves(glue_like_records(), tmp_path) == []
