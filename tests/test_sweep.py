@@ -263,3 +263,40 @@ def test_a_grid_through_optuna_resumes_after_an_interruption_without_rerunning_a
     interrupted = [t for t in trials if t.state == TrialState.FAIL]
     assert len(interrupted) == 1 and (interrupted[0].params["lr"], interrupted[0].params["batch_size"]) in complete
     assert all("grid_id" in t.system_attrs for t in trials)  # every point placed by GridSampler
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_grid_creator_that_died_mid_queue_leaves_slots_refilled_with_the_points_no_trial_holds(tmp_path,
+                                                                                                monkeypatch):
+    import optuna
+
+    from sparsegrad.suite.sweep import studies
+
+    storage = studies.open_storage(f"journal://{tmp_path / 'study.log'}")
+    space = {"lr": [1e-4, 1e-3, 1e-2], "batch_size": [16]}
+    original, added = optuna.study.Study.add_trial, {"n": 0}
+
+    def dies(self, trial):
+        if added["n"] == 1:
+            raise RuntimeError("the creator died")
+        added["n"] += 1
+        return original(self, trial)
+
+    monkeypatch.setattr(optuna.study.Study, "add_trial", dies)
+    with pytest.raises(RuntimeError):
+        studies.prepare_grid(storage, "g", "maximize", space, seed=34)
+    monkeypatch.setattr(optuna.study.Study, "add_trial", original)
+    study = studies.prepare_grid(storage, "g", "maximize", space, seed=34)  # a later worker
+    assert studies.missing_slots(study) == [1, 2]
+    assert studies.refill(study) == [1, 2]
+
+    def points():
+        out = []
+        for t in study.get_trials(deepcopy=False):
+            grid = t.system_attrs["search_space"]
+            out.append(studies.grid_points(grid, t.system_attrs[studies.GRID_SEED_ATTR])[t.system_attrs["grid_id"]])
+        return sorted(p["lr"] for p in out)
+
+    assert points() == [1e-4, 1e-3, 1e-2]  # one ticket per point, whoever queued it
+    grown = studies.prepare_grid(storage, "g", "maximize", {**space, "lr": [1e-4, 1e-3, 1e-2, 1e-1]}, seed=34)
+    assert studies.progress(grown)["budget"] == 4 and points() == [1e-4, 1e-3, 1e-2, 1e-1]
