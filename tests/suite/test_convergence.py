@@ -159,11 +159,16 @@ def test_training_loop_stops_by_the_criterion(run_tiny, glue_files, min_epochs):
 
 
 def test_a_fixed_budget_runs_to_the_end_of_its_linear_schedule(run_tiny, glue_files):
+    """The default profile's rule: no early stop, the learning rate decayed to 0, the final weights kept."""
     record = run_tiny(["model=tiny_bert", "method=full", "task=sst2", "trainer.max_steps=8", "trainer.epochs=20",
                        "trainer.evals_per_epoch=2", "trainer.patience=null", "trainer.schedule=linear",
-                       data_files_override(glue_files["sst2"])])
+                       "trainer.checkpoint=final", "trainer.lr=1e-3", data_files_override(glue_files["sst2"])])
     assert record["training"]["optimizer_steps"] == 8 and converged(record)
     assert record["training"]["stop_reason"].startswith("budget done")
+    selection = [e for e in record["evaluations"] if e["role"] == "selection"]
+    assert len(selection) > 2 and selection[-1]["step"] == 8
+    assert record["best"]["step"] == record["final"]["step"] == 8 and record["best"]["score"] == record["final"]["score"]
+    assert record["objective"] == selection[-1]["metrics"]["accuracy"]
 
 
 def test_mlp_only_setting_trains_the_mlps_and_the_head(run_tiny, glue_files):

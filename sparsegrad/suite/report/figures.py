@@ -8,7 +8,7 @@
   and entries over training, per layer. Same source.
 * Pareto — peak training memory vs score per method, one panel per model, from the seed re-runs.
 * Selection curves — per study, every seed run's main metric on the selection split at each
-  evaluation (the curve its run record carries), its best checkpoint and where and why it stopped.
+  evaluation (the curve its run record carries), its kept checkpoint and where and why it stopped.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def _stop_mark(reason: str) -> tuple[str, str]:
 
 
 def _draw_curves(ax, runs: list[dict], higher: bool) -> None:
-    """One line per seed run: its selection curve over epochs; o marks the best checkpoint, the end marker the stop."""
+    """One line per seed run: its selection curve over epochs; o marks the kept checkpoint, the end marker the stop."""
     from sparsegrad.suite.sweep.runrecords import setting  # (lr, batch size) of a run
 
     shown = set()
@@ -176,13 +176,13 @@ def _draw_curves(ax, runs: list[dict], higher: bool) -> None:
 
 
 def selection_curves(records: list[dict], out_dir: Path) -> list[Path]:
-    """Per study: every seed run's selection curve, its best checkpoint (o) and its stop (marker by reason)."""
+    """Per study: every seed run's selection curve, its kept checkpoint (o) and its stop (marker by reason)."""
     from sparsegrad.suite.report.sweep_figures import per_study
 
     records = [r for r in records if r.get("_stage") == "seeds" and any(
         e.get("role") == "selection" for e in r.get("evaluations") or [])]
     return per_study(records, out_dir, _draw_curves, "epoch",
-                     "Selection curve of every seed run (o: best checkpoint; end marker: where and why it stopped)",
+                     "Selection curve of every seed run (o: the checkpoint it kept; end marker: where and why it stopped)",
                      "selection_curves", stage="seeds", ylabel="selection metric")
 
 

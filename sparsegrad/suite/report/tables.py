@@ -5,8 +5,8 @@ optional CUDA benchmark records): no training, no Hydra. What a record holds and
 selected and grouped (the seed re-runs at the chosen setting, the best sweep trial) is in
 :mod:`sparsegrad.suite.report.table_inputs`.
 
-Conventions: scores are the main metric of the restored best checkpoint on the reported split
-(``best.score``), x100 except for losses; "±" is the population std over seeds (as the authors'
+Conventions: scores are the main metric of the kept checkpoint (the restored best one, or the final
+one with ``trainer.checkpoint=final``) on the reported split (``best.score``), x100 except for losses; "±" is the population std over seeds (as the authors'
 ``process_results.py``); Δ is ours minus the paper's. Only completed runs enter a mean; diverged and
 failed ones are counted in the notes. Where the profile runs stand-ins (offline models and tasks), the
 paper column holds the closest analogue and a note under the table says which.
@@ -264,6 +264,16 @@ def table5(records: list[dict], paper: Paper, analogue: Analogue) -> Table:
                  ["model", "method", "trainable", "paper trainable", "AVG", "paper AVG", "Δ", "tasks"], rows, notes)
 
 
+def kept_checkpoint(runs: list[dict]) -> str:
+    """What a run's score is taken from: its best checkpoint, or (``trainer.checkpoint=final``) its last."""
+    kinds = {((r.get("config") or {}).get("trainer") or {}).get("checkpoint", "best") for r in runs}
+    if kinds == {"final"}:
+        return "the final checkpoint (the weights at the end of the run's schedule)"
+    if "final" in kinds:
+        return "the kept checkpoint (best on held-out data, or the final one where the run's trainer says so)"
+    return "the best checkpoint (selected on held-out data)"
+
+
 def score_tables(records: list[dict], paper: Paper, analogue: Analogue) -> list[Table]:
     """Tables 9 (BERT-base), 10 (RoBERTa-base), 4 (RoBERTa-large): per task, mean ± std over seeds."""
     cs = cells(final_runs(records))
@@ -288,7 +298,7 @@ def score_tables(records: list[dict], paper: Paper, analogue: Analogue) -> list[
                     pm, ps = paper.get(table, pmodel, method, ptask, "score")
                     rows.append([model, METHOD_LABEL.get(method, method), task, ptask if pm is not None else "—",
                                  fmt_pm(c.mean, c.std), str(len(c.scores)), fmt_pm(pm, ps), fmt_delta(c.mean, pm)])
-        notes = ["Score: the main metric ×100 of the best checkpoint (selected on held-out data) on the reported "
+        notes = [f"Score: the main metric ×100 of {kept_checkpoint(final_runs(records))} on the reported "
                  "split; ± is the population std over seeds."]
         notes += _analogue_note(analogue, models, [r[2] for r in rows])
         notes += _variant_note(meth for m, meth, _ in cs if m in models)

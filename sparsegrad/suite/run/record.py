@@ -23,7 +23,8 @@ Schema (version 1); ``|None`` marks fields that may be null:
 * ``evaluations``: [{``step`` int, ``epoch`` float, ``split`` str, ``role`` selection|report,
   ``checkpoint`` current|best, ``metrics`` {name: float|None}}] — every evaluation, in order
 * ``best``: {``step`` int, ``selection`` {metrics}, ``report`` {split: {metrics}}, ``score`` float|None}|None
-  — the restored best checkpoint; ``score`` is the main metric on ``report_split``
+  — the kept checkpoint: the restored best one, or the final weights with ``trainer.checkpoint=final``;
+  ``score`` is the main metric on ``report_split``
 * ``final``: same shape as ``best``, for the weights at the end of training|None
 * ``objective``: float|None — what the entry point returns (the main metric of the best checkpoint on
   the selection split, or on the reported split with ``trainer.objective=report``)

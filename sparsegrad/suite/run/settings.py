@@ -57,6 +57,7 @@ class TrainerSettings:
     stop_metric: Literal["main", "loss"] = "main"  # what early stopping watches on the selection split
     stop_window: Count = 1  # early stopping watches the mean of the last stop_window evaluations
     min_epochs: Annotated[float, Ge(0)] = 0.0  # epochs of training before early stopping may stop the run
+    checkpoint: Literal["best", "final"] = "best"  # the checkpoint a run keeps: best on the selection split, or the last
     protocol: Literal["heldout", "official"] = "heldout"  # official: select and report on dev
     heldout_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.1
     heldout_max: Count | None = 2000

@@ -212,7 +212,7 @@ def train(
                             window=settings.stop_window, min_steps=steps_for_epochs(settings.min_epochs, steps_per_epoch))
     watched = main_metric if settings.stop_metric == "main" else "loss"
     selection = _Selection(state, model, evaluate_selection, main_metric, higher_is_better, stopper, watched,
-                           meter, tracker)
+                           meter, tracker, keep_final=settings.checkpoint == "final")
     bar = _progress_bar(settings, total_steps)
     model.train()
     optimizer.zero_grad()
@@ -324,8 +324,9 @@ class _Selection:
     watched metric to the convergence criterion (``stopper``)."""
 
     def __init__(self, state, model, evaluate_selection, main_metric, higher_is_better, stopper, watched, meter,
-                 tracker):
+                 tracker, keep_final=False):
         self.state, self.model, self.run = state, model, evaluate_selection
+        self.keep_final = keep_final  # trainer.checkpoint=final: the latest evaluation is the kept checkpoint
         self.metric, self.higher = main_metric, higher_is_better
         self.stopper, self.watched = stopper, watched
         self.meter, self.tracker = meter, tracker
@@ -346,6 +347,8 @@ class _Selection:
         value = result.get(self.metric)
         self.stopper.update(result.get(self.watched), state.step)
         improved = better(value, state.best_value, self.higher)
+        if self.keep_final:
+            state.best_value, improved = value, True
         if improved or state.best_snapshot is None:
             state.best_value = value if improved else state.best_value
             state.best_step, state.best_metrics = state.step, result
