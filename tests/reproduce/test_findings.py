@@ -117,6 +117,18 @@ def test_runs_at_the_step_cap_are_noted():
     assert "1/6 runs stopped by the step cap or the end of the epochs" in f.notes[0]
 
 
+def test_runs_at_the_step_cap_say_how_far_from_converged_they_were():
+    """Each method's runs that did not converge: the slope of their selection curve at the end, per 10 steps."""
+    rs = chat_records({"sparsegrad": (1.20, 1.21, 1.19), "lora": (1.30, 1.32, 1.31)})
+    for r, tail in zip(rs, ([1.30, 1.28, 1.26], [1.3, 1.3, 1.3], [1.24, 1.22, 1.20],  # sparsegrad: -0.02, 0, -0.02
+                            [1.5, 1.45, 1.4], [1.5, 1.46, 1.42], [1.6, 1.5, 1.4])):   # lora: -0.05, -0.04, -0.1
+        r["training"]["stop_reason"] = "max_steps reached"
+        r["evaluations"] = [{"step": 10 * (i + 8), "epoch": 0.1, "split": "validation", "role": "selection",
+                             "checkpoint": "current", "metrics": {"loss": v}} for i, v in enumerate(tail)]
+    f = by_claim(findings.build(rs, None, {"models": {"smollm2": "llama2_7b"}, "tasks": {"chat": "oasst1"}}))[("a", "smollm2")]
+    assert "still moving when they stopped" in f.notes[0] and "lora -0.050, sparsegrad -0.020" in f.notes[0]
+
+
 def chat_records(losses: dict[str, tuple[float, ...]]) -> list[dict]:
     """Seed runs of smollm2 on chat: method -> validation loss per seed 1, 2, 3 (lower is better)."""
     rs = []

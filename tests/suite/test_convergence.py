@@ -9,7 +9,7 @@ import random
 import pytest
 from suite_fixtures import data_files_override
 
-from sparsegrad.suite.run.convergence import EarlyStopping, better, converged, hit_cap
+from sparsegrad.suite.run.convergence import EarlyStopping, better, converged, hit_cap, late_change
 from sparsegrad.suite.run.settings import TrainerSettings
 from sparsegrad.suite.run.trainer import end_reason, evaluation_interval
 
@@ -204,3 +204,13 @@ def test_task_head_of_a_peft_model():
     assert unfreeze_task_head(m) == ["classifier.weight", "classifier.bias"]
     assert not m.bert.layer.weight.requires_grad and m.classifier.weight.requires_grad
     assert [n for n, _ in task_head_parameters(nn.Linear(2, 2))] == []
+
+
+def test_late_change_is_the_slope_of_the_last_evaluations_per_10_steps():
+    def rec(values, every=20):
+        return {"main_metric": {"name": "loss"}, "evaluations": [
+            {"step": every * (i + 1), "role": "selection", "checkpoint": "current", "metrics": {"loss": v}}
+            for i, v in enumerate(values)] + [{"step": 99, "role": "report", "metrics": {"loss": 0.0}}]}
+
+    assert late_change(rec([3.0, 2.0, 1.30, 1.24, 1.20])) == pytest.approx(-0.025)  # (1.20 - 1.30) / 40 x 10
+    assert late_change(rec([1.0, 1.0])) is None  # fewer than 3 evaluations

@@ -37,6 +37,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from pathlib import Path
 
 from sparsegrad.suite.report import stats
 from sparsegrad.suite.run import measure
-from sparsegrad.suite.run.convergence import converged
+from sparsegrad.suite.run.convergence import converged, late_change
 
 PAPER_CSV = Path(__file__).resolve().parents[3] / "results" / "paper" / "paper_numbers.csv"
 LOSS_METRICS = ("loss", "perplexity")
@@ -310,10 +311,26 @@ def _run_notes(cells, model: str, methods: list[str], tasks: list[str]) -> list[
         notes.append(f"steps run: median {steps[len(steps) // 2]} (best checkpoint at median step {bests[len(bests) // 2]})")
     if capped:
         notes.append(f"{capped}/{len(runs)} runs stopped by the step cap or the end of the epochs, not by the "
-                     "convergence criterion")
+                     "convergence criterion" + _still_moving(runs))
     if bad:
         notes.append(f"{bad}/{len(runs)} runs diverged or failed (left out)")
     return notes
+
+
+def _still_moving(runs: list[dict]) -> str:
+    """How far from converged the runs that did not converge were: per method, the median over its seeds of
+    the selection metric's slope over its last 3 evaluations (per 10 steps; ×100 for scores)."""
+    slopes: dict[str, list[float]] = {}
+    for r in runs:
+        change = late_change(r) if r.get("status") == "completed" and converged(r) is False else None
+        if change is not None:
+            higher = (r.get("main_metric") or {}).get("higher_is_better", True)
+            slopes.setdefault(r["method"], []).append(100 * change if higher else change)
+    if not slopes:
+        return ""
+    parts = [f"{m} {statistics.median(v):+.3f}" for m, v in sorted(slopes.items())]
+    return ("; still moving when they stopped (selection metric per 10 steps over their last 3 evaluations, "
+            "median): " + ", ".join(parts))
 
 
 # ------------------------------------------------------------------------- the test split's error

@@ -117,3 +117,19 @@ def hit_cap(record: dict) -> bool:
 def steps_for_epochs(epochs: float | None, steps_per_epoch: int) -> int:
     """Optimizer steps in ``epochs`` passes over the training data (0 for None)."""
     return int(math.ceil((epochs or 0.0) * steps_per_epoch))
+
+
+def late_change(record: dict, evaluations: int = 3, per_steps: int = 10) -> float | None:
+    """How fast a run's selection curve still moved when it ended: the least-squares slope of its main metric
+    over its last ``evaluations`` selection evaluations, per ``per_steps`` optimizer steps (for a loss,
+    negative means still falling). None with fewer evaluations than that, or without a main metric."""
+    metric = (record.get("main_metric") or {}).get("name")
+    points = [(float(e["step"]), e["metrics"].get(metric)) for e in record.get("evaluations") or []
+              if e.get("role") == "selection" and e.get("checkpoint", "current") == "current"]
+    points = [(x, float(y)) for x, y in points if y is not None and math.isfinite(y)][-evaluations:]
+    if len(points) < max(2, evaluations):
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return per_steps * sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else None
