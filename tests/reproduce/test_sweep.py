@@ -225,7 +225,7 @@ def test_smoke_profile_end_to_end(tmp_path, asset):
                  "figures/pareto_memory_score.png", "analysis/sparsity.json", "optuna.db"):
         assert (out / name).stat().st_size > 0, name
     n_records = len(sweep.load_records(out / "records"))
-    assert n_records == 18  # 4 studies (full, lora, meprop, sparsegrad) x (2 trials + 2 seeds) + 2 kept fractions
+    assert n_records == 22  # 5 studies (full, lora, meprop, sparsegrad, shira) x (2 trials + 2 seeds) + 2 kept fractions
     assert "plan: 18 runs to do (8 sweep trials, 8 seed re-runs, 2 kept-fraction runs; 0 already" in proc.stdout
     assert "smoke: 18/18 runs" in proc.stderr
     findings_md = (out / "findings.md").read_text(encoding="utf-8")
