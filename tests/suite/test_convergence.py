@@ -214,3 +214,24 @@ def test_late_change_is_the_slope_of_the_last_evaluations_per_10_steps():
 
     assert late_change(rec([3.0, 2.0, 1.30, 1.24, 1.20])) == pytest.approx(-0.025)  # (1.20 - 1.30) / 40 x 10
     assert late_change(rec([1.0, 1.0])) is None  # fewer than 3 evaluations
+
+
+# Validation loss of SmolLM2-135M on chat (50 conversations, every 10 steps): full FT seed 3 of the committed
+# llama_offline runs (stopped at step 60 by the earlier rule; seed 1 fell on to 1.153 at step 100), and
+# LoRA and SparseGrad seed 1 run to 300 steps without a stop.
+FULL_FT_CHAT = [1.899, 1.497, 1.265, 1.239, 1.244, 1.254]
+LORA_CHAT = [2.829, 2.369, 2.186, 1.988, 1.773, 1.651, 1.528, 1.458, 1.320, 1.279, 1.251, 1.247, 1.233, 1.224, 1.213,
+             1.208, 1.200, 1.204, 1.192, 1.184, 1.182, 1.180, 1.178, 1.164, 1.163, 1.153, 1.151, 1.151, 1.152, 1.148]
+SPARSEGRAD_CHAT = [2.289, 2.035, 1.892, 1.703, 1.541, 1.462, 1.413, 1.323, 1.250, 1.230, 1.204, 1.198, 1.195, 1.186,
+                   1.170, 1.164, 1.163, 1.162, 1.149, 1.147, 1.140, 1.137, 1.130, 1.116, 1.107, 1.103, 1.100, 1.097,
+                   1.095, 1.090]
+CHAT_RULE = {"patience": 3, "window": 3, "min_steps": 102, "higher_is_better": False}  # conf/profile/llama_offline.yaml
+
+
+def test_the_chat_rule_waits_out_the_noise_that_stopped_full_ft_and_lets_falling_losses_run():
+    assert stop_step(FULL_FT_CHAT, 10, patience=2, higher_is_better=False) == 60  # the earlier rule
+    assert stop_step(FULL_FT_CHAT, 10, **CHAT_RULE) is None
+    for curve in (LORA_CHAT, SPARSEGRAD_CHAT):  # evaluated every 20 steps, as the profile does
+        assert stop_step(curve[1::2], 20, **CHAT_RULE) is None
+    flat = FULL_FT_CHAT + [1.25, 1.24, 1.26, 1.25, 1.25, 1.26, 1.25]  # a plateau after the minimum length
+    assert stop_step(flat, 10, **CHAT_RULE) == 110  # the first evaluation past the minimum length
