@@ -226,8 +226,8 @@ def test_smoke_profile_end_to_end(tmp_path, asset):
         assert (out / name).stat().st_size > 0, name
     n_records = len(sweep.load_records(out / "records"))
     assert n_records == 22  # 5 studies (full, lora, meprop, sparsegrad, shira) x (2 trials + 2 seeds) + 2 kept fractions
-    assert "plan: 18 runs to do (8 sweep trials, 8 seed re-runs, 2 kept-fraction runs; 0 already" in proc.stdout
-    assert "smoke: 18/18 runs" in proc.stderr
+    assert "plan: 22 runs to do (10 sweep trials, 10 seed re-runs, 2 kept-fraction runs; 0 already" in proc.stdout
+    assert "smoke: 22/22 runs" in proc.stderr
     findings_md = (out / "findings.md").read_text(encoding="utf-8")
     assert "| (a) SparseGrad ≥ LoRA" in findings_md and "| (e) steps/s" in findings_md
     summary = (out / "tables.md").read_text(encoding="utf-8")
@@ -237,7 +237,7 @@ def test_smoke_profile_end_to_end(tmp_path, asset):
     # a second run finds everything done and only rebuilds the tables
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0 and "all 2 trials done" in proc.stdout and "all 2 seed runs done" in proc.stdout
-    assert "plan: 0 runs to do (0 sweep trials, 0 seed re-runs, 0 kept-fraction runs; 18 already" in proc.stdout
+    assert "plan: 0 runs to do (0 sweep trials, 0 seed re-runs, 0 kept-fraction runs; 22 already" in proc.stdout
     assert "sweep tiny_bert-meprop-movie_sentiment: all 2 trials done" in proc.stdout
     assert len(sweep.load_records(out / "records")) == n_records
     tables_only = subprocess.run([*cmd, "--tables-only"], capture_output=True, text=True, cwd=ROOT, env=env,
