@@ -348,3 +348,16 @@ def test_memory_claim_is_checked_against_make_bench(tmp_path):
     assert "the opposite of this row: the gauges differ" in old
     none = by_claim(findings.build(fixture_records("smollm2"), bench=load_bench_memory(tmp_path)))
     assert "no run of smollm2 in results/bench (it holds minilm)" in none[("d", "smollm2")].notes[-1]
+
+
+def test_fixed_budget_runs_say_the_final_checkpoint_is_scored():
+    rs = fixture_records()
+    for r in rs:
+        r["config"].setdefault("trainer", {})["checkpoint"] = "final"
+        r["training"].update(optimizer_steps=250, stop_reason="budget done: the linear schedule ended at step 250 (learning rate 0)")
+    f = by_claim(findings.build(rs))[("a", "minilm")]
+    assert any("(the final checkpoint scored)" in n for n in f.notes)
+    assert not any("best checkpoint" in n or "step cap" in n for n in f.notes)
+    rs[1]["config"]["trainer"]["checkpoint"] = "best"  # mixed policies: the best-checkpoint wording
+    f = by_claim(findings.build(rs))[("a", "minilm")]
+    assert any("best checkpoint at median step" in n for n in f.notes)

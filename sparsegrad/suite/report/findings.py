@@ -15,7 +15,7 @@ two methods is averaged over the profile's tasks (the paper's claims are about i
 the 95% interval is Student's t over those per-seed differences. It covers seed-to-seed (training)
 variation on this fixed test split. The test split's own sampling error is shown beside it, not folded
 in: the same mean paired difference recomputed on bootstrap resamples of the test examples (the
-records' per-example results of the best checkpoint; the same resample for every method and seed).
+records' per-example results of the scored checkpoint; the same resample for every method and seed).
 Claim (f) pairs the two bases per MLP layer of the sparsity analysis (each layer's share averaged over
 its evaluation batches) and takes the t interval over layers.
 
@@ -76,7 +76,7 @@ RULE = [
     f"(the verdict uses the seed interval alone): half the width of the central 95% of the same mean paired "
     f"difference recomputed on {BOOTSTRAP_RESAMPLES:,} bootstrap resamples of the test examples (each task's test "
     f"split resampled with replacement, the same resample for every method and seed; the per-example results of "
-    f"the best checkpoints in the records). 'unavailable': records written before they held per-example results.",
+    f"the scored checkpoints in the records). 'unavailable': records written before they held per-example results.",
     "Detectable: the smallest difference this design detects with 80% power in a two-sided 5% test, from the "
     "observed spread of the paired differences: MDE = (t(0.975, n−1) + t(0.80, n−1))·sd/√n, sd the sample "
     "standard deviation of the n paired differences. Seeds for the paper's Δ: the smallest n ≥ 2 with "
@@ -84,8 +84,9 @@ RULE = [
     "1,000). The paper's difference is in the claim's units: for (c) its distance from the −1 margin; for (d) and "
     "(e) the paper's ratio of the two methods applied to our mean of the second one (MB and steps/s do not carry "
     "across devices and models).",
-    "Scores are the main metric ×100 of the best checkpoint (selected on held-out data) on the test split; for "
-    "loss tasks lower is better and a difference is shown as SparseGrad − other (negative: SparseGrad better).",
+    "Scores are the main metric ×100 on the test split of the checkpoint each run scores: the best one on held-out "
+    "data (trainer.checkpoint=best) or the last one of a fixed budget (trainer.checkpoint=final), as the notes "
+    "column says; for loss tasks lower is better and a difference is shown as SparseGrad − other (negative: SparseGrad better).",
 ]
 
 
@@ -307,7 +308,10 @@ def _run_notes(cells, model: str, methods: list[str], tasks: list[str]) -> list[
     notes = []
     steps = sorted(int((r.get("training") or {}).get("optimizer_steps") or 0) for r in runs if r.get("status") == "completed")
     bests = sorted(int((r.get("best") or {}).get("step") or 0) for r in runs if r.get("status") == "completed")
-    if steps and steps[-1] > 0:
+    policies = {((r.get("config") or {}).get("trainer") or {}).get("checkpoint", "best") for r in runs}
+    if steps and steps[-1] > 0 and policies == {"final"}:
+        notes.append(f"steps run: median {steps[len(steps) // 2]} (the final checkpoint scored)")
+    elif steps and steps[-1] > 0:
         notes.append(f"steps run: median {steps[len(steps) // 2]} (best checkpoint at median step {bests[len(bests) // 2]})")
     if capped:
         notes.append(f"{capped}/{len(runs)} runs stopped by the step cap or the end of the epochs, not by the "
