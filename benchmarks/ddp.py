@@ -1,8 +1,8 @@
 """Data-parallel rows of ``make bench``: full FT, LoRA and SparseGrad in both data-parallel modes under
 DistributedDataParallel.
 
-    python -m benchmarks.ddp                       # 2 gloo processes on CPU, BERT-base shape, 16 x 64
-    python -m benchmarks.ddp --steps 8 --seq 128 --hidden 256 --layers 4
+    python -m benchmarks.ddp                       # 2 gloo processes on CPU, BERT-base shape, 16x64 and 16x128
+    python -m benchmarks.ddp --steps 8 --shapes 16x128:none --hidden 256 --layers 4
 
 Each method runs in 2 fresh processes (``torch.multiprocessing.spawn``, gloo on 127.0.0.1, one thread
 each), each process taking half of every global batch. SparseGrad runs in both modes:
@@ -19,7 +19,9 @@ warm-up steps, as the median over the timed steps of rank 0:
   (``broadcast_buffers=False``; under ``topk_at="backward"`` DDP leaves the layers' buffers alone
   anyway); the bytes DDP's default ``broadcast_buffers=True`` would add per forward pass are listed.
 
-Ratios are to full FT under the same DDP setting. Writes ``results/bench/ddp.md`` and ``ddp.json``, with
+Each batch shape (``--shapes``, rows x tokens, unpadded or padded to the lengths of the movie-review
+sentences like ``make bench``'s padded shapes) is its own table. Ratios are to full FT under the same DDP
+setting and shape. Writes ``results/bench/ddp.md`` and ``ddp.json``, with
 the MLP bytes per step at the BERT-base and LLaMA-2-7B shapes by calculation, from the message sizes
 of the same code (:func:`sparsegrad.data_parallel.exchange_message_bytes`).
 """
@@ -68,16 +70,33 @@ def _model(opts: dict):
     return BertForSequenceClassification(cfg)
 
 
+def _lengths(opts: dict, step: int) -> list[int]:
+    """The rows' token counts of ``step``'s global batch: all ``seq`` unpadded, else movie-sentence lengths."""
+    if opts.get("padding", "none") == "none":
+        return [opts["seq"]] * opts["batch"]
+    from benchmarks.shapes import movie_lengths
+
+    return movie_lengths(opts["batch"], opts["seq"], 1000 + step)
+
+
 def _batch(opts: dict, step: int, rank: int | None) -> dict:
     """Process ``rank``'s half of the global batch of ``step`` (the whole batch for ``rank=None``)."""
     gen = torch.Generator().manual_seed(1000 + step)
     rows, seq = opts["batch"], opts["seq"]
     ids = torch.randint(1000, 30000, (rows, seq), generator=gen)
     labels = torch.randint(0, 2, (rows,), generator=gen)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(_lengths(opts, step))[:, None]).long()
+    batch = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
     if rank is None:
-        return {"input_ids": ids, "labels": labels}
+        return batch
     half = rows // WORLD
-    return {"input_ids": ids[rank * half : (rank + 1) * half], "labels": labels[rank * half : (rank + 1) * half]}
+    return {key: value[rank * half : (rank + 1) * half] for key, value in batch.items()}
+
+
+def real_tokens_per_process(opts: dict) -> float:
+    """Mean tokens that are not padding in one process's half of a timed step's batch."""
+    steps = range(opts["warmup"], opts["warmup"] + opts["steps"])
+    return sum(sum(_lengths(opts, s)) for s in steps) / len(steps) / WORLD
 
 
 def _mlp_matrix_params(model, name: str) -> list:
@@ -184,31 +203,30 @@ def mlp_bytes_by_mode(n: int, out_in: tuple[int, int], k, lora_rank: int) -> dic
 
 
 def _cost_note(opts: dict, rows: list[dict]) -> str:
-    """Multiply-adds per MLP matrix, process and optimizer step at the measured shape (the layer's
-    cost model, :mod:`sparsegrad.kernels`): where SparseGrad's extra CPU time goes."""
+    """Multiply-adds per MLP matrix, process and optimizer step at the measured shape (the layers' cost
+    model, :mod:`sparsegrad.kernels`): where SparseGrad's extra CPU time goes."""
     from sparsegrad.kernels import macs_auto, macs_dense
 
     tokens, d_in, d_out = opts["batch"] // WORLD * opts["seq"], opts["hidden"], 4 * opts["hidden"]
+    real = int(round(real_tokens_per_process(opts)))
     dense = macs_dense(tokens, d_in, d_out)
     apply_step = d_out * d_in * min(d_in, d_out)  # u_out dW~ R^T, a step touching every row and column
-    backward = macs_auto(tokens, d_in, d_out, weight_refresh_macs=apply_step)
+    backward = macs_auto(tokens, d_in, d_out, n_backward_rows=real, weight_refresh_macs=apply_step)
     step = dense + d_out * d_in * (d_in + d_out) + apply_step
     g = 1e9
     sent = {r["method"]: r["mlp_bytes"] for r in rows}
     share = (f"{sent['sparsegrad_backward'] / sent['full']:.1%} of" if {"full", "sparsegrad_backward"} <= set(sent)
              else "a small fraction of")  # fmt: skip
+    padded = (f" ({real} of them not padding: the rotations and dL/dx run on those rows only, sparse_by_dense)"
+              if real < tokens else "")  # fmt: skip
     return (
         f"Where SparseGrad's CPU time goes, by the layers' cost model (`sparsegrad.kernels`), per MLP matrix "
-        f"({d_out} x {d_in}), process and optimizer step at {tokens} tokens per process: full FT's three "
+        f"({d_out} x {d_in}), process and optimizer step at {tokens} tokens per process{padded}: full FT's three "
         f"products {dense / g:.1f} G multiply-adds; topk_at='backward' {backward / g:.1f} G (the rotations of "
         f"each backward pass, per token or once per call whichever is cheaper, plus about "
         f"{apply_step / g:.1f} G to apply the summed k-sparse step to W); topk_at='step' {step / g:.1f} G (one "
-        f"rotation of the dense summed gradient, out*in*(in + out), plus the same step). The MLP holds two thirds "
-        "of a BERT layer's matrix parameters, so the rotations, not the communication, set SparseGrad's time "
-        f"at this small per-process batch: the exchange itself sends {share} full FT's MLP bytes. Per-token "
-        "rotations grow with the tokens as the layer's own products do, and rows of padding are dropped before "
-        "them (sparse_by_dense), so padded batches cost relatively less. Wall times on a shared 2-core machine "
-        "are dominated by waiting for the other process; the CPU seconds are the steadier figure."
+        f"rotation of the dense summed gradient, out*in*(in + out), plus the same step). The exchange itself "
+        f"sends {share} full FT's MLP bytes; the rotations, not the communication, set SparseGrad's time."
     )
 
 
@@ -216,29 +234,16 @@ def _mb(b: float) -> str:
     return f"{b / 1e6:,.1f}"
 
 
-def render(rows: list[dict], opts: dict, meta: dict) -> str:
+def _shape_label(opts: dict) -> str:
+    pad = ("unpadded" if opts.get("padding", "none") == "none"
+           else f"padded to the movie-review sentence lengths, {real_tokens_per_process(opts):.0f} of "
+                f"{opts['batch'] // WORLD * opts['seq']} tokens per process not padding")  # fmt: skip
+    return f"global batch {opts['batch']} x {opts['seq']} tokens ({opts['batch'] // WORLD} rows per process), {pad}"
+
+
+def _table(rows: list[dict]) -> list[str]:
     base = next(r for r in rows if r["method"] == "full")
     lines = [
-        "# Data-parallel training cost per optimizer step (DistributedDataParallel)",
-        "",
-        f"{WORLD} processes, gloo on 127.0.0.1, one thread each, CPU; random BERT (hidden {opts['hidden']}, "
-        f"{opts['layers']} layers, MLP {4 * opts['hidden']}), global batch {opts['batch']} x {opts['seq']} tokens "
-        f"({opts['batch'] // WORLD} rows per process), unpadded; median of {opts['steps']} steps after "
-        f"{opts['warmup']} warm-up steps, rank 0. SparseGrad: k = 1% of each MLP matrix, in its two data-parallel "
-        "modes: topk_at='step' (dense gradient through the all-reduce, rotation and top-k once per step: one "
-        "process on the whole batch) and topk_at='backward' (each process keeps its own top-k in its backward "
-        "pass, the optimizer all-gathers only those entries and steps their sum: one process accumulating the "
-        "processes' micro-batches). LoRA: rank 8 on the MLP linears. Every method in the paper's encoder setting "
-        "(non-MLP parameters train densely, through DDP's all-reduce).",
-        "",
-        f"Machine: {meta['machine']}; load average before the run: {meta['load_before']}, after: "
-        f"{meta['load_after']}; torch {meta['torch']}; git {meta['git']}.",
-        "",
-        "Bytes are what each process puts into the collectives per optimizer step (the all-reduce's input; the "
-        "all-gather's input, of which each process receives 2 x): the MLP matrices (their gradients, LoRA's "
-        "adapters, or the sparse exchange's counts, indices and values) and the rest (non-MLP parameters and "
-        "biases).",
-        "",
         "| method | wall s / step | vs full | CPU s / step | vs full | MB sent / step | vs full | MLP matrices MB "
         "| vs full | rest MB | buffers MB (broadcast each forward if broadcast_buffers=True) | trainable parameters |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -251,6 +256,38 @@ def render(rows: list[dict], opts: dict, meta: dict) -> str:
             f"{r['mlp_bytes'] / base['mlp_bytes']:.3f}x | {_mb(r['other_bytes'])} | {_mb(r['buffer_bytes'])} | "
             f"{r['trainable']:,} |"
         )
+    return lines
+
+
+def render(configs: list[dict], meta: dict) -> str:
+    """``configs``: one ``{"options": ..., "rows": ...}`` per batch shape, all from one run."""
+    first = configs[0]["options"]
+    lines = [
+        "# Data-parallel training cost per optimizer step (DistributedDataParallel)",
+        "",
+        f"{WORLD} processes, gloo on 127.0.0.1, one thread each, CPU; random BERT (hidden {first['hidden']}, "
+        f"{first['layers']} layers, MLP {4 * first['hidden']}); median of {first['steps']} steps after "
+        f"{first['warmup']} warm-up steps, rank 0; one table per batch shape, all measured in one run. SparseGrad: "
+        "k = 1% of each MLP matrix, in its two data-parallel "
+        "modes: topk_at='step' (dense gradient through the all-reduce, rotation and top-k once per step: one "
+        "process on the whole batch) and topk_at='backward' (each process keeps its own top-k in its backward "
+        "pass, the optimizer all-gathers only those entries and steps their sum: one process accumulating the "
+        "processes' micro-batches). LoRA: rank 8 on the MLP linears. Every method in the paper's encoder setting "
+        "(non-MLP parameters train densely, through DDP's all-reduce).",
+        "",
+        f"Machine: {meta['machine']}; load average before the run: {meta['load_before']}, after: "
+        f"{meta['load_after']}; torch {meta['torch']}; git {meta['git']}. Wall times on a shared 2-core machine "
+        "are dominated by waiting for the other process; the CPU seconds are the steadier figure.",
+        "",
+        "Bytes are what each process puts into the collectives per optimizer step (the all-reduce's input; the "
+        "all-gather's input, of which each process receives 2 x): the MLP matrices (their gradients, LoRA's "
+        "adapters, or the sparse exchange's counts, indices and values) and the rest (non-MLP parameters and "
+        "biases).",
+    ]
+    for config in configs:
+        opts, rows = config["options"], config["rows"]
+        lines += ["", f"## {_shape_label(opts)[0].upper()}{_shape_label(opts)[1:]}", "", *_table(rows), "",
+                  _cost_note(opts, rows)]  # fmt: skip
     lines += [
         "",
         "## MLP bytes per step by calculation",
@@ -272,14 +309,30 @@ def render(rows: list[dict], opts: dict, meta: dict) -> str:
             f"{_mb(b['sparsegrad_backward'])} MB | {_mb(WORLD * b['sparsegrad_backward'])} MB | "
             f"{b['sparsegrad_backward'] / b['full']:.4f}x |"
         )
-    measured = {r["method"]: r["mlp_bytes"] for r in rows}
-    if opts["hidden"] == 768 and opts["layers"] == 12 and "sparsegrad_backward" in measured:
-        calc = mlp_bytes_by_mode(**next(iter(SHAPES.values())))
-        lines += ["", "Measured above at the BERT-base shape: "
-                  + ", ".join(f"{m} {_mb(measured[m])} MB (calculated {_mb(calc[m])})" for m in measured if m in calc)
-                  + "."]  # fmt: skip
-    lines += ["", _cost_note(opts, rows), ""]
-    return "\n".join(lines)
+    for config in configs:
+        opts, measured = config["options"], {r["method"]: r["mlp_bytes"] for r in config["rows"]}
+        if opts["hidden"] == 768 and opts["layers"] == 12 and "sparsegrad_backward" in measured:
+            calc = mlp_bytes_by_mode(**next(iter(SHAPES.values())))
+            lines += ["", f"Measured at the BERT-base shape, {opts['batch']} x {opts['seq']}: "
+                      + ", ".join(f"{m} {_mb(measured[m])} MB (calculated {_mb(calc[m])})" for m in measured if m in calc)
+                      + "."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def parse_shapes(text: str) -> list[dict]:
+    """``"16x64:none,16x128:movie"`` -> batch, seq and padding of each shape."""
+    shapes = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        size, _, padding = part.partition(":")
+        rows, _, seq = size.partition("x")
+        padding = padding or "none"
+        if not (rows.isdigit() and seq.isdigit()) or padding not in ("none", "movie") or int(rows) % WORLD:
+            raise ValueError(f"--shapes: {part!r} is not ROWSxTOKENS[:none|movie] with ROWS a multiple of {WORLD} "
+                             "(e.g. 16x64:none,16x128:movie)")
+        shapes.append({"batch": int(rows), "seq": int(seq), "padding": padding})
+    if not shapes:
+        raise ValueError("--shapes: give at least one shape, e.g. 16x64:none")
+    return shapes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--hidden", type=int, default=768, help="BERT hidden size (MLP: 4x); default BERT-base")
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=16, help="global batch (rows), split over the processes")
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--shapes", default="16x64:none,16x128:movie",
+                        help="global batches ROWSxTOKENS[:none|movie], comma-separated, split over the processes; "
+                             "movie: padded to the movie-review sentence lengths")  # fmt: skip
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results" / "bench")
@@ -296,16 +350,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         saved = json.loads(args.render.read_text())
-        (args.render.parent / "ddp.md").write_text(render(saved["rows"], saved["options"], saved["meta"]))
+        configs = saved.get("configs") or [{"options": saved["options"], "rows": saved["rows"]}]
+        (args.render.parent / "ddp.md").write_text(render(configs, saved["meta"]))
         return 0
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "full" not in methods:
         parser.error(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)} (full is needed for the ratios)")
-    opts = {"methods": methods, "hidden": args.hidden, "layers": args.layers, "batch": args.batch,
-            "seq": args.seq, "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError as err:
+        parser.error(str(err))
     load_before = os.getloadavg()[0]
-    rows = run(opts)
+    configs = []
+    for shape in shapes:
+        opts = {"methods": methods, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
+                "warmup": args.warmup, **shape}  # fmt: skip
+        print(f"[ddp] {_shape_label(opts)}", flush=True)
+        configs.append({"options": opts, "rows": run(opts)})
     import subprocess
 
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -313,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": f"{load_before:.1f}", "load_after": f"{os.getloadavg()[0]:.1f}",
             "torch": torch.__version__, "git": git.stdout.strip() or "unknown"}  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "ddp.json").write_text(json.dumps({"options": opts, "meta": meta, "rows": rows}, indent=2) + "\n")
-    (args.out_dir / "ddp.md").write_text(render(rows, opts, meta))
-    print(render(rows, opts, meta))
+    (args.out_dir / "ddp.json").write_text(json.dumps({"meta": meta, "configs": configs}, indent=2) + "\n")
+    (args.out_dir / "ddp.md").write_text(render(configs, meta))
+    print(render(configs, meta))
     return 0
 
 
