@@ -16,8 +16,9 @@ warm-up steps, as the median over the timed steps of rank 0:
 * bytes each process puts into the collectives: DDP's gradient buckets (counted by a communication
   hook, split into the MLP matrices and the rest) plus the sparse exchange's count header, indices
   and values (``optimizer.exchange.last_bytes_sent``, all MLP matrices). Buffers are not included
-  (``broadcast_buffers=False``; under ``topk_at="backward"`` DDP leaves the layers' buffers alone
-  anyway); the bytes DDP's default ``broadcast_buffers=True`` would add per forward pass are listed.
+  (``forward_sync_buffers=False``, ``broadcast_buffers=False`` before torch 2.13; under
+  ``topk_at="backward"`` DDP leaves the layers' buffers alone anyway); the bytes DDP's default
+  per-forward buffer broadcast would add are listed.
 
 Each batch shape (``--shapes``, rows x tokens, unpadded or padded to the lengths of the movie-review
 sentences like ``make bench``'s padded shapes) is its own table. Ratios are to full FT under the same DDP
@@ -29,6 +30,7 @@ of the same code (:func:`sparsegrad.data_parallel.exchange_message_bytes`).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -42,6 +44,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
+# BERT-base 16 x 64 unpadded; 16 x 128 padded to movie-review lengths and unpadded, the shapes of make bench's
+# one-process rows
+DEFAULT_SHAPES = "16x64:none,16x128:movie,16x128:none"
 METHODS = {
     "full": {"name": "full"},
     "lora": {"name": "lora", "lora_rank": 8},
@@ -127,7 +132,7 @@ def _worker(rank: int, port: int, method: str, opts: dict, out: str) -> None:
         # the MLP matrices' parameters (LoRA: their adapters), to split the bytes sent
         mlp_ids = {id(p) for t in targets for p in _mlp_matrix_params(model, t.name)}
         buffer_bytes = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.buffers()}.values())
-        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        ddp = DistributedDataParallel(model, **no_forward_buffer_sync())
         sent = {"mlp": 0, "other": 0}
 
         def counting_allreduce(state, bucket):  # DDP's default all-reduce, counting what goes in
@@ -202,6 +207,30 @@ def mlp_bytes_by_mode(n: int, out_in: tuple[int, int], k, lora_rank: int) -> dic
             "sparsegrad_backward": exchange_message_bytes([count] * n, [out_f * in_f] * n)}  # fmt: skip
 
 
+def no_forward_buffer_sync() -> dict:
+    """DDP's keyword that turns off the buffer broadcast before every forward pass: ``forward_sync_buffers``
+    from torch 2.13 (``broadcast_buffers`` is deprecated there), ``broadcast_buffers`` before."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _targets_note(rows: list[dict]) -> str:
+    """The sparse exchange against full FT at this shape, beside the targets of a sparse data-parallel mode."""
+    by = {r["method"]: r for r in rows}
+    if not {"full", "sparsegrad_backward"} <= set(by):
+        return ""
+    full, sparse = by["full"], by["sparsegrad_backward"]
+    cpu, mlp = sparse["cpu_s"] / full["cpu_s"], sparse["mlp_bytes"] / full["mlp_bytes"]
+
+    def verdict(ratio: float, target: float) -> str:
+        return f"{ratio:.3f}x (target <= {target}x: {'met' if ratio <= target else 'not met'})"
+
+    return (f"Targets, topk_at='backward' against full FT: CPU time per step {verdict(cpu, 1.3)}; bytes of the "
+            f"MLP matrices {verdict(mlp, 0.1)}.")  # fmt: skip
+
+
 def _cost_note(opts: dict, rows: list[dict]) -> str:
     """Multiply-adds per MLP matrix, process and optimizer step at the measured shape (the layers' cost
     model, :mod:`sparsegrad.kernels`): where SparseGrad's extra CPU time goes."""
@@ -245,7 +274,7 @@ def _table(rows: list[dict]) -> list[str]:
     base = next(r for r in rows if r["method"] == "full")
     lines = [
         "| method | wall s / step | vs full | CPU s / step | vs full | MB sent / step | vs full | MLP matrices MB "
-        "| vs full | rest MB | buffers MB (broadcast each forward if broadcast_buffers=True) | trainable parameters |",
+        "| vs full | rest MB | buffers MB (broadcast each forward if DDP syncs buffers, its default) | trainable parameters |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -287,7 +316,7 @@ def render(configs: list[dict], meta: dict) -> str:
     for config in configs:
         opts, rows = config["options"], config["rows"]
         lines += ["", f"## {_shape_label(opts)[0].upper()}{_shape_label(opts)[1:]}", "", *_table(rows), "",
-                  _cost_note(opts, rows)]  # fmt: skip
+                  _targets_note(rows), "", _cost_note(opts, rows)]  # fmt: skip
     lines += [
         "",
         "## MLP bytes per step by calculation",
@@ -309,13 +338,15 @@ def render(configs: list[dict], meta: dict) -> str:
             f"{_mb(b['sparsegrad_backward'])} MB | {_mb(WORLD * b['sparsegrad_backward'])} MB | "
             f"{b['sparsegrad_backward'] / b['full']:.4f}x |"
         )
+    checks = {}  # measured MLP bytes at the BERT-base shape against the calculation, one line per distinct result
+    calc = mlp_bytes_by_mode(**next(iter(SHAPES.values())))
     for config in configs:
         opts, measured = config["options"], {r["method"]: r["mlp_bytes"] for r in config["rows"]}
         if opts["hidden"] == 768 and opts["layers"] == 12 and "sparsegrad_backward" in measured:
-            calc = mlp_bytes_by_mode(**next(iter(SHAPES.values())))
-            lines += ["", f"Measured at the BERT-base shape, {opts['batch']} x {opts['seq']}: "
-                      + ", ".join(f"{m} {_mb(measured[m])} MB (calculated {_mb(calc[m])})" for m in measured if m in calc)
-                      + "."]  # fmt: skip
+            text = ", ".join(f"{m} {_mb(measured[m])} MB (calculated {_mb(calc[m])})" for m in measured if m in calc)
+            checks.setdefault(text, []).append(f"{opts['batch']} x {opts['seq']} {opts.get('padding', 'none')}")
+    for text, shapes in checks.items():
+        lines += ["", f"Measured at the BERT-base shape ({'; '.join(shapes)}): {text}."]
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--hidden", type=int, default=768, help="BERT hidden size (MLP: 4x); default BERT-base")
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--shapes", default="16x64:none,16x128:movie",
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help="global batches ROWSxTOKENS[:none|movie], comma-separated, split over the processes; "
                              "movie: padded to the movie-review sentence lengths")  # fmt: skip
     parser.add_argument("--steps", type=int, default=3)

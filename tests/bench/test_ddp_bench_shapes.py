@@ -30,3 +30,23 @@ def test_padded_batches_mask_the_padding_and_split_over_the_processes():
     unpadded = {**opts, "padding": "none"}
     assert ddp._batch(unpadded, 2, 0)["attention_mask"].all()
     assert ddp.real_tokens_per_process(unpadded) == 16 * 128 / ddp.WORLD
+
+
+def test_targets_note_compares_the_sparse_exchange_with_full_ft():
+    rows = [{"method": "full", "cpu_s": 4.0, "mlp_bytes": 1000},
+            {"method": "sparsegrad_backward", "cpu_s": 4.8, "mlp_bytes": 20}]
+    note = ddp._targets_note(rows)
+    assert "CPU time per step 1.200x (target <= 1.3x: met)" in note
+    assert "MLP matrices 0.020x (target <= 0.1x: met)" in note
+    rows[1]["cpu_s"] = 8.0
+    assert "2.000x (target <= 1.3x: not met)" in ddp._targets_note(rows)
+    assert ddp._targets_note(rows[:1]) == ""  # nothing to compare without the sparse mode
+
+
+def test_ddp_is_built_without_the_per_forward_buffer_broadcast():
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    (key, value), = ddp.no_forward_buffer_sync().items()
+    assert value is False and key in inspect.signature(DistributedDataParallel.__init__).parameters
