@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             "device_name": human,
             "memory_gauge": CUDA_GAUGE if args.device == "cuda" else LIVE_GAUGE,
             "preset": name,
-            "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": " ".join(["python -m experiments.benchmark", *(sys.argv[1:] if argv is None else argv)]),
             "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(args.device, args.threads),
             "load_before": list(load_before),
