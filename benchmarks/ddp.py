@@ -44,8 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-# BERT-base 16 x 64 unpadded; 16 x 128 padded to movie-review lengths and unpadded, the shapes of make bench's
-# one-process rows
+# BERT-base 16 x 64 unpadded; 16 x 128 padded to movie-review lengths and unpadded, the two shapes of make
+# bench's one-process rows
 DEFAULT_SHAPES = "16x64:none,16x128:movie,16x128:none"
 METHODS = {
     "full": {"name": "full"},
@@ -315,8 +315,9 @@ def render(configs: list[dict], meta: dict) -> str:
     ]
     for config in configs:
         opts, rows = config["options"], config["rows"]
+        targets = _targets_note(rows)
         lines += ["", f"## {_shape_label(opts)[0].upper()}{_shape_label(opts)[1:]}", "", *_table(rows), "",
-                  _targets_note(rows), "", _cost_note(opts, rows)]  # fmt: skip
+                  *([targets, ""] if targets else []), _cost_note(opts, rows)]  # fmt: skip
     lines += [
         "",
         "## MLP bytes per step by calculation",
